@@ -1,0 +1,272 @@
+//! A read-only weight store addressed by checkpoint tensor names, over memory-mapped
+//! safetensors files, a GGUF file, or tensors in memory. Tensors are converted to the working
+//! dtype on load and their shapes checked against what the config implies.
+
+use super::gguf::GgufFile;
+use anyhow::{Context, Result, bail};
+use candle_core::safetensors::Load;
+use candle_core::{DType, Device, Shape, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+enum Source {
+    Safetensors {
+        files: Vec<(PathBuf, memmap2::Mmap)>,
+        index: HashMap<String, usize>,
+    },
+    Gguf(Arc<GgufFile>),
+    Memory {
+        label: String,
+        tensors: HashMap<String, Tensor>,
+    },
+}
+
+#[derive(Clone)]
+pub struct Weights {
+    src: Arc<Source>,
+    prefix: String,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Weights {
+    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut maps = Vec::new();
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let file =
+                std::fs::File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
+            let mmap = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("{}: cannot map", f.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+                    f.display()
+                )
+            })?;
+            for name in st.names() {
+                index.insert(name.to_string(), i);
+            }
+            maps.push((f.clone(), mmap));
+        }
+        Ok(Self {
+            src: Arc::new(Source::Safetensors { files: maps, index }),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn from_gguf(g: Arc<GgufFile>, dtype: DType, device: &Device) -> Self {
+        Self {
+            src: Arc::new(Source::Gguf(g)),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    pub fn from_tensors(
+        label: &str,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            src: Arc::new(Source::Memory {
+                label: label.to_string(),
+                tensors,
+            }),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// A view whose names are prefixed by `p.` (like candle's VarBuilder::pp).
+    pub fn pp(&self, p: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            p.to_string()
+        } else {
+            format!("{}.{p}", self.prefix)
+        };
+        Self {
+            prefix,
+            ..self.clone()
+        }
+    }
+
+    pub fn full_name(&self, n: &str) -> String {
+        if self.prefix.is_empty() {
+            n.to_string()
+        } else {
+            format!("{}.{n}", self.prefix)
+        }
+    }
+
+    /// Where the weights come from, for messages.
+    pub fn label(&self) -> String {
+        match &*self.src {
+            Source::Safetensors { files, .. } => match files.as_slice() {
+                [(f, _)] => f.display().to_string(),
+                fs => {
+                    let dir = fs
+                        .first()
+                        .and_then(|(f, _)| f.parent())
+                        .unwrap_or(Path::new("."));
+                    format!(
+                        "{} (sharded)",
+                        dir.join("model.safetensors.index.json").display()
+                    )
+                }
+            },
+            Source::Gguf(g) => g.path.display().to_string(),
+            Source::Memory { label, .. } => label.clone(),
+        }
+    }
+
+    pub fn contains(&self, n: &str) -> bool {
+        let full = self.full_name(n);
+        match &*self.src {
+            Source::Safetensors { index, .. } => index.contains_key(&full),
+            Source::Gguf(g) => g.contains_hf(&full),
+            Source::Memory { tensors, .. } => tensors.contains_key(&full),
+        }
+    }
+
+    /// All tensor names under this view's prefix.
+    pub fn names(&self) -> Vec<String> {
+        let all: Vec<String> = match &*self.src {
+            Source::Safetensors { index, .. } => index.keys().cloned().collect(),
+            Source::Gguf(g) => g.hf_names(),
+            Source::Memory { tensors, .. } => tensors.keys().cloned().collect(),
+        };
+        let mut v: Vec<String> = if self.prefix.is_empty() {
+            all
+        } else {
+            let p = format!("{}.", self.prefix);
+            all.into_iter()
+                .filter_map(|n| n.strip_prefix(&p).map(str::to_string))
+                .collect()
+        };
+        v.sort();
+        v
+    }
+
+    /// Loads a tensor without checking its shape.
+    pub fn get_any(&self, n: &str) -> Result<Tensor> {
+        let full = self.full_name(n);
+        let t = match &*self.src {
+            Source::Safetensors { files, index } => {
+                let Some(&i) = index.get(&full) else {
+                    bail!("{}: tensor `{full}` not found", self.label())
+                };
+                let (path, mmap) = &files[i];
+                let st = safetensors::SafeTensors::deserialize(mmap)
+                    .map_err(|e| anyhow::anyhow!("{}: corrupt safetensors: {e}", path.display()))?;
+                let view = st
+                    .tensor(&full)
+                    .map_err(|e| anyhow::anyhow!("{}: tensor `{full}`: {e}", path.display()))?;
+                view.load(&self.device)
+                    .with_context(|| format!("{}: cannot read tensor `{full}`", path.display()))?
+            }
+            Source::Gguf(g) => g.load_hf(&full, &self.device)?,
+            Source::Memory { tensors, label } => match tensors.get(&full) {
+                Some(t) => t.clone(),
+                None => bail!("{label}: tensor `{full}` not found"),
+            },
+        };
+        if t.dtype() == self.dtype {
+            Ok(t)
+        } else {
+            Ok(t.to_dtype(self.dtype)?)
+        }
+    }
+
+    /// Loads a tensor and checks it has the shape the config implies.
+    pub fn get(&self, shape: impl Into<Shape>, n: &str) -> Result<Tensor> {
+        let shape = shape.into();
+        let t = self.get_any(n)?;
+        if t.shape() != &shape {
+            bail!(
+                "{}: tensor `{}` has shape {:?}, but config.json implies {:?}",
+                self.label(),
+                self.full_name(n),
+                t.dims(),
+                shape.dims()
+            )
+        }
+        Ok(t)
+    }
+
+    pub fn get_opt(&self, shape: impl Into<Shape>, n: &str) -> Result<Option<Tensor>> {
+        if self.contains(n) {
+            self.get(shape, n).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Writes tensors as safetensors through a temporary file and a rename, so that a crash never
+/// leaves a half-written file under the final name.
+pub fn save_safetensors_atomic(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let mut owned = Vec::new();
+    for (n, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let shape = t.dims().to_vec();
+        let (dtype, bytes) = match t.dtype() {
+            DType::F32 => (
+                safetensors::Dtype::F32,
+                t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+            DType::F64 => (
+                safetensors::Dtype::F64,
+                t.flatten_all()?
+                    .to_vec1::<f64>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (
+                safetensors::Dtype::I64,
+                t.flatten_all()?
+                    .to_vec1::<i64>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            DType::U32 => (
+                safetensors::Dtype::U32,
+                t.flatten_all()?
+                    .to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
+            dt => bail!("cannot save dtype {dt:?} for tensor {n}"),
+        };
+        owned.push((n.clone(), dtype, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
+        .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::util::write_atomic(path, &bytes)
+}

@@ -1,0 +1,13 @@
+//! memvp: memory-space visual prompting (MemVP, ICML 2024) for frozen CLIP vision towers and
+//! frozen LLaMA / T5 / BART language models.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod generate;
+pub mod image;
+pub mod lm;
+pub mod models;
+pub mod ops;
+pub mod rng;
+pub mod util;
+pub mod vision;

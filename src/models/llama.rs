@@ -1,0 +1,515 @@
+//! LLaMA-family decoders (LLaMA 1/2/3, SmolLM2, Mistral-style grouped-query attention), as in
+//! transformers' `modeling_llama.py`, from a Hugging Face directory or a GGUF file.
+//!
+//! block:  h = x + Attn(RMSNorm(x));  u = RMSNorm(h);  out = h + FFN(u) [+ hooks.ffn_branch(u)]
+//! FFN(u) = down(silu(gate(u)) * up(u))
+
+use super::{KvCache, LmHooks, Proj, Site, add_opt};
+use crate::checkpoint::{Cfg, GgufFile, Weights};
+use crate::ops::{self, Activation, AttentionOpts, Linear, RopeTable};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// Per-frequency divisors as stored by llama.cpp (`rope_freqs.weight`).
+    Factors {
+        factors: Vec<f64>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub hidden_act: Activation,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl LlamaConfig {
+    pub fn from_hf(c: &Cfg) -> Result<Self> {
+        let hidden_size = c.usize("hidden_size")?;
+        let num_attention_heads = c.usize("num_attention_heads")?;
+        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 && !c.has("head_dim")
+        {
+            return Err(c.err(
+                "num_attention_heads",
+                format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
+            ));
+        }
+        let num_key_value_heads = c.usize_or("num_key_value_heads", num_attention_heads)?;
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(c.err(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
+        }
+        let head_dim = c.usize_or("head_dim", hidden_size / num_attention_heads)?;
+        // transformers 5 moved rope settings into `rope_parameters`; older files have
+        // `rope_theta` at top level and `rope_scaling` beside it.
+        let rp = c.sub("rope_parameters");
+        let rope_theta = match rp
+            .as_ref()
+            .and_then(|r| r.opt_f64("rope_theta").transpose())
+        {
+            Some(t) => t?,
+            None => c.f64_or("rope_theta", 10000.0)?,
+        };
+        let scaling_cfg = c.sub("rope_scaling").or(rp);
+        let rope_scaling = match scaling_cfg {
+            None => None,
+            Some(s) => {
+                let ty = s
+                    .opt_str("rope_type")?
+                    .or(s.opt_str("type")?)
+                    .unwrap_or_else(|| "default".into());
+                match ty.as_str() {
+                    "default" => None,
+                    "linear" => Some(RopeScaling::Linear {
+                        factor: s.f64("factor")?,
+                    }),
+                    "llama3" => Some(RopeScaling::Llama3 {
+                        factor: s.f64("factor")?,
+                        low_freq_factor: s.f64("low_freq_factor")?,
+                        high_freq_factor: s.f64("high_freq_factor")?,
+                        original_max_position_embeddings: s
+                            .usize("original_max_position_embeddings")?,
+                    }),
+                    other => {
+                        return Err(s.err("rope_type", format!("unsupported rope scaling `{other}` (supported: default, linear, llama3)")));
+                    }
+                }
+            }
+        };
+        let act = c.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into());
+        let hidden_act = Activation::from_hf(&act)
+            .ok_or_else(|| c.err("hidden_act", format!("unsupported activation `{act}`")))?;
+        Ok(Self {
+            vocab_size: c.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: c.usize("intermediate_size")?,
+            num_hidden_layers: c.usize("num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: c.usize_or("max_position_embeddings", 2048)?,
+            tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
+            hidden_act,
+            attention_bias: c.bool_or("attention_bias", false)?,
+            mlp_bias: c.bool_or("mlp_bias", false)?,
+            bos_token_id: c.ids("bos_token_id")?.first().copied(),
+            eos_token_ids: c.ids("eos_token_id")?,
+        })
+    }
+
+    pub fn from_gguf(g: &GgufFile, vocab_from_tokenizer: usize) -> Result<Self> {
+        let hidden_size = g.require_usize("embedding_length")?;
+        let heads = g.require_usize("attention.head_count")?;
+        let kv = g.arch_usize("attention.head_count_kv")?.unwrap_or(heads);
+        let head_dim = g
+            .arch_usize("attention.key_length")?
+            .or(g.arch_usize("rope.dimension_count")?)
+            .unwrap_or(hidden_size / heads);
+        let mut rope_scaling = None;
+        if g.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let f = g
+                .load_raw("rope_freqs.weight", &Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            rope_scaling = Some(RopeScaling::Factors { factors: f });
+        } else if let Some(candle_core::quantized::gguf_file::Value::String(t)) =
+            g.meta("llama.rope.scaling.type")
+        {
+            if t == "linear" {
+                let factor = g.arch_f64("rope.scaling.factor")?.unwrap_or(1.0);
+                rope_scaling = Some(RopeScaling::Linear { factor });
+            } else if t != "none" {
+                bail!(
+                    "{}: unsupported rope scaling `{t}` (metadata field llama.rope.scaling.type)",
+                    g.path.display()
+                )
+            }
+        }
+        let meta_id = |k: &str| g.meta(k).and_then(|v| v.to_u32().ok());
+        Ok(Self {
+            vocab_size: g.arch_usize("vocab_size")?.unwrap_or(vocab_from_tokenizer),
+            hidden_size,
+            intermediate_size: g.require_usize("feed_forward_length")?,
+            num_hidden_layers: g.require_usize("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: g
+                .arch_f64("attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
+            rope_theta: g.arch_f64("rope.freq_base")?.unwrap_or(10000.0),
+            rope_scaling,
+            max_position_embeddings: g.arch_usize("context_length")?.unwrap_or(2048),
+            tie_word_embeddings: !g.content.tensor_infos.contains_key("output.weight"),
+            hidden_act: Activation::Silu,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: meta_id("tokenizer.ggml.bos_token_id"),
+            eos_token_ids: meta_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        })
+    }
+
+    /// Inverse frequencies, computed in f32 as transformers does.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let dim = self.head_dim;
+        let base = self.rope_theta as f32;
+        let inv: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        let out: Vec<f32> = match &self.rope_scaling {
+            None => inv,
+            Some(RopeScaling::Linear { factor }) => {
+                inv.iter().map(|f| f / *factor as f32).collect()
+            }
+            Some(RopeScaling::Factors { factors }) => inv
+                .iter()
+                .zip(factors)
+                .map(|(f, d)| f / *d as f32)
+                .collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let (factor, lo, hi) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
+                let old = *original_max_position_embeddings as f32;
+                let (lo_wl, hi_wl) = (old / lo, old / hi);
+                inv.iter()
+                    .map(|&f| {
+                        let wl = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wl > lo_wl { f / factor } else { f };
+                        let medium = !(wl < hi_wl) && !(wl > lo_wl);
+                        if medium {
+                            let s = (old / wl - lo) / (hi - lo);
+                            (1.0 - s) * scaled / factor + s * scaled
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect()
+            }
+        };
+        out.into_iter().map(f64::from).collect()
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+struct Block {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Positions of the tokens fed to a forward pass.
+#[derive(Clone, Debug)]
+pub enum Positions {
+    /// All rows at `start..start + t`.
+    From(usize),
+    /// Per-sample positions `[b, t]` (u32), for left-padded batches.
+    PerSample(Tensor),
+}
+
+pub struct Llama {
+    pub embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: RopeTable,
+    pub cfg: LlamaConfig,
+}
+
+fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let weight = w.get((out, inp), &format!("{name}.weight"))?;
+    let bias = if bias {
+        Some(w.get(out, &format!("{name}.bias"))?)
+    } else {
+        None
+    };
+    Ok(Linear::new(weight, bias))
+}
+
+impl Llama {
+    pub fn load(w: &Weights, cfg: LlamaConfig) -> Result<Self> {
+        let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (h, kv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let m = w.pp("model");
+        let embed_tokens = m.get((v, d), "embed_tokens.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let b = m.pp(format!("layers.{l}"));
+            let a = b.pp("self_attn");
+            let f = b.pp("mlp");
+            layers.push(Block {
+                input_layernorm: b.get(d, "input_layernorm.weight")?,
+                self_attn: Attention {
+                    q_proj: linear(&a, "q_proj", h * hd, d, cfg.attention_bias)?,
+                    k_proj: linear(&a, "k_proj", kv * hd, d, cfg.attention_bias)?,
+                    v_proj: linear(&a, "v_proj", kv * hd, d, cfg.attention_bias)?,
+                    o_proj: linear(&a, "o_proj", d, h * hd, cfg.attention_bias)?,
+                    n_heads: h,
+                    n_kv: kv,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: b.get(d, "post_attention_layernorm.weight")?,
+                mlp: Mlp {
+                    gate_proj: linear(&f, "gate_proj", i, d, cfg.mlp_bias)?,
+                    up_proj: linear(&f, "up_proj", i, d, cfg.mlp_bias)?,
+                    down_proj: linear(&f, "down_proj", d, i, cfg.mlp_bias)?,
+                    act: cfg.hidden_act,
+                },
+            });
+        }
+        let norm = m.get(d, "norm.weight")?;
+        let lm_head = if w.contains("lm_head.weight") {
+            Linear::new(w.get((v, d), "lm_head.weight")?, None)
+        } else if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            bail!(
+                "{}: tensor `lm_head.weight` not found (and tie_word_embeddings is false)",
+                w.label()
+            )
+        };
+        let rope = RopeTable::new(
+            &cfg.inv_freq(),
+            cfg.max_position_embeddings.max(1),
+            w.dtype,
+            &w.device,
+        )
+        .context("building the rope table")?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg,
+        })
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// Token embeddings `[b, t, d]` of ids `[b, t]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Runs every block on embeddings `x: [b, t, d]` and applies the final norm.
+    pub fn forward_embeds(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        mut cache: Option<&mut KvCache>,
+        key_mask: Option<&Tensor>,
+        hooks: &dyn LmHooks,
+    ) -> Result<Tensor> {
+        let (_b, t, _) = x.dims3()?;
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let (cos, sin) = match pos {
+            Positions::From(s) => self.rope.range(*s, t)?,
+            Positions::PerSample(p) => self.rope.gather(p)?,
+        };
+        let mut h = x.clone();
+        for (l, blk) in self.layers.iter().enumerate() {
+            let lc = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            h = blk.forward(
+                &h,
+                l,
+                &cos,
+                &sin,
+                past,
+                lc,
+                key_mask,
+                hooks,
+                self.cfg.rms_norm_eps,
+            )?;
+        }
+        Ok(ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Logits from final hidden states `[.., d]`.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(h)?)
+    }
+
+    /// Convenience: ids → logits for every position.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        pos: usize,
+        cache: Option<&mut KvCache>,
+        hooks: &dyn LmHooks,
+    ) -> Result<Tensor> {
+        let h =
+            self.forward_embeds(&self.embed(ids)?, &Positions::From(pos), cache, None, hooks)?;
+        self.logits(&h)
+    }
+
+    /// Hidden states after the embedding and after every block (the last one normalised), as
+    /// transformers' `output_hidden_states` reports them.
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<Vec<Tensor>> {
+        let x = self.embed(ids)?;
+        let t = x.dims()[1];
+        let (cos, sin) = self.rope.range(0, t)?;
+        let mut out = vec![x.clone()];
+        let mut h = x;
+        for (l, blk) in self.layers.iter().enumerate() {
+            h = blk.forward(
+                &h,
+                l,
+                &cos,
+                &sin,
+                0,
+                None,
+                None,
+                &super::NoHooks,
+                self.cfg.rms_norm_eps,
+            )?;
+            out.push(h.clone());
+        }
+        let last = out.pop().unwrap();
+        out.push(ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps)?);
+        Ok(out)
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        past: usize,
+        cache: Option<&mut super::kv_cache::LayerCache>,
+        key_mask: Option<&Tensor>,
+        hooks: &dyn LmHooks,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let a = &self.self_attn;
+        let (b, t, _) = x.dims3()?;
+        let n = ops::rms_norm(x, &self.input_layernorm, eps)?;
+        let proj = |p: &Linear, which: Proj| -> Result<Tensor> {
+            add_opt(
+                p.forward(&n)?,
+                hooks.proj_delta(Site::Decoder, layer, which, &n)?,
+            )
+        };
+        let q = proj(&a.q_proj, Proj::Q)?.reshape((b, t, a.n_heads, a.head_dim))?;
+        let k = proj(&a.k_proj, Proj::K)?.reshape((b, t, a.n_kv, a.head_dim))?;
+        let v = proj(&a.v_proj, Proj::V)?.reshape((b, t, a.n_kv, a.head_dim))?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(&k, &v)?,
+            None => (k, v),
+        };
+        let o = ops::attention(
+            &q,
+            &k,
+            &v,
+            AttentionOpts {
+                scale: 1.0 / (a.head_dim as f64).sqrt(),
+                causal_offset: Some(past),
+                bias: None,
+                key_mask,
+            },
+        )?;
+        let o = o.reshape((b, t, a.n_heads * a.head_dim))?;
+        let o = add_opt(
+            a.o_proj.forward(&o)?,
+            hooks.proj_delta(Site::Decoder, layer, Proj::O, &o)?,
+        )?;
+        let h = (x + o)?;
+        let u = ops::rms_norm(&h, &self.post_attention_layernorm, eps)?;
+        let m = &self.mlp;
+        let f = m.down_proj.forward(&ops::gated(
+            &m.gate_proj.forward(&u)?,
+            &m.up_proj.forward(&u)?,
+            m.act,
+        )?)?;
+        let f = add_opt(f, hooks.ffn_branch(Site::Decoder, layer, &u)?)?;
+        Ok((h + f)?)
+    }
+}

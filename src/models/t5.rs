@@ -1,0 +1,1 @@
+//! T5 (todo in this session)

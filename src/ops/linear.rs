@@ -1,0 +1,143 @@
+//! A frozen linear layer: `y = x Wᵀ + b` whose backward computes the input gradient only.
+//! candle's matmul backward would also form `xᵀ dy` for the weight, a full extra matrix product
+//! per projection, and keep it in memory, although nothing frozen is ever updated.
+
+use super::{Real, cpu_slice, fast_path, gemm_strided, num_threads};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail,
+};
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `[out, in]`, as stored in checkpoints.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+struct LinearOp {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+fn storage_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(c) => f(cpu_slice::<T>(c, l)?),
+        _ => bail!("linear: weight is not on the CPU"),
+    }
+}
+
+fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
+    let mut dst = match b {
+        Some(b) => {
+            let mut d = Vec::with_capacity(m * n);
+            for _ in 0..m {
+                d.extend_from_slice(b);
+            }
+            d
+        }
+        None => vec![T::zero(); m * n],
+    };
+    // dst[m,n] = x[m,k] · Wᵀ where Wᵀ[kk, j] = W[j, kk].
+    unsafe {
+        gemm_strided(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            n as isize,
+            1,
+            b.is_some(),
+            x.as_ptr(),
+            k as isize,
+            1,
+            w.as_ptr(),
+            1,
+            k as isize,
+            num_threads(),
+        )
+    };
+    dst
+}
+
+impl CustomOp1 for LinearOp {
+    fn name(&self) -> &'static str {
+        "memvp-frozen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, k) = self.weight.dims2()?;
+        let dims = l.dims();
+        if dims.last() != Some(&k) {
+            bail!(
+                "linear: input {:?} does not end in the weight's in-features {k}",
+                dims
+            )
+        }
+        let m = l.shape().elem_count() / k;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap() = n;
+        fn go<T: Real>(
+            op: &LinearOp,
+            s: &CpuStorage,
+            l: &Layout,
+            m: usize,
+            k: usize,
+            n: usize,
+        ) -> Result<Vec<T>> {
+            let x = cpu_slice::<T>(s, l)?;
+            storage_slice::<T, _>(&op.weight, |w| match &op.bias {
+                Some(b) => storage_slice::<T, _>(b, |b| Ok(linear_fwd(x, w, Some(b), m, k, n))),
+                None => Ok(linear_fwd(x, w, None, m, k, n)),
+            })
+        }
+        let out = match s.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(go::<f32>(self, s, l, m, k, n)?),
+            DType::F64 => f64::to_cpu_storage_owned(go::<f64>(self, s, l, m, k, n)?),
+            dt => bail!("linear: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from(out_dims)))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        // dx = dy · W; nothing is formed for W.
+        let (n, k) = self.weight.dims2()?;
+        let m = dy.elem_count() / n;
+        let dx = dy.reshape((m, n))?.matmul(&self.weight)?;
+        let _ = k;
+        Ok(Some(dx.reshape(x.dims())?))
+    }
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast_path(x) && self.weight.is_contiguous() && x.dtype() == self.weight.dtype() {
+            let op = LinearOp {
+                weight: self.weight.clone(),
+                bias: self.bias.clone(),
+            };
+            if x.track_op() {
+                x.contiguous()?.apply_op1(op)
+            } else {
+                x.contiguous()?.apply_op1_no_bwd(&op)
+            }
+        } else {
+            let y = x.broadcast_matmul(&self.weight.t()?)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            }
+        }
+    }
+}
