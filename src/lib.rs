@@ -3,11 +3,14 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod data;
 pub mod generate;
 pub mod image;
 pub mod lm;
+pub mod memvp;
 pub mod models;
 pub mod ops;
 pub mod rng;
+pub mod train;
 pub mod util;
 pub mod vision;

@@ -1,7 +1,11 @@
-//! Tokenizers: `tokenizer.json` of Hugging Face directories, or one built from GGUF metadata.
+//! Tokenizers: `tokenizer.json` of Hugging Face directories, or one built from GGUF metadata
+//! the way transformers' GGUF converters build it (`integrations/ggml.py`), so that both give
+//! the same ids for the same file.
 
 use super::GgufFile;
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::quantized::gguf_file::Value;
+use serde_json::json;
 use std::path::Path;
 
 pub struct Tok {
@@ -13,6 +17,14 @@ impl Tok {
         super::require_file(path)?;
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        Ok(Self { inner })
+    }
+
+    pub fn from_json(v: &serde_json::Value) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = v
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
         Ok(Self { inner })
     }
 
@@ -39,6 +51,222 @@ impl Tok {
     }
 }
 
-pub fn tokenizer_from_gguf(_g: &GgufFile) -> Result<Tok> {
-    anyhow::bail!("not yet")
+fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>> {
+    match g.meta(key) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.to_string().cloned().map_err(|_| {
+                    anyhow!("{}: metadata `{key}` must hold strings", g.path.display())
+                })
+            })
+            .collect(),
+        Some(_) => bail!("{}: metadata `{key}` must be an array", g.path.display()),
+        None => Ok(vec![]),
+    }
+}
+
+fn ints(g: &GgufFile, key: &str) -> Vec<i64> {
+    match g.meta(key) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.to_i32()
+                    .map(i64::from)
+                    .or_else(|_| v.to_u32().map(i64::from))
+                    .unwrap_or(1)
+            })
+            .collect(),
+        _ => vec![],
+    }
+}
+
+fn floats(g: &GgufFile, key: &str) -> Vec<f64> {
+    match g.meta(key) {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.to_f32().map(f64::from).unwrap_or(0.0))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+fn id(g: &GgufFile, key: &str) -> Option<u32> {
+    g.meta(key).and_then(|v| v.to_u32().ok())
+}
+
+fn flag(g: &GgufFile, key: &str) -> Option<bool> {
+    g.meta(key).and_then(|v| v.to_bool().ok())
+}
+
+/// llama.cpp token types.
+const CONTROL: i64 = 3;
+const USER_DEFINED: i64 = 4;
+
+/// Builds the tokenizer of a GGUF file (`tokenizer.ggml.model` = `gpt2` or `llama`).
+pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tok> {
+    let model = match g.meta("tokenizer.ggml.model") {
+        Some(Value::String(s)) => s.clone(),
+        _ => bail!(
+            "{}: metadata field `tokenizer.ggml.model` missing",
+            g.path.display()
+        ),
+    };
+    let tokens = strings(g, "tokenizer.ggml.tokens")?;
+    if tokens.is_empty() {
+        bail!(
+            "{}: metadata field `tokenizer.ggml.tokens` missing or empty",
+            g.path.display()
+        )
+    }
+    let types = ints(g, "tokenizer.ggml.token_type");
+    let bos = id(g, "tokenizer.ggml.bos_token_id");
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(&CONTROL) | Some(&USER_DEFINED)))
+        .map(|(i, t)| {
+            let special = types.get(i) == Some(&CONTROL);
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": !special, "special": special})
+        })
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let template = |add_bos: bool, bos_tok: Option<&String>| -> serde_json::Value {
+        match (add_bos, bos_tok) {
+            (true, Some(b)) => json!({
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {b.as_str(): {"id": b, "ids": [bos.unwrap()], "tokens": [b]}}
+            }),
+            _ => serde_json::Value::Null,
+        }
+    };
+    let bos_tok = bos.and_then(|b| tokens.get(b as usize));
+    let v = match model.as_str() {
+        "gpt2" => {
+            let merges = strings(g, "tokenizer.ggml.merges")?;
+            let add_bos = flag(g, "tokenizer.ggml.add_bos_token").unwrap_or(false);
+            let add_prefix = flag(g, "tokenizer.ggml.add_space_prefix").unwrap_or(false);
+            let post = match template(add_bos, bos_tok) {
+                serde_json::Value::Null => {
+                    json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+                }
+                t => t,
+            };
+            json!({
+                "version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": add_prefix, "trim_offsets": false, "use_regex": true},
+                "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                          "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                          "vocab": vocab, "merges": merges}
+            })
+        }
+        "llama" => spm_json(g, &tokens, &types, added, vocab, bos_tok, &template)?,
+        other => bail!(
+            "{}: unsupported tokenizer.ggml.model `{other}` (supported: gpt2, llama)",
+            g.path.display()
+        ),
+    };
+    Tok::from_json(&v)
+        .with_context(|| format!("{}: building the {model} tokenizer", g.path.display()))
+}
+
+/// transformers' `GGUFLlamaConverter`: a byte-fallback BPE whose merges are generated from the
+/// piece scores (`generate_merges`), SentencePiece-style normalizer and decoder.
+fn spm_json(
+    g: &GgufFile,
+    tokens: &[String],
+    types: &[i64],
+    added: Vec<serde_json::Value>,
+    vocab: serde_json::Map<String, serde_json::Value>,
+    bos_tok: Option<&String>,
+    template: &dyn Fn(bool, Option<&String>) -> serde_json::Value,
+) -> Result<serde_json::Value> {
+    let scores = floats(g, "tokenizer.ggml.scores");
+    let _ = types;
+    let mut merges = strings(g, "tokenizer.ggml.merges")?;
+    if merges.is_empty() {
+        merges = generate_merges(tokens, &scores);
+    }
+    let unk = id(g, "tokenizer.ggml.unknown_token_id")
+        .and_then(|u| tokens.get(u as usize).cloned())
+        .unwrap_or_else(|| "<unk>".into());
+    let add_bos = flag(g, "tokenizer.ggml.add_bos_token").unwrap_or(true);
+    let add_prefix = flag(g, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    let normalizer = if add_prefix {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]})
+    } else {
+        json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if add_prefix {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": template(add_bos, bos_tok),
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
+/// transformers' `generate_merges(vocab, vocab_scores)`: every split of every piece into two
+/// pieces of the vocabulary, ordered by the piece's score (highest first), then by the
+/// lengths of the two parts.
+fn generate_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
+    use std::collections::HashMap;
+    let index: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(String, String, f64, usize)> = Vec::new();
+    let mut order = 0usize;
+    for (i, piece) in tokens.iter().enumerate() {
+        let score = scores.get(i).copied().unwrap_or(0.0);
+        let mut local = Vec::new();
+        let cuts: Vec<usize> = piece.char_indices().map(|(b, _)| b).skip(1).collect();
+        for c in cuts {
+            let (l, r) = piece.split_at(c);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                local.push((l.to_string(), r.to_string(), li, ri));
+            }
+        }
+        local.sort_by_key(|x| (x.2, x.3));
+        for (l, r, _, _) in local {
+            merges.push((l, r, score, order));
+            order += 1;
+        }
+    }
+    // Python's sort is stable; with reverse=True equal keys keep their original order.
+    merges.sort_by(|a, b| {
+        let ka = (a.2, a.0.chars().count(), a.1.chars().count());
+        let kb = (b.2, b.0.chars().count(), b.1.chars().count());
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+            .then(a.3.cmp(&b.3))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _, _)| format!("{l} {r}"))
+        .collect()
 }

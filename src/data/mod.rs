@@ -1,0 +1,182 @@
+//! Data sets behind one small trait. A data set yields [`Sample`]s (prompt text, answer text,
+//! optional image) for a split and scores generated answers the way its official tools do.
+
+pub mod batch;
+pub mod easyvqa;
+pub mod jsonl;
+pub mod prompt;
+pub mod scienceqa;
+pub mod synthetic;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One question about (optionally) one image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sample {
+    pub id: String,
+    pub image: Option<PathBuf>,
+    /// The LM input before the answer (decoder-only) or the encoder input (encoder-decoder).
+    pub prompt: String,
+    /// The training target, without EOS.
+    pub answer: String,
+    /// Text put after the prompt before generating at evaluation ("The answer is").
+    pub eval_prefix: String,
+    /// Question type for per-type accuracy, where the data has types.
+    pub qtype: Option<String>,
+    /// Every acceptable reference answer (captions, VQA answers); defaults to `answer`.
+    #[serde(default)]
+    pub references: Vec<String>,
+    /// Format-specific fields needed by the scorer.
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+/// What an evaluation produced: the predictions file, the metrics file, and table rows.
+pub struct Scored {
+    pub preds: serde_json::Value,
+    pub metrics: serde_json::Value,
+    /// (row name, value in percent or score, number of samples or 0)
+    pub table: Vec<(String, f64, usize)>,
+}
+
+/// Options that shape prompts and image handling.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DataOptions {
+    /// ScienceQA prompt format (`QCM-A`, `CQM-A`, `QCM-LA`, `QCM-EA`, ...).
+    pub prompt_format: String,
+    pub use_caption: bool,
+    /// Template for open-ended questions, with `{question}`.
+    pub vqa_template: Option<String>,
+    pub skip_bad_images: bool,
+}
+
+impl Default for DataOptions {
+    fn default() -> Self {
+        Self {
+            prompt_format: "QCM-A".into(),
+            use_caption: false,
+            vqa_template: None,
+            skip_bad_images: false,
+        }
+    }
+}
+
+pub trait Dataset: Send + Sync {
+    /// `scienceqa`, `easyvqa`, ...
+    fn kind(&self) -> &'static str;
+    fn samples(&self, split: &str) -> Result<Vec<Sample>>;
+    /// Scores generated texts (one per sample, after `eval_prefix`).
+    fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored>;
+    /// How many tokens evaluation needs to generate.
+    fn max_new_tokens(&self) -> usize {
+        16
+    }
+}
+
+/// Opens `KIND:PATH`.
+pub fn open(spec: &str, opts: &DataOptions) -> Result<Box<dyn Dataset>> {
+    let Some((kind, path)) = spec.split_once(':') else {
+        bail!("data `{spec}`: expected KIND:PATH (kinds: scienceqa, easyvqa, jsonl)")
+    };
+    let p = PathBuf::from(path);
+    Ok(match kind {
+        "scienceqa" => Box::new(scienceqa::ScienceQa::open(&p, opts)?),
+        "easyvqa" => Box::new(easyvqa::EasyVqa::open(&p, opts)?),
+        "jsonl" => Box::new(jsonl::Jsonl::open(&p, opts)?),
+        other => bail!("data `{spec}`: unknown kind `{other}` (kinds: scienceqa, easyvqa, jsonl)"),
+    })
+}
+
+pub(crate) fn read_json_file(path: &Path) -> Result<serde_json::Value> {
+    crate::checkpoint::read_json(path)
+}
+
+/// Checks that an image exists and its header can be read; the message names the file.
+pub fn check_image(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!("{}: image not found", path.display())
+    }
+    image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open image", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read image", path.display()))?
+        .into_dimensions()
+        .with_context(|| format!("{}: unreadable or corrupt image", path.display()))?;
+    Ok(())
+}
+
+/// Drops (and counts) samples whose image is missing or unreadable when `skip`, else fails on
+/// the first such image.
+pub fn filter_images(samples: Vec<Sample>, skip: bool) -> Result<(Vec<Sample>, usize)> {
+    use rayon::prelude::*;
+    let checks: Vec<Result<()>> = samples
+        .par_iter()
+        .map(|s| s.image.as_deref().map(check_image).unwrap_or(Ok(())))
+        .collect();
+    let mut kept = Vec::with_capacity(samples.len());
+    let mut skipped = 0;
+    for (s, c) in samples.into_iter().zip(checks) {
+        match c {
+            Ok(()) => kept.push(s),
+            Err(e) if skip => {
+                skipped += 1;
+                let _ = e;
+            }
+            Err(e) => return Err(e.context("use --skip-bad-images to skip such samples")),
+        }
+    }
+    Ok((kept, skipped))
+}
+
+/// Exact-match accuracy after lower-casing and trimming, overall and per question type.
+pub fn exact_match(samples: &[Sample], outputs: &[String]) -> Scored {
+    use std::collections::BTreeMap;
+    let norm = |s: &str| s.trim().to_lowercase();
+    let mut per: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let (mut ok, mut n) = (0, 0);
+    let mut preds = serde_json::Map::new();
+    for (s, o) in samples.iter().zip(outputs) {
+        let pred = norm(o);
+        let refs: Vec<String> = if s.references.is_empty() {
+            vec![norm(&s.answer)]
+        } else {
+            s.references.iter().map(|r| norm(r)).collect()
+        };
+        let hit = refs.contains(&pred);
+        ok += hit as usize;
+        n += 1;
+        if let Some(t) = &s.qtype {
+            let e = per.entry(t.clone()).or_default();
+            e.0 += hit as usize;
+            e.1 += 1;
+        }
+        preds.insert(
+            s.id.clone(),
+            serde_json::Value::String(o.trim().to_string()),
+        );
+    }
+    let pct = |a: usize, b: usize| {
+        if b == 0 {
+            0.0
+        } else {
+            100.0 * a as f64 / b as f64
+        }
+    };
+    let mut table = vec![("overall".to_string(), pct(ok, n), n)];
+    let mut per_type = serde_json::Map::new();
+    for (t, (a, b)) in &per {
+        table.push((t.clone(), pct(*a, *b), *b));
+        per_type.insert(t.clone(), serde_json::json!(round2(pct(*a, *b))));
+    }
+    Scored {
+        preds: serde_json::Value::Object(preds),
+        metrics: serde_json::json!({"accuracy": round2(pct(ok, n)), "per_type": per_type, "n": n}),
+        table,
+    }
+}
+
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}

@@ -1,0 +1,374 @@
+//! MemVP: the visual features become extra key/value memory of every FFN of a frozen LM.
+//!
+//! ```text
+//! features = post_ln(ViT_{layer}(image))[1:]            n x c   (vision adapters inside)
+//! Z        = indicator * visual_scale * P(features)     n x d   P = Linear(c,h) SiLU Linear(h,d)
+//! Z        = pad(Z, M rows)                             M x d
+//! K = Z + E_k,  V = Z + E_v                             once per sample, shared by all layers
+//! block:  out = h + FFN(u) + s * Dropout(act(u Kᵀ)) V   act = the FFN's own (gate) activation
+//! vision: x + MLP(ln2 x) + s_v * Up(Dropout(GELU(Down(ln2 x))))
+//! ```
+//! Defaults are the released code's values; every constant is a setting.
+
+use crate::models::clip::ClipVision;
+use crate::models::{LmHooks, Site, VisionHooks};
+use crate::ops::{self, Activation};
+use crate::rng::Rng;
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+
+/// Which stacks of an encoder-decoder LM get the memory branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MemorySites {
+    Encoder,
+    Decoder,
+    Both,
+}
+
+impl MemorySites {
+    pub fn includes(self, s: Site) -> bool {
+        matches!(
+            (self, s),
+            (MemorySites::Both, _)
+                | (MemorySites::Encoder, Site::Encoder)
+                | (MemorySites::Decoder, Site::Decoder)
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemvpConfig {
+    /// `M` (`emb` in the released code): memory slots, at least the number of visual tokens.
+    pub slots: usize,
+    /// `h` (`hidden_proj`): projector width.
+    pub hidden_proj: usize,
+    /// `lambda`: scale of the projected visual tokens.
+    pub visual_scale: f64,
+    /// `s` (`adapter_scale`): scale of the memory branch.
+    pub adapter_scale: f64,
+    /// Dropout on the memory branch's activations.
+    pub memory_dropout: f64,
+    /// Width `r` of the parallel adapters in the vision blocks (0 = none).
+    pub vision_adapter_dim: usize,
+    pub vision_adapter_scale: f64,
+    pub vision_adapter_dropout: f64,
+    /// Hidden-state index of the vision tower (transformers' counting; -2 = penultimate).
+    pub vision_layer: isize,
+    pub norm: crate::image::Norm,
+    /// LM blocks that get memory; `None` = all.
+    pub memory_layers: Option<Vec<usize>>,
+    /// For encoder-decoder LMs.
+    pub memory_sites: MemorySites,
+}
+
+impl Default for MemvpConfig {
+    fn default() -> Self {
+        Self {
+            slots: 320,
+            hidden_proj: 128,
+            visual_scale: 0.01,
+            adapter_scale: 0.1,
+            memory_dropout: 0.1,
+            vision_adapter_dim: 12,
+            vision_adapter_scale: 0.1,
+            vision_adapter_dropout: 0.1,
+            vision_layer: -2,
+            norm: crate::image::Norm::Imagenet,
+            memory_layers: None,
+            memory_sites: MemorySites::Both,
+        }
+    }
+}
+
+/// The trained tensors, named as in `adapter_model.safetensors`.
+pub struct Memvp {
+    pub cfg: MemvpConfig,
+    pub fc1_weight: Var,
+    pub fc1_bias: Var,
+    pub fc2_weight: Var,
+    pub fc2_bias: Var,
+    pub key_embed: Var,
+    pub value_embed: Var,
+    /// `(down [r, c], up [c, r])` per vision block.
+    pub vision_adapters: Vec<(Var, Var)>,
+    /// The memory branch's activation: the FFN's own, or its gate's for gated FFNs.
+    pub branch_act: Activation,
+}
+
+fn var(t: Tensor) -> Result<Var> {
+    Ok(Var::from_tensor(&t)?)
+}
+
+/// Xavier-uniform `[out, in]`.
+pub fn xavier_uniform(
+    rng: &mut Rng,
+    out: usize,
+    inp: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Tensor> {
+    let a = (6.0 / (inp + out) as f64).sqrt();
+    let v: Vec<f32> = (0..out * inp)
+        .map(|_| ((rng.uniform() * 2.0 - 1.0) * a) as f32)
+        .collect();
+    Ok(Tensor::from_vec(v, (out, inp), dev)?.to_dtype(dtype)?)
+}
+
+/// `x Wᵀ + b` for trained `[out, in]` weights on `[.., in]` inputs.
+pub fn linear_t(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap();
+    let rows = x.elem_count() / inp;
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().unwrap() = w.dims()[0];
+    Ok(y.reshape(out)?)
+}
+
+/// Multiplies by a fresh inverted-dropout mask drawn from `rng`.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.uniform() < p { 0.0 } else { keep as f32 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+    Ok(x.mul(&mask)?)
+}
+
+impl Memvp {
+    /// Fresh parameters initialised as the released code does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn init(
+        cfg: MemvpConfig,
+        vision_width: usize,
+        vision_blocks: usize,
+        lm_width: usize,
+        branch_act: Activation,
+        seed: u64,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let mut rng = Rng::derive(seed, "memvp-init");
+        let (c, h, d, m) = (vision_width, cfg.hidden_proj, lm_width, cfg.slots);
+        let fc1_weight = var(xavier_uniform(&mut rng, h, c, dtype, dev)?)?;
+        let fc2_weight = var(xavier_uniform(&mut rng, d, h, dtype, dev)?)?;
+        let ek: Vec<f32> = (0..m * d).map(|_| (rng.normal() * 0.02) as f32).collect();
+        let mut vision_adapters = Vec::new();
+        if cfg.vision_adapter_dim > 0 {
+            for _ in 0..vision_blocks {
+                let down = xavier_uniform(&mut rng, cfg.vision_adapter_dim, c, dtype, dev)?;
+                let up = Tensor::zeros((c, cfg.vision_adapter_dim), dtype, dev)?;
+                vision_adapters.push((var(down)?, var(up)?));
+            }
+        }
+        Ok(Self {
+            fc1_weight,
+            fc1_bias: var(Tensor::zeros(h, dtype, dev)?)?,
+            fc2_weight,
+            fc2_bias: var(Tensor::zeros(d, dtype, dev)?)?,
+            key_embed: var(Tensor::from_vec(ek, (m, d), dev)?.to_dtype(dtype)?)?,
+            value_embed: var(Tensor::zeros((m, d), dtype, dev)?)?,
+            vision_adapters,
+            branch_act,
+            cfg,
+        })
+    }
+
+    /// Trained tensors with their file names.
+    pub fn named(&self) -> Vec<(String, Var)> {
+        let mut v = vec![
+            ("projector.fc1.weight".to_string(), self.fc1_weight.clone()),
+            ("projector.fc1.bias".into(), self.fc1_bias.clone()),
+            ("projector.fc2.weight".into(), self.fc2_weight.clone()),
+            ("projector.fc2.bias".into(), self.fc2_bias.clone()),
+            ("memory.key_embed".into(), self.key_embed.clone()),
+            ("memory.value_embed".into(), self.value_embed.clone()),
+        ];
+        for (i, (d, u)) in self.vision_adapters.iter().enumerate() {
+            v.push((format!("vision.layers.{i}.adapter.down.weight"), d.clone()));
+            v.push((format!("vision.layers.{i}.adapter.up.weight"), u.clone()));
+        }
+        v
+    }
+
+    /// Sets every tensor from a name → tensor map (an adapter file), checking shapes.
+    pub fn load_tensors(&self, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
+        for (name, v) in self.named() {
+            let t = get(&name)?;
+            if t.dims() != v.dims() {
+                bail!(
+                    "adapter tensor `{name}` has shape {:?}, expected {:?}",
+                    t.dims(),
+                    v.dims()
+                )
+            }
+            v.set(&t.to_dtype(v.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// `P(features)`: `[b, n, c]` → `[b, n, d]`.
+    pub fn project(&self, features: &Tensor) -> Result<Tensor> {
+        let h = linear_t(
+            features,
+            self.fc1_weight.as_tensor(),
+            Some(self.fc1_bias.as_tensor()),
+        )?;
+        linear_t(
+            &ops::activation(&h, Activation::Silu)?,
+            self.fc2_weight.as_tensor(),
+            Some(self.fc2_bias.as_tensor()),
+        )
+    }
+
+    /// The visual tokens `[b, n, c]` of a batch of pixels, with the vision adapters active.
+    pub fn features(
+        &self,
+        vision: &ClipVision,
+        pixels: &Tensor,
+        train: bool,
+        rng: &RefCell<Rng>,
+    ) -> Result<Tensor> {
+        let hooks = VisionAdapters {
+            m: self,
+            train,
+            rng,
+        };
+        vision.patch_features(pixels, self.cfg.vision_layer, &hooks)
+    }
+
+    /// The per-sample memory `K, V: [b, M, d]` from visual tokens (or none: text only).
+    /// `indicator[i]` is 1 for samples with an image and 0 for text-only samples.
+    pub fn memory_from_features(
+        &self,
+        features: Option<&Tensor>,
+        indicator: &[f32],
+        b: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let ek = self.key_embed.as_tensor();
+        let (m, d) = ek.dims2()?;
+        let dev = ek.device();
+        let z = match features {
+            Some(f) => {
+                let n = f.dims()[1];
+                if n > m {
+                    bail!("{n} visual tokens do not fit in {m} memory slots (raise --slots)")
+                }
+                let ind = Tensor::from_slice(indicator, (b, 1, 1), dev)?.to_dtype(ek.dtype())?;
+                let z = (self.project(f)? * self.cfg.visual_scale)?.broadcast_mul(&ind)?;
+                if n < m {
+                    Tensor::cat(&[&z, &Tensor::zeros((b, m - n, d), z.dtype(), dev)?], 1)?
+                } else {
+                    z
+                }
+            }
+            None => Tensor::zeros((b, m, d), ek.dtype(), dev)?,
+        };
+        let k = z.broadcast_add(&ek.unsqueeze(0)?)?;
+        let v = z.broadcast_add(&self.value_embed.as_tensor().unsqueeze(0)?)?;
+        Ok((k, v))
+    }
+
+    /// Everything from pixels to the memory hooks for a batch.
+    pub fn memory<'a>(
+        &'a self,
+        vision: &ClipVision,
+        pixels: Option<&Tensor>,
+        indicator: &[f32],
+        train: bool,
+        rng: &'a RefCell<Rng>,
+    ) -> Result<Memory<'a>> {
+        let b = indicator.len();
+        let any_image = indicator.iter().any(|&x| x != 0.0);
+        let feats = match pixels {
+            Some(p) if any_image => Some(self.features(vision, p, train, rng)?),
+            _ => None,
+        };
+        let (k, v) = self.memory_from_features(feats.as_ref(), indicator, b)?;
+        Ok(Memory {
+            m: self,
+            k,
+            v,
+            train,
+            rng,
+        })
+    }
+}
+
+/// The visual memory of a batch, plugged into every selected FFN of the LM.
+pub struct Memory<'a> {
+    m: &'a Memvp,
+    pub k: Tensor,
+    pub v: Tensor,
+    train: bool,
+    rng: &'a RefCell<Rng>,
+}
+
+impl Memory<'_> {
+    /// Keeps batch rows `idx` (beam search, or one image per several prompts).
+    pub fn select(&self, idx: &Tensor) -> Result<Self> {
+        Ok(Memory {
+            m: self.m,
+            k: self.k.index_select(idx, 0)?,
+            v: self.v.index_select(idx, 0)?,
+            train: self.train,
+            rng: self.rng,
+        })
+    }
+}
+
+impl LmHooks for Memory<'_> {
+    fn ffn_branch(&self, site: Site, layer: usize, u: &Tensor) -> Result<Option<Tensor>> {
+        let c = &self.m.cfg;
+        if !c.memory_sites.includes(site)
+            || c.memory_layers
+                .as_ref()
+                .is_some_and(|l| !l.contains(&layer))
+        {
+            return Ok(None);
+        }
+        // s · Dropout(act(u Kᵀ)) V
+        let a = ops::activation(&u.matmul(&self.k.transpose(1, 2)?)?, self.m.branch_act)?;
+        let a = if self.train {
+            dropout(&a, c.memory_dropout, &mut self.rng.borrow_mut())?
+        } else {
+            a
+        };
+        Ok(Some((a.matmul(&self.v)? * c.adapter_scale)?))
+    }
+}
+
+struct VisionAdapters<'a> {
+    m: &'a Memvp,
+    train: bool,
+    rng: &'a RefCell<Rng>,
+}
+
+impl VisionHooks for VisionAdapters<'_> {
+    fn mlp_branch(&self, layer: usize, u: &Tensor) -> Result<Option<Tensor>> {
+        let Some((down, up)) = self.m.vision_adapters.get(layer) else {
+            return Ok(None);
+        };
+        let c = &self.m.cfg;
+        let a = ops::activation(&linear_t(u, down.as_tensor(), None)?, Activation::Gelu)?;
+        let a = if self.train {
+            dropout(&a, c.vision_adapter_dropout, &mut self.rng.borrow_mut())?
+        } else {
+            a
+        };
+        Ok(Some(
+            (linear_t(&a, up.as_tensor(), None)? * c.vision_adapter_scale)?,
+        ))
+    }
+}
