@@ -145,49 +145,63 @@ impl<'a> LlamaStepper<'a> {
         hooks: &'a dyn LmHooks,
         prompts: &[Vec<u32>],
     ) -> Result<(Self, Tensor)> {
+        Self::prefill_with_prefix(model, hooks, prompts, None)
+    }
+
+    /// As [`Self::prefill`], with embeddings `[b, n, d]` placed before every prompt (the
+    /// input-space baseline's visual tokens); `prefix.1[i] = 0` masks row `i`'s prefix out.
+    /// Rows are laid out `[prefix][padding][prompt]`, the padding masked and skipped by the
+    /// positions, which equals running each row unpadded.
+    pub fn prefill_with_prefix(
+        model: &'a Llama,
+        hooks: &'a dyn LmHooks,
+        prompts: &[Vec<u32>],
+        prefix: Option<(&Tensor, &[f32])>,
+    ) -> Result<(Self, Tensor)> {
         let dev = model.device().clone();
         let b = prompts.len();
         let t = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
-        let uniform = prompts.iter().all(|p| p.len() == t);
+        let n = prefix.map(|p| p.0.dims()[1]).unwrap_or(0);
         let mut ids = Vec::with_capacity(b * t);
-        let mut pos = Vec::with_capacity(b * t);
+        let mut pos = Vec::with_capacity(b * (n + t));
         let mut mask = Vec::with_capacity(b);
-        for p in prompts {
+        for (i, p) in prompts.iter().enumerate() {
             let pad = t - p.len();
             ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
-            pos.extend((0..t).map(|j| j.saturating_sub(pad) as u32));
+            pos.extend((0..n as u32).chain((0..t).map(|j| (n + j.saturating_sub(pad)) as u32)));
+            let pm = prefix.map(|p| p.1[i]).unwrap_or(1.0);
             mask.push(
-                (0..t)
-                    .map(|j| if j < pad { 0.0 } else { 1.0 })
+                std::iter::repeat_n(pm, n)
+                    .chain((0..t).map(|j| if j < pad { 0.0 } else { 1.0 }))
                     .collect::<Vec<f32>>(),
             );
         }
         let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+        let mut x = model.embed(&ids)?;
+        if let Some((p, _)) = prefix {
+            x = Tensor::cat(&[p, &x], 1)?;
+        }
+        let total = n + t;
+        let plain = mask.iter().all(|r| r.iter().all(|&m| m == 1.0));
         let mut cache = model.new_cache();
-        let (positions, key_mask) = if uniform {
+        let (positions, key_mask) = if plain {
             (Positions::From(0), None)
         } else {
             (
-                Positions::PerSample(Tensor::from_vec(pos, (b, t), &dev)?),
-                Some(Tensor::from_vec(mask.concat(), (b, t), &dev)?),
+                Positions::PerSample(Tensor::from_vec(pos, (b, total), &dev)?),
+                Some(Tensor::from_vec(mask.concat(), (b, total), &dev)?),
             )
         };
-        let h = model.forward_embeds(
-            &model.embed(&ids)?,
-            &positions,
-            Some(&mut cache),
-            key_mask.as_ref(),
-            hooks,
-        )?;
-        let logits = model.logits(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?;
-        let next_pos = prompts.iter().map(|p| p.len() as u32).collect();
+        let h = model.forward_embeds(&x, &positions, Some(&mut cache), key_mask.as_ref(), hooks)?;
+        let logits = model.logits(&h.narrow(1, total - 1, 1)?.squeeze(1)?)?;
+        let next_pos = prompts.iter().map(|p| (n + p.len()) as u32).collect();
         Ok((
             Self {
                 model,
                 hooks,
                 cache,
                 next_pos,
-                mask: (!uniform).then_some(mask),
+                mask: (!plain).then_some(mask),
             },
             logits,
         ))
@@ -222,6 +236,6 @@ impl Stepper for LlamaStepper<'_> {
         for p in self.next_pos.iter_mut() {
             *p += 1;
         }
-        Ok(self.model.logits(&h.squeeze(1)?)?)
+        self.model.logits(&h.squeeze(1)?)
     }
 }

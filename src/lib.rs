@@ -1,9 +1,11 @@
 //! memvp: memory-space visual prompting (MemVP, ICML 2024) for frozen CLIP vision towers and
 //! frozen LLaMA / T5 / BART language models.
 
+pub mod baselines;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod image;
 pub mod lm;
@@ -14,3 +16,4 @@ pub mod rng;
 pub mod train;
 pub mod util;
 pub mod vision;
+pub mod vlm;

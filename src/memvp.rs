@@ -84,13 +84,60 @@ impl Default for MemvpConfig {
     }
 }
 
-/// The trained tensors, named as in `adapter_model.safetensors`.
-pub struct Memvp {
-    pub cfg: MemvpConfig,
+/// `P = Linear(c, h) -> SiLU -> Linear(h, d)`, Xavier-uniform weights, zero biases. Also the
+/// input-space baseline's projector.
+pub struct Projector {
     pub fc1_weight: Var,
     pub fc1_bias: Var,
     pub fc2_weight: Var,
     pub fc2_bias: Var,
+}
+
+impl Projector {
+    pub fn init(
+        c: usize,
+        h: usize,
+        d: usize,
+        rng: &mut Rng,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            fc1_weight: var(xavier_uniform(rng, h, c, dtype, dev)?)?,
+            fc1_bias: var(Tensor::zeros(h, dtype, dev)?)?,
+            fc2_weight: var(xavier_uniform(rng, d, h, dtype, dev)?)?,
+            fc2_bias: var(Tensor::zeros(d, dtype, dev)?)?,
+        })
+    }
+
+    pub fn named(&self) -> Vec<(String, Var)> {
+        vec![
+            ("projector.fc1.weight".to_string(), self.fc1_weight.clone()),
+            ("projector.fc1.bias".into(), self.fc1_bias.clone()),
+            ("projector.fc2.weight".into(), self.fc2_weight.clone()),
+            ("projector.fc2.bias".into(), self.fc2_bias.clone()),
+        ]
+    }
+
+    /// `[b, n, c]` → `[b, n, d]`.
+    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        let h = linear_t(
+            features,
+            self.fc1_weight.as_tensor(),
+            Some(self.fc1_bias.as_tensor()),
+        )?;
+        linear_t(
+            &ops::activation(&h, Activation::Silu)?,
+            self.fc2_weight.as_tensor(),
+            Some(self.fc2_bias.as_tensor()),
+        )
+    }
+}
+
+/// The trained tensors, named as in `adapter_model.safetensors`.
+pub struct Memvp {
+    pub cfg: MemvpConfig,
+    pub projector: Projector,
     pub key_embed: Var,
     pub value_embed: Var,
     /// `(down [r, c], up [c, r])` per vision block.
@@ -161,8 +208,7 @@ impl Memvp {
     ) -> Result<Self> {
         let mut rng = Rng::derive(seed, "memvp-init");
         let (c, h, d, m) = (vision_width, cfg.hidden_proj, lm_width, cfg.slots);
-        let fc1_weight = var(xavier_uniform(&mut rng, h, c, dtype, dev)?)?;
-        let fc2_weight = var(xavier_uniform(&mut rng, d, h, dtype, dev)?)?;
+        let projector = Projector::init(c, h, d, &mut rng, dtype, dev)?;
         let ek: Vec<f32> = (0..m * d).map(|_| (rng.normal() * 0.02) as f32).collect();
         let mut vision_adapters = Vec::new();
         if cfg.vision_adapter_dim > 0 {
@@ -173,10 +219,7 @@ impl Memvp {
             }
         }
         Ok(Self {
-            fc1_weight,
-            fc1_bias: var(Tensor::zeros(h, dtype, dev)?)?,
-            fc2_weight,
-            fc2_bias: var(Tensor::zeros(d, dtype, dev)?)?,
+            projector,
             key_embed: var(Tensor::from_vec(ek, (m, d), dev)?.to_dtype(dtype)?)?,
             value_embed: var(Tensor::zeros((m, d), dtype, dev)?)?,
             vision_adapters,
@@ -187,14 +230,9 @@ impl Memvp {
 
     /// Trained tensors with their file names.
     pub fn named(&self) -> Vec<(String, Var)> {
-        let mut v = vec![
-            ("projector.fc1.weight".to_string(), self.fc1_weight.clone()),
-            ("projector.fc1.bias".into(), self.fc1_bias.clone()),
-            ("projector.fc2.weight".into(), self.fc2_weight.clone()),
-            ("projector.fc2.bias".into(), self.fc2_bias.clone()),
-            ("memory.key_embed".into(), self.key_embed.clone()),
-            ("memory.value_embed".into(), self.value_embed.clone()),
-        ];
+        let mut v = self.projector.named();
+        v.push(("memory.key_embed".into(), self.key_embed.clone()));
+        v.push(("memory.value_embed".into(), self.value_embed.clone()));
         for (i, (d, u)) in self.vision_adapters.iter().enumerate() {
             v.push((format!("vision.layers.{i}.adapter.down.weight"), d.clone()));
             v.push((format!("vision.layers.{i}.adapter.up.weight"), u.clone()));
@@ -220,16 +258,7 @@ impl Memvp {
 
     /// `P(features)`: `[b, n, c]` → `[b, n, d]`.
     pub fn project(&self, features: &Tensor) -> Result<Tensor> {
-        let h = linear_t(
-            features,
-            self.fc1_weight.as_tensor(),
-            Some(self.fc1_bias.as_tensor()),
-        )?;
-        linear_t(
-            &ops::activation(&h, Activation::Silu)?,
-            self.fc2_weight.as_tensor(),
-            Some(self.fc2_bias.as_tensor()),
-        )
+        self.projector.forward(features)
     }
 
     /// The visual tokens `[b, n, c]` of a batch of pixels, with the vision adapters active.

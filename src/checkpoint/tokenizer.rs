@@ -197,16 +197,11 @@ fn spm_json(
     if merges.is_empty() {
         merges = generate_merges(tokens, &scores);
     }
-    let unk = id(g, "tokenizer.ggml.unknown_token_id")
-        .and_then(|u| tokens.get(u as usize).cloned())
-        .unwrap_or_else(|| "<unk>".into());
     let add_bos = flag(g, "tokenizer.ggml.add_bos_token").unwrap_or(true);
     let add_prefix = flag(g, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
-    let normalizer = if add_prefix {
-        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]})
-    } else {
-        json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
-    };
+    // transformers 5: no normalizer; Metaspace with prepend_scheme "first" (a `▁` before the
+    // first piece unless the text starts with one), no split.
+    let pre = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": if add_prefix { "first" } else { "never" }, "split": false});
     let mut decoders = vec![
         json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
         json!({"type": "ByteFallback"}),
@@ -218,11 +213,11 @@ fn spm_json(
     Ok(json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added,
-        "normalizer": normalizer,
-        "pre_tokenizer": null,
+        "normalizer": null,
+        "pre_tokenizer": pre,
         "post_processor": template(add_bos, bos_tok),
         "decoder": {"type": "Sequence", "decoders": decoders},
-        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     }))

@@ -265,7 +265,8 @@ pub fn score_scienceqa(samples: &[Sample], outputs: &[String]) -> Result<Scored>
     };
     let g16 = grade(1, 6);
     let g712 = grade(7, 12);
-    let parts: Vec<(&str, &str, Box<dyn Fn(&Value) -> bool>)> = vec![
+    type Part<'a> = (&'a str, &'a str, Box<dyn Fn(&Value) -> bool>);
+    let parts: Vec<Part> = vec![
         (
             "acc_natural",
             "NAT",

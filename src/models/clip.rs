@@ -57,7 +57,7 @@ impl ClipVisionConfig {
             hidden_act,
             layer_norm_eps: v.f64_or("layer_norm_eps", 1e-5)?,
         };
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(v.err(
                 "patch_size",
                 format!(
@@ -66,7 +66,8 @@ impl ClipVisionConfig {
                 ),
             ));
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(v.err("num_attention_heads", "does not divide hidden_size"));
         }
         Ok(cfg)

@@ -215,7 +215,8 @@ impl LlamaConfig {
                     .map(|&f| {
                         let wl = 2.0 * std::f32::consts::PI / f;
                         let scaled = if wl > lo_wl { f / factor } else { f };
-                        let medium = !(wl < hi_wl) && !(wl > lo_wl);
+                        // NaN-free: wavelengths are finite and positive.
+                        let medium = wl >= hi_wl && wl <= lo_wl;
                         if medium {
                             let s = (old / wl - lo) / (hi - lo);
                             (1.0 - s) * scaled / factor + s * scaled

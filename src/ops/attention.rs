@@ -198,7 +198,7 @@ fn attn_fwd<T: Real>(
                 for j in 0..tk {
                     let mut x = row[j] * scale;
                     if let Some(br) = brow {
-                        x = x + br[i * tk + j];
+                        x += br[i * tk + j];
                     }
                     if j >= lim || mrow.is_some_and(|m| m[j] == T::zero()) {
                         x = T::neg_infinity();
@@ -213,11 +213,11 @@ fn attn_fwd<T: Real>(
                 let mut sum = T::zero();
                 for x in row.iter_mut() {
                     *x = (*x - max).exp();
-                    sum = sum + *x;
+                    sum += *x;
                 }
                 let inv = T::one() / sum;
                 for x in row.iter_mut() {
-                    *x = *x * inv;
+                    *x *= inv;
                 }
             }
             // O_h = P V_g

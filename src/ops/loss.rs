@@ -61,7 +61,7 @@ impl CustomOp1 for CrossEntropy {
                         for (o, &val) in d.iter_mut().zip(r) {
                             *o = (val - lse).exp() * scale;
                         }
-                        d[t as usize] = d[t as usize] - scale;
+                        d[t as usize] -= scale;
                     });
                 tensor_from_vec(dx, &[n, v], x)
             })

@@ -40,7 +40,7 @@ fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool) -> (Vec<T
             let r = T::one() / (ms + eps).sqrt();
             let mut dot = T::zero();
             for i in 0..n {
-                dot = dot + dyr[i] * w[i] * xr[i] * r;
+                dot += dyr[i] * w[i] * xr[i] * r;
             }
             let c = dot / nf;
             for i in 0..n {
@@ -53,7 +53,7 @@ fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool) -> (Vec<T
             let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
             let r = T::one() / (ms + eps).sqrt();
             for i in 0..n {
-                dw[i] = dw[i] + dyr[i] * xr[i] * r;
+                dw[i] += dyr[i] * xr[i] * r;
             }
         }
         dw
@@ -169,8 +169,8 @@ fn ln_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool, want_db: b
             let (mut sg, mut sgx) = (T::zero(), T::zero());
             for i in 0..n {
                 let g = dyr[i] * w[i];
-                sg = sg + g;
-                sgx = sgx + g * (xr[i] - mean) * r;
+                sg += g;
+                sgx += g * (xr[i] - mean) * r;
             }
             let (mg, mgx) = (sg / nf, sgx / nf);
             for i in 0..n {
@@ -185,10 +185,10 @@ fn ln_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool, want_db: b
             let (mean, r) = ln_stats(xr, eps);
             for i in 0..n {
                 if let Some(dw) = dw.as_mut() {
-                    dw[i] = dw[i] + dyr[i] * (xr[i] - mean) * r;
+                    dw[i] += dyr[i] * (xr[i] - mean) * r;
                 }
                 if let Some(db) = db.as_mut() {
-                    db[i] = db[i] + dyr[i];
+                    db[i] += dyr[i];
                 }
             }
         }

@@ -19,11 +19,11 @@ pub(crate) fn softmax_rows<T: Real>(x: &[T], y: &mut [T], n: usize) {
             for (o, &v) in yr.iter_mut().zip(xr) {
                 let e = (v - max).exp();
                 *o = e;
-                sum = sum + e;
+                sum += e;
             }
             let inv = T::one() / sum;
             for o in yr.iter_mut() {
-                *o = *o * inv;
+                *o *= inv;
             }
         });
 }
@@ -35,7 +35,7 @@ pub(crate) fn softmax_rows_bwd<T: Real>(y: &[T], dy: &[T], dx: &mut [T], n: usiz
         .for_each(|(dxr, (yr, dyr))| {
             let mut dot = T::zero();
             for (&a, &b) in yr.iter().zip(dyr) {
-                dot = dot + a * b;
+                dot += a * b;
             }
             for ((o, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
                 *o = scale * a * (b - dot);

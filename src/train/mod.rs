@@ -143,10 +143,9 @@ fn checkpoint_dirs(run: &Path) -> Vec<(u64, PathBuf)> {
             if let Some(n) = name
                 .strip_prefix("step-")
                 .and_then(|s| s.parse::<u64>().ok())
+                && e.path().join("state.json").is_file()
             {
-                if e.path().join("state.json").is_file() {
-                    v.push((n, e.path()));
-                }
+                v.push((n, e.path()));
             }
         }
     }
@@ -415,7 +414,10 @@ pub fn train<T: Task>(
             pb.set_message(format!(
                 "loss {loss_mean:.4} lr {lr:.2e} {sps:.1} samples/s"
             ));
-            if !tty && s.log_every > 0 && (st.opt_step % s.log_every == 0 || st.opt_step == total) {
+            if !tty
+                && s.log_every > 0
+                && (st.opt_step.is_multiple_of(s.log_every) || st.opt_step == total)
+            {
                 let el = start.elapsed().as_secs_f64();
                 let left = total - st.opt_step;
                 let eta = if st.opt_step > resumed_from.unwrap_or(0) {
@@ -436,7 +438,10 @@ pub fn train<T: Task>(
                 st.next_batch = 0;
             }
             let end = st.opt_step >= total;
-            if s.save_every.is_some_and(|k| k > 0 && st.opt_step % k == 0) || end {
+            if s.save_every
+                .is_some_and(|k| k > 0 && st.opt_step.is_multiple_of(k))
+                || end
+            {
                 write_checkpoint(task, &opt, &st, run, s.keep_checkpoints)?;
             }
             if end {
