@@ -2,6 +2,7 @@
 //! frozen LLaMA / T5 / BART language models.
 
 pub mod baselines;
+pub mod beam;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;
@@ -12,7 +13,9 @@ pub mod lm;
 pub mod memvp;
 pub mod models;
 pub mod ops;
+pub mod quickstart;
 pub mod rng;
+pub mod run;
 pub mod train;
 pub mod util;
 pub mod vision;

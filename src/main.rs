@@ -20,6 +20,20 @@ struct Cli {
 enum Cmd {
     /// Generate text from a prompt with a language model (Hugging Face directory or .gguf).
     Generate(cli::GenerateArgs),
+    /// Fine-tune (MemVP by default) on a data set; writes a run directory.
+    Train(Box<cli::TrainArgs>),
+    /// Evaluate a run on a data set split; writes preds.json and eval.json.
+    Eval(cli::EvalArgs),
+    /// The built-in demo, no downloads: renders a shapes VQA set, builds and pre-trains a tiny
+    /// LM, trains MemVP and an image-blind control, and compares their test accuracy.
+    Quickstart {
+        #[arg(long, default_value = "quickstart-out")]
+        out: PathBuf,
+        #[command(flatten)]
+        settings: memvp::quickstart::QuickstartSettings,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the patch features of an image as the vision tower produces them for MemVP.
     EncodeImage {
         /// CLIP checkpoint directory or random:<preset>[@seed].
@@ -40,6 +54,13 @@ enum Cmd {
 fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Generate(a) => cli::generate(a),
+        Cmd::Train(a) => cli::train(*a),
+        Cmd::Eval(a) => cli::eval(a),
+        Cmd::Quickstart {
+            out,
+            settings,
+            json,
+        } => cli::quickstart(&out, &settings, json),
         Cmd::EncodeImage {
             vision,
             image,
@@ -51,7 +72,19 @@ fn run() -> Result<()> {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    // Run on a worker of the compute pool: parallel kernels called from a pool worker start
+    // inline instead of handing every small job to another thread and sleeping until it ends.
+    let threads = candle_core::utils::get_num_threads();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle asks for the thread count on every matmul and, without this variable, reads
+        // /proc/cpuinfo each time. Set before any thread exists.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+    let result = rayon::join(run, || ()).0;
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

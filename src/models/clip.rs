@@ -77,11 +77,12 @@ impl ClipVisionConfig {
     pub fn preset(name: &str) -> Result<Self> {
         let (h, i, l, heads, img, patch) = match name {
             "tiny" => (64, 128, 3, 4, 32, 8),
+            "mini" => (64, 128, 3, 4, 48, 8),
             "small" => (192, 768, 6, 3, 64, 8),
             "vit-b16" | "vit-b-16" | "b16" => (768, 3072, 12, 12, 224, 16),
             "vit-l14" | "vit-l-14" | "l14" => (1024, 4096, 24, 16, 224, 14),
             other => bail!(
-                "unknown vision preset `random:{other}` (known: tiny, small, vit-b16, vit-l14)"
+                "unknown vision preset `random:{other}` (known: tiny, mini, small, vit-b16, vit-l14)"
             ),
         };
         Ok(Self {

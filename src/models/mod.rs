@@ -2,6 +2,7 @@
 
 pub mod bart;
 pub mod clip;
+pub mod encdec;
 pub mod kv_cache;
 pub mod llama;
 pub mod t5;

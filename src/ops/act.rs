@@ -112,6 +112,7 @@ impl CustomOp1 for Act {
             let mut y = vec![T::zero(); x.len()];
             y.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK))
+                .with_min_len(super::min_rows(CHUNK))
                 .for_each(|(yc, xc)| {
                     for (o, &v) in yc.iter_mut().zip(xc) {
                         *o = a.f(v);
@@ -133,6 +134,7 @@ impl CustomOp1 for Act {
                     let mut dx = vec![T::zero(); xs.len()];
                     dx.par_chunks_mut(CHUNK)
                         .zip(xs.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                        .with_min_len(super::min_rows(CHUNK))
                         .for_each(|(dc, (xc, gc))| {
                             for ((o, &v), &gv) in dc.iter_mut().zip(xc).zip(gc) {
                                 *o = gv * a.df(v);
@@ -176,6 +178,7 @@ impl CustomOp2 for Gated {
             let mut y = vec![T::zero(); g.len()];
             y.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+                .with_min_len(super::min_rows(CHUNK))
                 .for_each(|(yc, (gc, uc))| {
                     for ((o, &gv), &uv) in yc.iter_mut().zip(gc).zip(uc) {
                         *o = a.f(gv) * uv;
@@ -225,6 +228,7 @@ impl CustomOp2 for Gated {
                         let (mut dg, mut du) = (vec![T::zero(); n], vec![T::zero(); n]);
                         dg.par_chunks_mut(CHUNK)
                             .zip(du.par_chunks_mut(CHUNK))
+                            .with_min_len(super::min_rows(CHUNK))
                             .enumerate()
                             .for_each(|(c, (dgc, duc))| {
                                 let o = c * CHUNK;

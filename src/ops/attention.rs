@@ -157,88 +157,91 @@ fn attn_fwd<T: Real>(
     let out_p = super::SendPtr(out.as_mut_ptr());
     let probs_p = super::SendPtr(probs.as_mut_ptr());
     let scale = T::from(op.scale).unwrap();
-    (0..b * h).into_par_iter().for_each(|bh| {
-        let (bi, hi) = (bh / h, bh % h);
-        let gi = hi / group;
-        let mut local = Vec::new();
-        let p: *mut T = if keep {
-            unsafe { probs_p.get().add(bh * tq * tk) }
-        } else {
-            local.resize(tq * tk, T::zero());
-            local.as_mut_ptr()
-        };
-        unsafe {
-            // S = Q_h K_gᵀ
-            gemm_strided(
-                tq,
-                tk,
-                d,
-                p,
-                tk as isize,
-                1,
-                false,
-                q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]),
-                q.st[1] as isize,
-                1,
-                k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]),
-                1,
-                k.st[1] as isize,
-                1,
-            );
-            let s = std::slice::from_raw_parts_mut(p, tq * tk);
-            let brow = bias.map(|bs| &bs[((bi % bias_b) * h + hi) * tq * tk..][..tq * tk]);
-            let mrow = mask.map(|m| &m[bi * tk..(bi + 1) * tk]);
-            for i in 0..tq {
-                let row = &mut s[i * tk..(i + 1) * tk];
-                let lim = match op.causal {
-                    Some(off) => (i + off + 1).min(tk),
-                    None => tk,
-                };
-                let mut max = T::neg_infinity();
-                for j in 0..tk {
-                    let mut x = row[j] * scale;
-                    if let Some(br) = brow {
-                        x += br[i * tk + j];
+    (0..b * h)
+        .into_par_iter()
+        .with_min_len(super::min_rows(tq * tk + tq * d + tk * d))
+        .for_each(|bh| {
+            let (bi, hi) = (bh / h, bh % h);
+            let gi = hi / group;
+            let mut local = Vec::new();
+            let p: *mut T = if keep {
+                unsafe { probs_p.get().add(bh * tq * tk) }
+            } else {
+                local.resize(tq * tk, T::zero());
+                local.as_mut_ptr()
+            };
+            unsafe {
+                // S = Q_h K_gᵀ
+                gemm_strided(
+                    tq,
+                    tk,
+                    d,
+                    p,
+                    tk as isize,
+                    1,
+                    false,
+                    q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]),
+                    q.st[1] as isize,
+                    1,
+                    k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]),
+                    1,
+                    k.st[1] as isize,
+                    1,
+                );
+                let s = std::slice::from_raw_parts_mut(p, tq * tk);
+                let brow = bias.map(|bs| &bs[((bi % bias_b) * h + hi) * tq * tk..][..tq * tk]);
+                let mrow = mask.map(|m| &m[bi * tk..(bi + 1) * tk]);
+                for i in 0..tq {
+                    let row = &mut s[i * tk..(i + 1) * tk];
+                    let lim = match op.causal {
+                        Some(off) => (i + off + 1).min(tk),
+                        None => tk,
+                    };
+                    let mut max = T::neg_infinity();
+                    for j in 0..tk {
+                        let mut x = row[j] * scale;
+                        if let Some(br) = brow {
+                            x += br[i * tk + j];
+                        }
+                        if j >= lim || mrow.is_some_and(|m| m[j] == T::zero()) {
+                            x = T::neg_infinity();
+                        }
+                        row[j] = x;
+                        max = super::fmax(max, x);
                     }
-                    if j >= lim || mrow.is_some_and(|m| m[j] == T::zero()) {
-                        x = T::neg_infinity();
+                    if max == T::neg_infinity() {
+                        row.fill(T::zero());
+                        continue;
                     }
-                    row[j] = x;
-                    max = super::fmax(max, x);
+                    let mut sum = T::zero();
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = T::one() / sum;
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
                 }
-                if max == T::neg_infinity() {
-                    row.fill(T::zero());
-                    continue;
-                }
-                let mut sum = T::zero();
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = T::one() / sum;
-                for x in row.iter_mut() {
-                    *x *= inv;
-                }
+                // O_h = P V_g
+                gemm_strided(
+                    tq,
+                    d,
+                    tk,
+                    out_p.get().add(bi * tq * h * d + hi * d),
+                    (h * d) as isize,
+                    1,
+                    false,
+                    p,
+                    tk as isize,
+                    1,
+                    v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]),
+                    v.st[1] as isize,
+                    1,
+                    1,
+                );
             }
-            // O_h = P V_g
-            gemm_strided(
-                tq,
-                d,
-                tk,
-                out_p.get().add(bi * tq * h * d + hi * d),
-                (h * d) as isize,
-                1,
-                false,
-                p,
-                tk as isize,
-                1,
-                v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]),
-                v.st[1] as isize,
-                1,
-                1,
-            );
-        }
-    });
+        });
     Ok((out, keep.then_some(probs)))
 }
 
@@ -271,102 +274,105 @@ fn attn_bwd<T: Real>(
         super::SendPtr(dv.as_mut_ptr()),
     );
     let scale = T::from(op.scale).unwrap();
-    (0..b * kvh).into_par_iter().for_each(|bg| {
-        let (bi, gi) = (bg / kvh, bg % kvh);
-        let mut ds = vec![T::zero(); tq * tk];
-        let kbase = unsafe { k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]) };
-        let vbase = unsafe { v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]) };
-        let dkb = unsafe { dkp.get().add((bi * tk * kvh + gi) * d) };
-        let dvb = unsafe { dvp.get().add((bi * tk * kvh + gi) * d) };
-        for hi in gi * group..(gi + 1) * group {
-            let p = &probs[(bi * h + hi) * tq * tk..][..tq * tk];
-            let dob = unsafe { dout.as_ptr().add(bi * tq * h * d + hi * d) };
-            let qb = unsafe { q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]) };
-            unsafe {
-                // dV_g += Pᵀ dO_h
-                gemm_strided(
-                    tk,
-                    d,
-                    tq,
-                    dvb,
-                    (kvh * d) as isize,
-                    1,
-                    true,
-                    p.as_ptr(),
-                    1,
-                    tk as isize,
-                    dob,
-                    (h * d) as isize,
-                    1,
-                    1,
-                );
-                // dP = dO_h V_gᵀ
-                gemm_strided(
-                    tq,
-                    tk,
-                    d,
-                    ds.as_mut_ptr(),
-                    tk as isize,
-                    1,
-                    false,
-                    dob,
-                    (h * d) as isize,
-                    1,
-                    vbase,
-                    1,
-                    v.st[1] as isize,
-                    1,
-                );
-            }
-            // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
-            for i in 0..tq {
-                let (pr, dr) = (&p[i * tk..(i + 1) * tk], &mut ds[i * tk..(i + 1) * tk]);
-                let dot = pr
-                    .iter()
-                    .zip(dr.iter())
-                    .fold(T::zero(), |a, (&x, &y)| a + x * y);
-                for (o, &x) in dr.iter_mut().zip(pr) {
-                    *o = scale * x * (*o - dot);
+    (0..b * kvh)
+        .into_par_iter()
+        .with_min_len(super::min_rows(group * (tq * tk + tq * d) + tk * d))
+        .for_each(|bg| {
+            let (bi, gi) = (bg / kvh, bg % kvh);
+            let mut ds = vec![T::zero(); tq * tk];
+            let kbase = unsafe { k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]) };
+            let vbase = unsafe { v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]) };
+            let dkb = unsafe { dkp.get().add((bi * tk * kvh + gi) * d) };
+            let dvb = unsafe { dvp.get().add((bi * tk * kvh + gi) * d) };
+            for hi in gi * group..(gi + 1) * group {
+                let p = &probs[(bi * h + hi) * tq * tk..][..tq * tk];
+                let dob = unsafe { dout.as_ptr().add(bi * tq * h * d + hi * d) };
+                let qb = unsafe { q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]) };
+                unsafe {
+                    // dV_g += Pᵀ dO_h
+                    gemm_strided(
+                        tk,
+                        d,
+                        tq,
+                        dvb,
+                        (kvh * d) as isize,
+                        1,
+                        true,
+                        p.as_ptr(),
+                        1,
+                        tk as isize,
+                        dob,
+                        (h * d) as isize,
+                        1,
+                        1,
+                    );
+                    // dP = dO_h V_gᵀ
+                    gemm_strided(
+                        tq,
+                        tk,
+                        d,
+                        ds.as_mut_ptr(),
+                        tk as isize,
+                        1,
+                        false,
+                        dob,
+                        (h * d) as isize,
+                        1,
+                        vbase,
+                        1,
+                        v.st[1] as isize,
+                        1,
+                    );
+                }
+                // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
+                for i in 0..tq {
+                    let (pr, dr) = (&p[i * tk..(i + 1) * tk], &mut ds[i * tk..(i + 1) * tk]);
+                    let dot = pr
+                        .iter()
+                        .zip(dr.iter())
+                        .fold(T::zero(), |a, (&x, &y)| a + x * y);
+                    for (o, &x) in dr.iter_mut().zip(pr) {
+                        *o = scale * x * (*o - dot);
+                    }
+                }
+                unsafe {
+                    // dQ_h = dS K_g
+                    gemm_strided(
+                        tq,
+                        d,
+                        tk,
+                        dqp.get().add(bi * tq * h * d + hi * d),
+                        (h * d) as isize,
+                        1,
+                        false,
+                        ds.as_ptr(),
+                        tk as isize,
+                        1,
+                        kbase,
+                        k.st[1] as isize,
+                        1,
+                        1,
+                    );
+                    // dK_g += dSᵀ Q_h
+                    gemm_strided(
+                        tk,
+                        d,
+                        tq,
+                        dkb,
+                        (kvh * d) as isize,
+                        1,
+                        true,
+                        ds.as_ptr(),
+                        1,
+                        tk as isize,
+                        qb,
+                        q.st[1] as isize,
+                        1,
+                        1,
+                    );
                 }
             }
-            unsafe {
-                // dQ_h = dS K_g
-                gemm_strided(
-                    tq,
-                    d,
-                    tk,
-                    dqp.get().add(bi * tq * h * d + hi * d),
-                    (h * d) as isize,
-                    1,
-                    false,
-                    ds.as_ptr(),
-                    tk as isize,
-                    1,
-                    kbase,
-                    k.st[1] as isize,
-                    1,
-                    1,
-                );
-                // dK_g += dSᵀ Q_h
-                gemm_strided(
-                    tk,
-                    d,
-                    tq,
-                    dkb,
-                    (kvh * d) as isize,
-                    1,
-                    true,
-                    ds.as_ptr(),
-                    1,
-                    tk as isize,
-                    qb,
-                    q.st[1] as isize,
-                    1,
-                    1,
-                );
-            }
-        }
-    });
+        });
     Ok((dq, dk, dv))
 }
 

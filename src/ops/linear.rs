@@ -122,7 +122,13 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fast_path(x) && self.weight.is_contiguous() && x.dtype() == self.weight.dtype() {
+        // A weight that is itself being trained (pre-training a tiny LM) takes candle's matmul,
+        // whose backward forms the weight gradient.
+        if fast_path(x)
+            && !self.weight.is_variable()
+            && self.weight.is_contiguous()
+            && x.dtype() == self.weight.dtype()
+        {
             let op = LinearOp {
                 weight: self.weight.clone(),
                 bias: self.bias.clone(),

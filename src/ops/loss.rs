@@ -29,11 +29,13 @@ impl CustomOp1 for CrossEntropy {
             bail!("cross_entropy: target {t} outside the vocabulary of {v}")
         }
         fn go<T: Real>(x: &[T], t: &[u32], v: usize) -> T {
-            let total: f64 = x
+            // Per-row losses in parallel, summed in a fixed order: the same bits on every run.
+            let rows: Vec<f64> = x
                 .par_chunks(v)
                 .zip(t.par_iter())
                 .map(|(r, &ti)| <T as WithDType>::to_f64(row_lse(r) - r[ti as usize]))
-                .sum();
+                .collect();
+            let total: f64 = rows.iter().sum();
             <T as WithDType>::from_f64(total / t.len().max(1) as f64)
         }
         let out = match s.dtype() {
@@ -56,6 +58,7 @@ impl CustomOp1 for CrossEntropy {
                 let mut dx = vec![T::zero(); xs.len()];
                 dx.par_chunks_mut(v)
                     .zip(xs.par_chunks(v).zip(targets.par_iter()))
+                    .with_min_len(super::min_rows(v))
                     .for_each(|(d, (r, &t))| {
                         let lse = row_lse(r);
                         for (o, &val) in d.iter_mut().zip(r) {

@@ -89,8 +89,11 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// candle's `get_num_threads` reads /proc/cpuinfo on every call unless `RAYON_NUM_THREADS` is
+/// set; ask once.
 pub(crate) fn num_threads() -> usize {
-    candle_core::utils::get_num_threads()
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
 /// `dst[m,n] (+)= alpha? ..` thin wrapper over gemm for strided row-major operands:
@@ -145,4 +148,11 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
 #[inline]
 pub(crate) fn fmax<T: Real>(a: T, b: T) -> T {
     num_traits::Float::max(a, b)
+}
+
+/// Rows of `row_len` elements per rayon task, so that small tensors are not split into tasks
+/// that cost more to schedule than to compute.
+#[inline]
+pub(crate) fn min_rows(row_len: usize) -> usize {
+    ((1usize << 14) / row_len.max(1)).max(1)
 }

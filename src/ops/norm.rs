@@ -18,6 +18,7 @@ fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let nf = T::from(n).unwrap();
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
+        .with_min_len(super::min_rows(n))
         .for_each(|(yr, xr)| {
             let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
             let r = T::one() / (ms + eps).sqrt();
@@ -35,6 +36,7 @@ fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool) -> (Vec<T
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(n)
         .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+        .with_min_len(super::min_rows(n))
         .for_each(|(dxr, (xr, dyr))| {
             let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
             let r = T::one() / (ms + eps).sqrt();
@@ -146,6 +148,7 @@ fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
+        .with_min_len(super::min_rows(n))
         .for_each(|(yr, xr)| {
             let (mean, r) = ln_stats(xr, eps);
             for i in 0..n {
@@ -164,6 +167,7 @@ fn ln_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool, want_db: b
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(n)
         .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+        .with_min_len(super::min_rows(n))
         .for_each(|(dxr, (xr, dyr))| {
             let (mean, r) = ln_stats(xr, eps);
             let (mut sg, mut sgx) = (T::zero(), T::zero());

@@ -81,6 +81,7 @@ fn rope_kernel<T: Real>(
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(h * d)
         .zip(x.par_chunks(h * d))
+        .with_min_len(super::min_rows(h * d))
         .enumerate()
         .for_each(|(row, (or, xr))| {
             let (bi, ti) = (row / t, row % t);

@@ -10,6 +10,7 @@ struct Softmax;
 pub(crate) fn softmax_rows<T: Real>(x: &[T], y: &mut [T], n: usize) {
     y.par_chunks_mut(n)
         .zip(x.par_chunks(n))
+        .with_min_len(super::min_rows(n))
         .for_each(|(yr, xr)| {
             let mut max = T::neg_infinity();
             for &v in xr {
@@ -32,6 +33,7 @@ pub(crate) fn softmax_rows<T: Real>(x: &[T], y: &mut [T], n: usize) {
 pub(crate) fn softmax_rows_bwd<T: Real>(y: &[T], dy: &[T], dx: &mut [T], n: usize, scale: T) {
     dx.par_chunks_mut(n)
         .zip(y.par_chunks(n).zip(dy.par_chunks(n)))
+        .with_min_len(super::min_rows(n))
         .for_each(|(dxr, (yr, dyr))| {
             let mut dot = T::zero();
             for (&a, &b) in yr.iter().zip(dyr) {

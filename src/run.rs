@@ -1,0 +1,394 @@
+//! Training and evaluation runs: settings (TOML file and flags), data preparation, the
+//! training task, and batched evaluation.
+
+use crate::baselines::lora::LoraConfig;
+use crate::data::batch::{BatchBuilder, ImageCache, Prefetcher, encode, eval_input};
+use crate::data::{self, DataOptions, Sample};
+use crate::generate::Sampling;
+use crate::lm::load_lm;
+use crate::memvp::MemvpConfig;
+use crate::rng::Rng;
+use crate::train::{self, Batches, Summary, Task, TrainSettings};
+use crate::vision::load_vision;
+use crate::vlm::{InputSpaceConfig, Method, MethodSettings, Vlm};
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Every setting of a training run. Written resolved into the run directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub vision: String,
+    pub lm: String,
+    pub data: String,
+    pub split: String,
+    pub method: Method,
+    /// Train with every image indicator at 0 (the image-blind control).
+    pub image_blind: bool,
+    pub max_len: usize,
+    /// Use only the first N training samples.
+    pub max_train_samples: Option<usize>,
+    /// Memory for decoded, resized images kept between epochs.
+    pub image_cache_mb: usize,
+    pub data_options: DataOptions,
+    pub train: TrainSettings,
+    pub memvp: MemvpConfig,
+    pub input_space: InputSpaceConfig,
+    pub lora: LoraConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            vision: String::new(),
+            lm: String::new(),
+            data: String::new(),
+            split: "train".into(),
+            method: Method::Memvp,
+            image_blind: false,
+            max_len: 512,
+            max_train_samples: None,
+            image_cache_mb: 1024,
+            data_options: DataOptions::default(),
+            train: TrainSettings::default(),
+            memvp: MemvpConfig::default(),
+            input_space: InputSpaceConfig::default(),
+            lora: LoraConfig::default(),
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn method_settings(&self) -> MethodSettings {
+        MethodSettings {
+            method: self.method,
+            memvp: self.memvp.clone(),
+            input_space: self.input_space.clone(),
+            lora: self.lora.clone(),
+            prompt: self.data_options.clone(),
+            max_len: self.max_len,
+            image_blind: self.image_blind,
+            seed: self.train.seed,
+        }
+    }
+}
+
+/// The data of one split, tokenized, with a batch builder.
+pub struct Prepared {
+    pub samples: Vec<Sample>,
+    pub builder: Arc<BatchBuilder>,
+    pub skipped_images: usize,
+}
+
+pub fn prepare(
+    vlm: &Vlm,
+    samples: Vec<Sample>,
+    skip_bad: bool,
+    max_len: usize,
+    cache_mb: usize,
+    blind: bool,
+) -> Result<Prepared> {
+    let (samples, skipped) = data::filter_images(samples, skip_bad)?;
+    if samples.is_empty() {
+        bail!("no samples left after skipping unreadable images")
+    }
+    let eos = vlm.eos();
+    let tok = &vlm.lm.tok;
+    let enc: Vec<_> = samples
+        .par_iter()
+        .map(|s| encode(tok, s, eos, max_len))
+        .collect::<Result<_>>()?;
+    let builder = BatchBuilder {
+        samples: enc,
+        cache: ImageCache::new(vlm.preprocess(), cache_mb << 20),
+        layout: vlm.layout(),
+        device: crate::cli::device(),
+        skip_bad_images: skip_bad,
+        blind,
+    };
+    Ok(Prepared {
+        samples,
+        builder: Arc::new(builder),
+        skipped_images: skipped,
+    })
+}
+
+/// Fixed-size batches in a seeded order per epoch (the last partial batch is dropped when
+/// there is more than one batch, as the released training loader does).
+pub struct EpochBatches {
+    pub builder: Arc<BatchBuilder>,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl EpochBatches {
+    fn n(&self) -> usize {
+        self.builder.samples.len()
+    }
+    pub fn plan(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.n()).collect();
+        Rng::derive(self.seed, &format!("order-{epoch}")).shuffle(&mut order);
+        let mut plan: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
+        if plan.len() > 1 && plan.last().is_some_and(|c| c.len() < self.batch_size) {
+            plan.pop();
+        }
+        plan
+    }
+}
+
+impl Batches<crate::data::batch::Batch> for EpochBatches {
+    fn steps_per_epoch(&self) -> usize {
+        self.plan(0).len()
+    }
+    fn stream(
+        &self,
+        epoch: usize,
+        start: usize,
+    ) -> Box<dyn Iterator<Item = Result<crate::data::batch::Batch>> + '_> {
+        let plan: Vec<Vec<usize>> = self.plan(epoch).into_iter().skip(start).collect();
+        let mut pf = Prefetcher::new(self.builder.clone(), plan);
+        Box::new(std::iter::from_fn(move || pf.next_batch()))
+    }
+}
+
+/// The training task of a VLM.
+pub struct VlmTask<'a> {
+    pub vlm: &'a Vlm,
+}
+
+impl Task for VlmTask<'_> {
+    type Batch = crate::data::batch::Batch;
+    fn params(&self) -> Vec<(String, Var)> {
+        self.vlm.named()
+    }
+    fn loss(&mut self, batch: &Self::Batch, rng: &mut Rng) -> Result<Tensor> {
+        self.vlm.loss(batch, rng, true)
+    }
+    fn batch_size(&self, batch: &Self::Batch) -> (usize, usize) {
+        (batch.n, batch.skipped)
+    }
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
+        self.vlm.save(dir)
+    }
+}
+
+pub fn load_vlm(cfg: &RunConfig) -> Result<Vlm> {
+    if cfg.vision.is_empty() || cfg.lm.is_empty() {
+        bail!(
+            "both --vision and --lm are needed (a CLIP directory or random:<preset>, and an LM directory or .gguf)"
+        )
+    }
+    let dev = crate::cli::device();
+    let vision = load_vision(&cfg.vision, DType::F32, &dev)?;
+    let lm = load_lm(Path::new(&cfg.lm), DType::F32, &dev)?;
+    Vlm::new(vision, lm, &cfg.method_settings())
+}
+
+#[derive(Serialize)]
+pub struct TrainReport {
+    pub run: PathBuf,
+    pub method: Method,
+    pub image_blind: bool,
+    pub train_samples: usize,
+    pub skipped_images: usize,
+    pub trainable_parameters: usize,
+    pub summary: Summary,
+}
+
+/// `memvp train`.
+pub fn train_run(cfg: &RunConfig, out: &Path, resume: bool) -> Result<TrainReport> {
+    if cfg.data.is_empty() {
+        bail!("--data KIND:PATH is needed")
+    }
+    if !resume
+        && out.join("checkpoints").is_dir()
+        && std::fs::read_dir(out.join("checkpoints"))?.next().is_some()
+    {
+        bail!(
+            "{}: this run directory already holds checkpoints; pass --resume to continue it or choose another --out",
+            out.display()
+        )
+    }
+    let vlm = load_vlm(cfg)?;
+    let ds = data::open(&cfg.data, &cfg.data_options)?;
+    let mut samples = ds.samples(&cfg.split)?;
+    if let Some(n) = cfg.max_train_samples {
+        samples.truncate(n);
+    }
+    let blind = !vlm.uses_images();
+    let prep = prepare(
+        &vlm,
+        samples,
+        cfg.data_options.skip_bad_images,
+        cfg.max_len,
+        cfg.image_cache_mb,
+        blind,
+    )?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    crate::util::write_atomic(
+        &out.join("config.toml"),
+        toml::to_string_pretty(cfg)?.as_bytes(),
+    )?;
+    let n = prep.samples.len();
+    eprintln!(
+        "training {:?}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
+        cfg.method,
+        if cfg.image_blind {
+            " (image-blind control)"
+        } else {
+            ""
+        },
+        n,
+        cfg.data,
+        vlm.cfg.trainable_parameters,
+        cfg.train.effective_lr()
+    );
+    let batches = EpochBatches {
+        builder: prep.builder.clone(),
+        batch_size: cfg.train.batch_size,
+        seed: cfg.train.seed,
+    };
+    let mut task = VlmTask { vlm: &vlm };
+    let title = format!("{:?} on {}", cfg.method, cfg.data);
+    let summary = train::train(&mut task, &batches, &cfg.train, out, resume, &title)?;
+    let report = TrainReport {
+        run: out.to_path_buf(),
+        method: cfg.method,
+        image_blind: cfg.image_blind,
+        train_samples: n,
+        skipped_images: prep.skipped_images,
+        trainable_parameters: vlm.cfg.trainable_parameters,
+        summary,
+    };
+    crate::util::write_json_atomic(&out.join("train_summary.json"), &report)?;
+    Ok(report)
+}
+
+#[derive(Serialize)]
+pub struct EvalReport {
+    pub metrics: serde_json::Value,
+    pub n: usize,
+    pub skipped_images: usize,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+    #[serde(skip)]
+    pub table: Vec<(String, f64, usize)>,
+}
+
+/// Generates answers for every sample and scores them with the data set's scorer.
+pub fn evaluate(
+    vlm: &Vlm,
+    ds: &dyn data::Dataset,
+    samples: Vec<Sample>,
+    batch_size: usize,
+    skip_bad: bool,
+    out: Option<&Path>,
+) -> Result<EvalReport> {
+    let start = std::time::Instant::now();
+    let (samples, skipped) = data::filter_images(samples, skip_bad)?;
+    if samples.is_empty() {
+        bail!("nothing to evaluate")
+    }
+    let cache = ImageCache::new(vlm.preprocess(), 256 << 20);
+    let tok = &vlm.lm.tok;
+    let s = Sampling {
+        max_new_tokens: ds.max_new_tokens(),
+        ..Default::default()
+    };
+    let pb = indicatif::ProgressBar::new(samples.len() as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "eval {bar:30.green/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
+        )
+        .unwrap(),
+    );
+    let mut outputs = Vec::with_capacity(samples.len());
+    let size = vlm.preprocess().size;
+    for chunk in samples.chunks(batch_size.max(1)) {
+        let prompts: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|smp| {
+                let mut ids = eval_input(tok, smp)?;
+                if ids.len() > vlm.cfg.max_len {
+                    let first = ids[0];
+                    let tail = ids.split_off(ids.len() - (vlm.cfg.max_len - 1));
+                    ids = std::iter::once(first).chain(tail).collect();
+                }
+                Ok(ids)
+            })
+            .collect::<Result<_>>()?;
+        let use_img = vlm.uses_images();
+        let px: Vec<Option<Arc<Vec<f32>>>> = chunk
+            .par_iter()
+            .map(|smp| {
+                if use_img {
+                    smp.image.as_ref().map(|p| cache.get(p)).transpose()
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<Result<_>>()?;
+        let indicator: Vec<f32> = px
+            .iter()
+            .map(|p| if p.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        let pixels = if px.iter().any(Option::is_some) {
+            let mut buf = Vec::with_capacity(chunk.len() * 3 * size * size);
+            for p in &px {
+                match p {
+                    Some(v) => buf.extend_from_slice(v),
+                    None => buf.extend(std::iter::repeat_n(0f32, 3 * size * size)),
+                }
+            }
+            Some(Tensor::from_vec(
+                buf,
+                (chunk.len(), 3, size, size),
+                &crate::cli::device(),
+            )?)
+        } else {
+            None
+        };
+        let generated = vlm.generate(&prompts, pixels.as_ref(), &indicator, &s)?;
+        for g in generated {
+            outputs.push(tok.decode(&g, true)?);
+        }
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let scored = ds.score(&samples, &outputs)?;
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(dir) = out {
+        crate::util::write_json_atomic(&dir.join("preds.json"), &scored.preds)?;
+        crate::util::write_json_atomic(&dir.join("eval.json"), &scored.metrics)?;
+    }
+    Ok(EvalReport {
+        metrics: scored.metrics,
+        n: samples.len(),
+        skipped_images: skipped,
+        seconds: secs,
+        samples_per_s: samples.len() as f64 / secs.max(1e-9),
+        table: scored.table,
+    })
+}
+
+pub fn print_table(title: &str, table: &[(String, f64, usize)]) {
+    println!("{title}");
+    println!("{:<14} {:>8} {:>7}", "", "acc (%)", "n");
+    for (k, v, n) in table {
+        if v.is_nan() {
+            println!("{k:<14} {:>8} {n:>7}", "-");
+        } else {
+            println!("{k:<14} {v:>8.2} {n:>7}");
+        }
+    }
+}
