@@ -40,6 +40,12 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Beam search with this many beams (1 = greedy or sampling).
+    #[arg(long, default_value_t = 1)]
+    pub num_beams: usize,
+    /// Beam search: hypotheses are scored sum(logprobs) / length^length_penalty.
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub length_penalty: f64,
     /// Print one JSON object instead of the text.
     #[arg(long)]
     pub json: bool,
@@ -96,7 +102,18 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             LanguageModel::Llama(m) => {
                 let (mut st, first) =
                     LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&ids))?;
-                generate::continue_batch(&mut st, &first, &s, &lm.eos)?.remove(0)
+                decode(&mut st, &first, &s, &lm.eos, a.num_beams, a.length_penalty)?
+            }
+            other => {
+                let m = other.encdec().unwrap();
+                let start = m.special_tokens().decoder_start;
+                let (mut st, first) = crate::models::encdec::EncDecStepper::prefill(
+                    m,
+                    &NoHooks,
+                    std::slice::from_ref(&ids),
+                    start,
+                )?;
+                decode(&mut st, &first, &s, &lm.eos, a.num_beams, a.length_penalty)?
             }
         };
         let text = lm.tok.decode(&g, true)?;
@@ -116,6 +133,28 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         println!("{text}");
     }
     Ok(())
+}
+
+/// Greedy / sampling, or beam search when `beams > 1`.
+fn decode(
+    st: &mut dyn crate::beam::BeamStepper,
+    first: &Tensor,
+    s: &Sampling,
+    eos: &[u32],
+    beams: usize,
+    lp: f64,
+) -> Result<Vec<u32>> {
+    if beams > 1 {
+        let o = crate::beam::BeamOptions {
+            num_beams: beams,
+            length_penalty: lp,
+            early_stopping: crate::beam::EarlyStopping::Heuristic,
+            max_new_tokens: s.max_new_tokens,
+        };
+        Ok(crate::beam::beam_search(st, first, &o, eos)?.ids)
+    } else {
+        Ok(generate::continue_batch(st, first, s, eos)?.remove(0))
+    }
 }
 
 pub fn encode_image(
@@ -468,5 +507,70 @@ pub fn quickstart(out: &Path, s: &crate::quickstart::QuickstartSettings, json: b
             out.display()
         );
     }
+    Ok(())
+}
+
+/// The scorers `memvp score` can run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScoreTask {
+    /// VQA accuracy of the official `vqaEval.py`.
+    Vqav2,
+    /// Accuracy (overall, binary, open, per type) of the official GQA `eval.py`.
+    Gqa,
+    /// pycocoevalcap BLEU-1..4, ROUGE-L, CIDEr.
+    CocoCaptions,
+}
+
+/// `memvp score`: scores a predictions file in the official format against official ground
+/// truth and prints the scorer's output as one JSON object.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScoreArgs {
+    #[arg(long, value_enum)]
+    pub task: ScoreTask,
+    /// Ground truth: the VQA annotation file (`v2_mscoco_val2014_annotations.json`), the GQA
+    /// questions file (`testdev_balanced_questions.json`) or the COCO captions file
+    /// (`captions_val2014.json`).
+    #[arg(long)]
+    pub gt: PathBuf,
+    /// Predictions: `[{question_id, answer}]` (VQA), `[{questionId, prediction}]` (GQA),
+    /// `[{image_id, caption}]` (COCO).
+    #[arg(long)]
+    pub preds: PathBuf,
+    /// VQA only: the questions file (checks multiple-choice predictions against their choices).
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
+}
+
+/// The scorer output for files in the official formats (see [`ScoreArgs`]).
+pub fn score_files(
+    task: ScoreTask,
+    gt: &Path,
+    preds: &Path,
+    questions: Option<&Path>,
+) -> Result<serde_json::Value> {
+    if questions.is_some() && task != ScoreTask::Vqav2 {
+        anyhow::bail!("--questions is only used with --task vqav2")
+    }
+    let g = crate::checkpoint::read_json(gt)?;
+    let p = crate::checkpoint::read_json(preds)?;
+    let q = questions.map(crate::checkpoint::read_json).transpose()?;
+    let ctx = || {
+        let mut s = format!("scoring {} against {}", preds.display(), gt.display());
+        if let Some(q) = questions {
+            s.push_str(&format!(" (questions {})", q.display()));
+        }
+        s
+    };
+    use anyhow::Context as _;
+    match task {
+        ScoreTask::Vqav2 => crate::eval::vqa::score_vqa(&g, q.as_ref(), &p).with_context(ctx),
+        ScoreTask::Gqa => crate::eval::gqa::score_gqa(&g, &p).with_context(ctx),
+        ScoreTask::CocoCaptions => crate::eval::captions::score_captions(&g, &p).with_context(ctx),
+    }
+}
+
+pub fn score(task: ScoreTask, gt: &Path, preds: &Path, questions: Option<PathBuf>) -> Result<()> {
+    let v = score_files(task, gt, preds, questions.as_deref())?;
+    println!("{}", serde_json::to_string(&v)?);
     Ok(())
 }

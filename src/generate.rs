@@ -239,3 +239,19 @@ impl Stepper for LlamaStepper<'_> {
         self.model.logits(&h.squeeze(1)?)
     }
 }
+
+impl crate::beam::BeamStepper for LlamaStepper<'_> {
+    fn reorder(&mut self, bi: &[usize]) -> Result<()> {
+        let idx = Tensor::from_vec(
+            bi.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            bi.len(),
+            self.model.device(),
+        )?;
+        self.cache.reorder(&idx)?;
+        self.next_pos = bi.iter().map(|&i| self.next_pos[i]).collect();
+        if let Some(m) = &mut self.mask {
+            *m = bi.iter().map(|&i| m[i].clone()).collect();
+        }
+        Ok(())
+    }
+}

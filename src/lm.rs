@@ -2,7 +2,10 @@
 //! (LLaMA family, T5, BART) or a GGUF file (LLaMA family).
 
 use crate::checkpoint::{self, Cfg, GgufFile, Tok, Weights};
+use crate::models::bart::{Bart, BartConfig};
+use crate::models::encdec::EncoderDecoder;
 use crate::models::llama::{Llama, LlamaConfig};
+use crate::models::t5::{T5, T5Config};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -10,6 +13,19 @@ use std::sync::Arc;
 
 pub enum LanguageModel {
     Llama(Llama),
+    T5(T5),
+    Bart(Bart),
+}
+
+impl LanguageModel {
+    /// The encoder-decoder view of T5 and BART.
+    pub fn encdec(&self) -> Option<&dyn EncoderDecoder> {
+        match self {
+            LanguageModel::Llama(_) => None,
+            LanguageModel::T5(m) => Some(m),
+            LanguageModel::Bart(m) => Some(m),
+        }
+    }
 }
 
 /// A language model with its tokenizer and identity.
@@ -28,6 +44,7 @@ impl LoadedLm {
     pub fn llama(&self) -> Option<&Llama> {
         match &self.model {
             LanguageModel::Llama(m) => Some(m),
+            _ => None,
         }
     }
 }
@@ -64,6 +81,34 @@ pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
                 path: path.to_path_buf(),
                 fingerprint,
                 family: "llama",
+            })
+        }
+        "t5" => {
+            let c = T5Config::from_hf(&cfg)?;
+            let mut eos = c.eos_token_ids.clone();
+            extend_eos_from_generation_config(path, &mut eos)?;
+            let m = T5::load(&weights, c)?;
+            Ok(LoadedLm {
+                model: LanguageModel::T5(m),
+                tok,
+                eos,
+                path: path.to_path_buf(),
+                fingerprint,
+                family: "t5",
+            })
+        }
+        "bart" => {
+            let c = BartConfig::from_hf(&cfg)?;
+            let mut eos = c.eos_token_ids.clone();
+            extend_eos_from_generation_config(path, &mut eos)?;
+            let m = Bart::load(&weights, c)?;
+            Ok(LoadedLm {
+                model: LanguageModel::Bart(m),
+                tok,
+                eos,
+                path: path.to_path_buf(),
+                fingerprint,
+                family: "bart",
             })
         }
         other => {

@@ -24,6 +24,9 @@ enum Cmd {
     Train(Box<cli::TrainArgs>),
     /// Evaluate a run on a data set split; writes preds.json and eval.json.
     Eval(cli::EvalArgs),
+    /// Score a predictions file against official ground truth (VQA v2, GQA, COCO captions) as
+    /// the official tools do; prints the scores as one JSON object.
+    Score(cli::ScoreArgs),
     /// The built-in demo, no downloads: renders a shapes VQA set, builds and pre-trains a tiny
     /// LM, trains MemVP and an image-blind control, and compares their test accuracy.
     Quickstart {
@@ -56,6 +59,7 @@ fn run() -> Result<()> {
         Cmd::Generate(a) => cli::generate(a),
         Cmd::Train(a) => cli::train(*a),
         Cmd::Eval(a) => cli::eval(a),
+        Cmd::Score(a) => cli::score(a.task, &a.gt, &a.preds, a.questions),
         Cmd::Quickstart {
             out,
             settings,

@@ -5,12 +5,16 @@
 //! frozen vision tower and, for comparison, the same model with every image indicator at 0
 //! (image-blind control), and evaluates both on held-out images.
 
+use crate::checkpoint::{Cfg, Weights};
 use crate::data::batch::{Batch, BatchBuilder, ImageCache, TextLayout, encode};
 use crate::data::{self, DataOptions};
 use crate::image::{Norm, Preprocess};
+use crate::lm::LanguageModel;
 use crate::models::NoHooks;
+use crate::models::bart::{Bart, BartConfig};
 use crate::models::llama::{Llama, LlamaConfig, Positions};
-use crate::ops::{self, Activation};
+use crate::models::t5::{T5, T5Config};
+use crate::ops;
 use crate::rng::Rng;
 use crate::run::{EpochBatches, RunConfig};
 use crate::train::{self, Task, TrainSettings};
@@ -19,15 +23,68 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 use serde_json::json;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Llama,
+    T5,
+    Bart,
+}
+
+impl Family {
+    /// Special tokens (in id order), EOS, and the post-processor's template.
+    fn specials(self) -> (&'static [&'static str], u32, serde_json::Value) {
+        let tok = |t: &str| json!({"SpecialToken": {"id": t, "type_id": 0}});
+        let seq = json!({"Sequence": {"id": "A", "type_id": 0}});
+        match self {
+            Family::Llama => (&["<unk>", "<s>", "</s>"], 2, json!([tok("<s>"), seq])),
+            Family::T5 => (&["<pad>", "</s>", "<unk>"], 1, json!([seq, tok("</s>")])),
+            Family::Bart => (
+                &["<s>", "<pad>", "</s>", "<unk>"],
+                2,
+                json!([tok("<s>"), seq, tok("</s>")]),
+            ),
+        }
+    }
+
+    fn config(self, vocab: usize, d: usize, layers: usize) -> serde_json::Value {
+        match self {
+            Family::Llama => json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": d,
+                "intermediate_size": 2 * d, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": d / 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+                "tie_word_embeddings": true, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2
+            }),
+            Family::T5 => json!({
+                "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": vocab, "d_model": d,
+                "d_kv": d / 4, "d_ff": 2 * d, "num_layers": layers, "num_decoder_layers": layers, "num_heads": 4,
+                "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
+                "feed_forward_proj": "relu", "tie_word_embeddings": true, "decoder_start_token_id": 0,
+                "pad_token_id": 0, "eos_token_id": 1
+            }),
+            Family::Bart => json!({
+                "architectures": ["BartForConditionalGeneration"], "model_type": "bart", "vocab_size": vocab, "d_model": d,
+                "encoder_layers": layers, "decoder_layers": layers, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+                "encoder_ffn_dim": 2 * d, "decoder_ffn_dim": 2 * d, "activation_function": "gelu",
+                "max_position_embeddings": 128, "scale_embedding": false, "tie_word_embeddings": true,
+                "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2, "forced_eos_token_id": 2
+            }),
+        }
+    }
+}
 
 /// The quickstart's own settings (printed with its result). The visual scale and learning
 /// rate differ from the released 0.01 / 1.1e-3, which are tuned for 7B-scale LMs.
 #[derive(Clone, Debug, Serialize, clap::Args)]
 pub struct QuickstartSettings {
-    /// Images in the training split (4 questions each).
+    /// Language-model family of the tiny LM.
+    #[arg(long, value_enum, default_value = "llama")]
+    pub family: Family,
+    /// Images in the training split (2 questions each).
     #[arg(long, default_value_t = 800)]
     pub train_images: usize,
     #[arg(long, default_value_t = 100)]
@@ -91,8 +148,8 @@ pub struct QuickstartResult {
     pub settings: QuickstartSettings,
 }
 
-/// A word-level tokenizer over the words of the set.
-fn build_tokenizer(dir: &Path, texts: &[String]) -> Result<PathBuf> {
+/// A word-level tokenizer over the words of the set, with the family's special tokens.
+fn build_tokenizer(dir: &Path, texts: &[String], family: Family) -> Result<PathBuf> {
     let mut words = BTreeSet::new();
     for t in texts {
         for w in t
@@ -108,120 +165,47 @@ fn build_tokenizer(dir: &Path, texts: &[String]) -> Result<PathBuf> {
             words.insert(c.to_string());
         }
     }
+    let (specials, _, template) = family.specials();
     let mut vocab = serde_json::Map::new();
-    for (i, s) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
-        vocab.insert(s.to_string(), json!(i));
+    let mut added = Vec::new();
+    for (i, sp) in specials.iter().enumerate() {
+        vocab.insert(sp.to_string(), json!(i));
+        added.push(json!({"id": i, "content": sp, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
     }
     for w in words {
         let n = vocab.len();
         vocab.entry(w).or_insert(json!(n));
     }
+    let mut special_map = serde_json::Map::new();
+    for sp in specials
+        .iter()
+        .filter(|sp| template.to_string().contains(&format!("\"{sp}\"")))
+    {
+        let id = vocab[*sp].clone();
+        special_map.insert(
+            sp.to_string(),
+            json!({"id": sp, "ids": [id], "tokens": [sp]}),
+        );
+    }
+    let unk = specials.iter().find(|s| s.contains("unk")).unwrap();
     let v = json!({
         "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [
-            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
-        ],
+        "added_tokens": added,
         "normalizer": {"type": "Lowercase"},
         "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
-        },
+        "post_processor": {"type": "TemplateProcessing", "single": template, "pair": template, "special_tokens": special_map},
         "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": unk}
     });
     let p = dir.join("tokenizer.json");
     crate::util::write_json_atomic(&p, &v)?;
     Ok(p)
 }
 
-fn lm_config(vocab: usize, s: &QuickstartSettings) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: s.lm_hidden,
-        intermediate_size: s.lm_hidden * 2,
-        num_hidden_layers: s.lm_layers,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        head_dim: s.lm_hidden / 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        max_position_embeddings: 128,
-        tie_word_embeddings: true,
-        hidden_act: Activation::Silu,
-        attention_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
-}
-
-/// Random LLaMA weights (std 0.02, norms at 1) as trainable variables.
-fn random_llama(c: &LlamaConfig, seed: u64) -> Result<Vec<(String, Var)>> {
-    let mut rng = Rng::derive(seed, "quickstart-lm");
-    let dev = Device::Cpu;
-    let mut v = Vec::new();
-    let mut normal = |name: String, shape: &[usize], v: &mut Vec<(String, Var)>| -> Result<()> {
-        let n: usize = shape.iter().product();
-        let x: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
-        v.push((name, Var::from_tensor(&Tensor::from_vec(x, shape, &dev)?)?));
-        Ok(())
-    };
-    let (d, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-    normal(
-        "model.embed_tokens.weight".into(),
-        &[c.vocab_size, d],
-        &mut v,
-    )?;
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        normal(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[c.num_attention_heads * hd, d],
-            &mut v,
-        )?;
-        normal(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[c.num_key_value_heads * hd, d],
-            &mut v,
-        )?;
-        normal(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[c.num_key_value_heads * hd, d],
-            &mut v,
-        )?;
-        normal(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[d, c.num_attention_heads * hd],
-            &mut v,
-        )?;
-        normal(format!("{p}.mlp.gate_proj.weight"), &[i, d], &mut v)?;
-        normal(format!("{p}.mlp.up_proj.weight"), &[i, d], &mut v)?;
-        normal(format!("{p}.mlp.down_proj.weight"), &[d, i], &mut v)?;
-        for n in ["input_layernorm", "post_attention_layernorm"] {
-            v.push((
-                format!("{p}.{n}.weight"),
-                Var::from_tensor(&Tensor::ones(d, DType::F32, &dev)?)?,
-            ));
-        }
-    }
-    v.push((
-        "model.norm.weight".into(),
-        Var::from_tensor(&Tensor::ones(d, DType::F32, &dev)?)?,
-    ));
-    Ok(v)
-}
-
 /// Plain language-model training of every weight on the answers of the text (no images).
 struct LmPretrain {
     vars: Vec<(String, Var)>,
-    model: Llama,
-    cfg: LlamaConfig,
+    model: LanguageModel,
     dir: PathBuf,
 }
 
@@ -231,22 +215,41 @@ impl Task for LmPretrain {
         self.vars.clone()
     }
     fn loss(&mut self, b: &Batch, _rng: &mut Rng) -> Result<Tensor> {
-        let (n, t) = b.input_ids.dims2()?;
-        let h = self.model.forward_embeds(
-            &self.model.embed(&b.input_ids)?,
-            &Positions::From(0),
-            None,
-            None,
-            &NoHooks,
-        )?;
         let idx = Tensor::from_slice(&b.loss_positions, b.loss_positions.len(), &Device::Cpu)?;
-        let hs = h
-            .reshape((n * t, self.cfg.hidden_size))?
-            .index_select(&idx, 0)?;
-        Ok(ops::cross_entropy(
-            &self.model.logits(&hs)?,
-            &b.loss_targets,
-        )?)
+        let (h, logits_of): (Tensor, Box<dyn Fn(&Tensor) -> Result<Tensor>>) = match &self.model {
+            LanguageModel::Llama(m) => {
+                let h = m.forward_embeds(
+                    &m.embed(&b.input_ids)?,
+                    &Positions::From(0),
+                    None,
+                    None,
+                    &NoHooks,
+                )?;
+                (h, Box::new(move |x: &Tensor| m.logits(x)))
+            }
+            lm => {
+                let m = lm.encdec().unwrap();
+                let (bb, t) = b.input_ids.dims2()?;
+                let mask: Vec<f32> = b
+                    .input_lens
+                    .iter()
+                    .flat_map(|&l| (0..t).map(move |j| if j < l { 1.0 } else { 0.0 }))
+                    .collect();
+                let mask = Tensor::from_vec(mask, (bb, t), &Device::Cpu)?;
+                let enc = m.encode(&b.input_ids, Some(&mask), &NoHooks)?;
+                let h = m.decode(
+                    b.decoder_ids.as_ref().unwrap(),
+                    &enc,
+                    Some(&mask),
+                    None,
+                    &NoHooks,
+                )?;
+                (h, Box::new(move |x: &Tensor| m.logits(x)))
+            }
+        };
+        let (n, t, d) = h.dims3()?;
+        let hs = h.reshape((n * t, d))?.index_select(&idx, 0)?;
+        Ok(ops::cross_entropy(&logits_of(&hs)?, &b.loss_targets)?)
     }
     fn batch_size(&self, b: &Batch) -> (usize, usize) {
         (b.n, 0)
@@ -261,53 +264,24 @@ impl Task for LmPretrain {
             &tensors,
             Some([("format".to_string(), "pt".to_string())].into()),
             &self.dir.join("model.safetensors"),
-        )?;
-        let mut c = serde_json::to_value(LlamaHf::from(&self.cfg))?;
-        c["architectures"] = json!(["LlamaForCausalLM"]);
-        crate::util::write_json_atomic(&self.dir.join("config.json"), &c)
+        )
     }
 }
 
-/// The `config.json` transformers would read for this LM.
-#[derive(Serialize)]
-struct LlamaHf {
-    model_type: &'static str,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: usize,
-    head_dim: usize,
-    rms_norm_eps: f64,
-    rope_theta: f64,
-    max_position_embeddings: usize,
-    tie_word_embeddings: bool,
-    hidden_act: &'static str,
-    bos_token_id: u32,
-    eos_token_id: u32,
-}
-
-impl From<&LlamaConfig> for LlamaHf {
-    fn from(c: &LlamaConfig) -> Self {
-        Self {
-            model_type: "llama",
-            vocab_size: c.vocab_size,
-            hidden_size: c.hidden_size,
-            intermediate_size: c.intermediate_size,
-            num_hidden_layers: c.num_hidden_layers,
-            num_attention_heads: c.num_attention_heads,
-            num_key_value_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            rms_norm_eps: c.rms_norm_eps,
-            rope_theta: c.rope_theta,
-            max_position_embeddings: c.max_position_embeddings,
-            tie_word_embeddings: c.tie_word_embeddings,
-            hidden_act: "silu",
-            bos_token_id: 1,
-            eos_token_id: 2,
-        }
-    }
+/// A random model of `family` whose weights are trainable, from its config.json.
+fn random_lm(
+    family: Family,
+    cfg_path: &Path,
+    seed: u64,
+) -> Result<(LanguageModel, Vec<(String, Var)>)> {
+    let cfg = Cfg::load(cfg_path)?;
+    let w = Weights::random("quickstart-lm", seed, 0.02, DType::F32, &Device::Cpu);
+    let model = match family {
+        Family::Llama => LanguageModel::Llama(Llama::load(&w, LlamaConfig::from_hf(&cfg)?)?),
+        Family::T5 => LanguageModel::T5(T5::load(&w, T5Config::from_hf(&cfg)?)?),
+        Family::Bart => LanguageModel::Bart(Bart::load(&w, BartConfig::from_hf(&cfg)?)?),
+    };
+    Ok((model, w.made()))
 }
 
 fn quiet_settings(steps: u64, batch: usize, lr: f64, seed: u64) -> TrainSettings {
@@ -353,23 +327,24 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         .iter()
         .flat_map(|x| [x.prompt.clone(), x.answer.clone()])
         .collect();
-    build_tokenizer(&lm_dir, &texts)?;
+    build_tokenizer(&lm_dir, &texts, s.family)?;
     let tok = crate::checkpoint::Tok::from_file(&lm_dir.join("tokenizer.json"))?;
-    let cfg = lm_config(tok.vocab_size(), s);
-    // 1. Pre-train the tiny LM on the text alone, then write it as a Hugging Face directory.
-    let vars = random_llama(&cfg, s.seed)?;
-    let w = crate::checkpoint::Weights::from_tensors(
-        "quickstart-lm",
-        vars.iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect::<HashMap<_, _>>(),
-        DType::F32,
-        &Device::Cpu,
-    );
-    let model = Llama::load(&w, cfg.clone())?;
+    let (_, eos, _) = s.family.specials();
+    crate::util::write_json_atomic(
+        &lm_dir.join("config.json"),
+        &s.family.config(tok.vocab_size(), s.lm_hidden, s.lm_layers),
+    )?;
+    // 1. Pre-train the tiny LM on the text alone, then keep it as a Hugging Face directory.
+    let (model, vars) = random_lm(s.family, &lm_dir.join("config.json"), s.seed)?;
+    let layout = match model.encdec() {
+        None => TextLayout::DecoderOnly,
+        Some(m) => TextLayout::EncoderDecoder {
+            decoder_start: m.special_tokens().decoder_start,
+        },
+    };
     let enc: Vec<_> = text_samples
         .iter()
-        .map(|x| encode(&tok, x, 2, 128))
+        .map(|x| encode(&tok, x, eos, 128))
         .collect::<Result<_>>()?;
     let builder = Arc::new(BatchBuilder {
         samples: enc,
@@ -380,7 +355,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
             },
             0,
         ),
-        layout: TextLayout::DecoderOnly,
+        layout,
         device: Device::Cpu,
         skip_bad_images: false,
         blind: true,
@@ -388,7 +363,6 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
     let mut pre = LmPretrain {
         vars,
         model,
-        cfg,
         dir: lm_dir.clone(),
     };
     let pre_run = out.join("lm-pretrain");

@@ -9,8 +9,9 @@ use crate::generate::{self, LlamaStepper, Sampling};
 use crate::image::{Norm, Preprocess};
 use crate::lm::{LanguageModel, LoadedLm, load_lm};
 use crate::memvp::{Memvp, MemvpConfig, Projector};
+use crate::models::encdec::EncDecStepper;
 use crate::models::llama::Positions;
-use crate::models::{NoHooks, Proj, Site};
+use crate::models::{LmHooks, NoHooks, Proj, Site};
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
 use crate::vision::{LoadedVision, load_vision};
@@ -132,6 +133,29 @@ fn lora_dims(lm: &LoadedLm) -> Result<(Vec<(Site, usize)>, ProjDims)> {
                 Proj::O => (c.num_attention_heads * c.head_dim, c.hidden_size),
             };
             Ok((vec![(Site::Decoder, m.n_layers())], Box::new(f)))
+        }
+        LanguageModel::T5(m) => {
+            let (d, inner) = (m.cfg.d_model, m.cfg.num_heads * m.cfg.d_kv);
+            let f = move |_s: Site, _l: usize, p: Proj| {
+                if p == Proj::O { (inner, d) } else { (d, inner) }
+            };
+            Ok((
+                vec![
+                    (Site::Encoder, m.n_encoder_layers()),
+                    (Site::Decoder, m.n_decoder_layers()),
+                ],
+                Box::new(f),
+            ))
+        }
+        LanguageModel::Bart(m) => {
+            let d = m.hidden_size();
+            Ok((
+                vec![
+                    (Site::Encoder, m.n_encoder_layers()),
+                    (Site::Decoder, m.n_decoder_layers()),
+                ],
+                Box::new(move |_, _, _| (d, d)),
+            ))
         }
     }
 }
@@ -343,8 +367,11 @@ impl Vlm {
     }
 
     pub fn layout(&self) -> TextLayout {
-        match &self.lm.model {
-            LanguageModel::Llama(_) => TextLayout::DecoderOnly,
+        match self.lm.model.encdec() {
+            None => TextLayout::DecoderOnly,
+            Some(m) => TextLayout::EncoderDecoder {
+                decoder_start: m.special_tokens().decoder_start,
+            },
         }
     }
 
@@ -406,60 +433,110 @@ impl Vlm {
         out
     }
 
-    fn loss_inner(&self, batch: &Batch, rng: &RefCell<Rng>, train: bool) -> Result<Tensor> {
-        let LanguageModel::Llama(m) = &self.lm.model;
-        let (b, t) = batch.input_ids.dims2()?;
-        let pixels = batch.pixels.as_ref();
-        let x = m.embed(&batch.input_ids)?;
-        let (h, offset) = match &self.params {
-            Params::Memvp(mv) => {
-                let mem = mv.memory(&self.vision.model, pixels, &batch.indicator, train, rng)?;
-                (
-                    m.forward_embeds(&x, &Positions::From(0), None, None, &mem)?,
-                    0,
-                )
-            }
+    /// The hooks of the trained part, and the input-space baseline's visual tokens.
+    fn hooks<'a>(
+        &'a self,
+        pixels: Option<&Tensor>,
+        indicator: &[f32],
+        train: bool,
+        rng: &'a RefCell<Rng>,
+    ) -> Result<(Box<dyn LmHooks + 'a>, Option<Tensor>)> {
+        Ok(match &self.params {
+            Params::Memvp(mv) => (
+                Box::new(mv.memory(&self.vision.model, pixels, indicator, train, rng)?),
+                None,
+            ),
             Params::InputSpace { projector, lora } => {
-                let vis = self.input_space_prefix(projector, pixels, b)?;
-                let n = vis.dims()[1];
-                let x = Tensor::cat(&[&vis, &x], 1)?;
-                let key_mask = if batch.indicator.iter().all(|&i| i == 1.0) {
-                    None
-                } else {
-                    let mut mk = Vec::with_capacity(b * (n + t));
-                    for &ind in &batch.indicator {
-                        mk.extend(std::iter::repeat_n(ind, n).chain(std::iter::repeat_n(1.0, t)));
-                    }
-                    Some(Tensor::from_vec(mk, (b, n + t), x.device())?)
-                };
-                let hooks = LoraHooks { lora, train, rng };
+                let vis = self.input_space_prefix(projector, pixels, indicator.len())?;
+                (Box::new(LoraHooks { lora, train, rng }), Some(vis))
+            }
+            Params::Lora(lora) => (Box::new(LoraHooks { lora, train, rng }), None),
+        })
+    }
+
+    fn loss_inner(&self, batch: &Batch, rng: &RefCell<Rng>, train: bool) -> Result<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let dev = batch.input_ids.device().clone();
+        let (hooks, prefix) = self.hooks(batch.pixels.as_ref(), &batch.indicator, train, rng)?;
+        let n = prefix.as_ref().map(|p| p.dims()[1]).unwrap_or(0);
+        // Key mask `[b, n + t]`: the prefix of text-only rows, and (encoders) text padding.
+        let mask = |pad_text: bool| -> Result<Option<Tensor>> {
+            let all_img = batch.indicator.iter().all(|&i| i == 1.0);
+            let all_full = !pad_text || batch.input_lens.iter().all(|&l| l == t);
+            if (n == 0 || all_img) && all_full {
+                return Ok(None);
+            }
+            let mut mk = Vec::with_capacity(b * (n + t));
+            for (r, &ind) in batch.indicator.iter().enumerate() {
+                let len = if pad_text { batch.input_lens[r] } else { t };
+                mk.extend(
+                    std::iter::repeat_n(ind, n)
+                        .chain((0..t).map(|j| if j < len { 1.0 } else { 0.0 })),
+                );
+            }
+            Ok(Some(Tensor::from_vec(mk, (b, n + t), &dev)?))
+        };
+        let with_prefix = |x: Tensor| -> Result<Tensor> {
+            Ok(match &prefix {
+                Some(p) => Tensor::cat(&[p, &x], 1)?,
+                None => x,
+            })
+        };
+        // (hidden states, rows per sample in them, rows before the first text position)
+        let (h, rows, offset) = match &self.lm.model {
+            LanguageModel::Llama(m) => {
+                // Right padding under a causal mask needs no key mask for the trained positions.
+                let x = with_prefix(m.embed(&batch.input_ids)?)?;
                 (
-                    m.forward_embeds(&x, &Positions::From(0), None, key_mask.as_ref(), &hooks)?,
+                    m.forward_embeds(
+                        &x,
+                        &Positions::From(0),
+                        None,
+                        mask(false)?.as_ref(),
+                        hooks.as_ref(),
+                    )?,
+                    t + n,
                     n,
                 )
             }
-            Params::Lora(lora) => {
-                let hooks = LoraHooks { lora, train, rng };
+            lm => {
+                let m = lm.encdec().unwrap();
+                let dec = batch
+                    .decoder_ids
+                    .as_ref()
+                    .context("an encoder-decoder batch without decoder inputs")?;
+                let enc_mask = mask(true)?;
+                let enc = m.encode_embeds(
+                    &with_prefix(m.embed(&batch.input_ids)?)?,
+                    enc_mask.as_ref(),
+                    hooks.as_ref(),
+                )?;
+                let td = dec.dims()[1];
                 (
-                    m.forward_embeds(&x, &Positions::From(0), None, None, &hooks)?,
+                    m.decode(dec, &enc, enc_mask.as_ref(), None, hooks.as_ref())?,
+                    td,
                     0,
                 )
             }
         };
         let d = h.dims()[2];
-        let tt = t + offset;
+        let grid = rows - offset;
         // Only the answer positions go through the LM head.
         let pos: Vec<u32> = batch
             .loss_positions
             .iter()
-            .map(|&p| (p as usize / t * tt + offset + p as usize % t) as u32)
+            .map(|&p| (p as usize / grid * rows + offset + p as usize % grid) as u32)
             .collect();
         let idx = Tensor::from_vec(pos, batch.loss_positions.len(), h.device())?;
-        let hs = h.reshape((b * tt, d))?.index_select(&idx, 0)?;
-        Ok(ops::cross_entropy(&m.logits(&hs)?, &batch.loss_targets)?)
+        let hs = h.reshape((b * rows, d))?.index_select(&idx, 0)?;
+        let logits = match &self.lm.model {
+            LanguageModel::Llama(m) => m.logits(&hs)?,
+            lm => lm.encdec().unwrap().logits(&hs)?,
+        };
+        Ok(ops::cross_entropy(&logits, &batch.loss_targets)?)
     }
 
-    /// Greedy answers for prompts (ids) with their images.
+    /// Greedy (or sampled) answers for prompts (ids) with their images.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
@@ -467,7 +544,6 @@ impl Vlm {
         indicator: &[f32],
         s: &Sampling,
     ) -> Result<Vec<Vec<u32>>> {
-        let LanguageModel::Llama(m) = &self.lm.model;
         let rng = RefCell::new(Rng::new(0));
         let eos = self.lm.eos.clone();
         let pixels = if self.uses_images() { pixels } else { None };
@@ -476,34 +552,19 @@ impl Vlm {
         } else {
             vec![0.0; prompts.len()]
         };
-        match &self.params {
-            Params::Memvp(mv) => {
-                let mem = mv.memory(&self.vision.model, pixels, &indicator, false, &rng)?;
-                let (mut st, first) = LlamaStepper::prefill(m, &mem, prompts)?;
+        let (hooks, prefix) = self.hooks(pixels, &indicator, false, &rng)?;
+        let prefix = prefix.as_ref().map(|p| (p, indicator.as_slice()));
+        match &self.lm.model {
+            LanguageModel::Llama(m) => {
+                let (mut st, first) =
+                    LlamaStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix)?;
                 generate::continue_batch(&mut st, &first, s, &eos)
             }
-            Params::InputSpace { projector, lora } => {
-                let vis = self.input_space_prefix(projector, pixels, prompts.len())?;
-                let hooks = LoraHooks {
-                    lora,
-                    train: false,
-                    rng: &rng,
-                };
-                let (mut st, first) = LlamaStepper::prefill_with_prefix(
-                    m,
-                    &hooks,
-                    prompts,
-                    Some((&vis, &indicator)),
-                )?;
-                generate::continue_batch(&mut st, &first, s, &eos)
-            }
-            Params::Lora(lora) => {
-                let hooks = LoraHooks {
-                    lora,
-                    train: false,
-                    rng: &rng,
-                };
-                let (mut st, first) = LlamaStepper::prefill(m, &hooks, prompts)?;
+            lm => {
+                let m = lm.encdec().unwrap();
+                let start = m.special_tokens().decoder_start;
+                let (mut st, first) =
+                    EncDecStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix, start)?;
                 generate::continue_batch(&mut st, &first, s, &eos)
             }
         }
@@ -524,12 +585,24 @@ fn abs(p: &Path) -> String {
 pub fn lm_device(lm: &LoadedLm) -> &Device {
     match &lm.model {
         LanguageModel::Llama(m) => m.device(),
+        other => other.encdec().unwrap().device(),
     }
 }
 
-/// (width, blocks, the memory branch's activation) of an LM.
+/// (width, blocks, the memory branch's activation) of an LM: the FFN's own activation, or its
+/// gate's for gated FFNs (no gate, as the released LLaMA code does).
 pub fn lm_shape(lm: &LoadedLm) -> (usize, usize, Activation) {
     match &lm.model {
         LanguageModel::Llama(m) => (m.hidden_size(), m.n_layers(), m.cfg.hidden_act),
+        LanguageModel::T5(m) => (
+            m.hidden_size(),
+            m.n_encoder_layers() + m.n_decoder_layers(),
+            m.cfg.dense_act_fn,
+        ),
+        LanguageModel::Bart(m) => (
+            m.hidden_size(),
+            m.n_encoder_layers() + m.n_decoder_layers(),
+            m.cfg.activation_function,
+        ),
     }
 }

@@ -20,6 +20,14 @@ enum Source {
         label: String,
         tensors: HashMap<String, Tensor>,
     },
+    /// Trainable random tensors made on request with the shape the model asks for, so that the
+    /// model code stays the one place that knows a family's tensor names and shapes.
+    Random {
+        label: String,
+        std: f64,
+        rng: std::sync::Mutex<crate::rng::Rng>,
+        made: std::sync::Mutex<Vec<(String, candle_core::Var)>>,
+    },
 }
 
 #[derive(Clone)]
@@ -84,6 +92,30 @@ impl Weights {
         }
     }
 
+    /// Random trainable weights: norm weights 1, biases 0, everything else N(0, std²). Optional
+    /// tensors are absent (`contains` is false), so heads are tied.
+    pub fn random(label: &str, seed: u64, std: f64, dtype: DType, device: &Device) -> Self {
+        Self {
+            src: Arc::new(Source::Random {
+                label: label.to_string(),
+                std,
+                rng: std::sync::Mutex::new(crate::rng::Rng::new(seed)),
+                made: std::sync::Mutex::new(Vec::new()),
+            }),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// The tensors a random store has made, by name, in the order they were asked for.
+    pub fn made(&self) -> Vec<(String, candle_core::Var)> {
+        match &*self.src {
+            Source::Random { made, .. } => made.lock().unwrap().clone(),
+            _ => vec![],
+        }
+    }
+
     /// A view whose names are prefixed by `p.` (like candle's VarBuilder::pp).
     pub fn pp(&self, p: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() {
@@ -122,7 +154,7 @@ impl Weights {
                 }
             },
             Source::Gguf(g) => g.path.display().to_string(),
-            Source::Memory { label, .. } => label.clone(),
+            Source::Memory { label, .. } | Source::Random { label, .. } => label.clone(),
         }
     }
 
@@ -132,6 +164,7 @@ impl Weights {
             Source::Safetensors { index, .. } => index.contains_key(&full),
             Source::Gguf(g) => g.contains_hf(&full),
             Source::Memory { tensors, .. } => tensors.contains_key(&full),
+            Source::Random { .. } => false,
         }
     }
 
@@ -141,6 +174,12 @@ impl Weights {
             Source::Safetensors { index, .. } => index.keys().cloned().collect(),
             Source::Gguf(g) => g.hf_names(),
             Source::Memory { tensors, .. } => tensors.keys().cloned().collect(),
+            Source::Random { made, .. } => made
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(n, _)| n.clone())
+                .collect(),
         };
         let mut v: Vec<String> = if self.prefix.is_empty() {
             all
@@ -176,6 +215,12 @@ impl Weights {
                 Some(t) => t.clone(),
                 None => bail!("{label}: tensor `{full}` not found"),
             },
+            Source::Random { made, label, .. } => {
+                match made.lock().unwrap().iter().find(|(n, _)| *n == full) {
+                    Some((_, v)) => v.as_tensor().clone(),
+                    None => bail!("{label}: tensor `{full}` has not been made"),
+                }
+            }
         };
         if t.dtype() == self.dtype {
             Ok(t)
@@ -187,6 +232,27 @@ impl Weights {
     /// Loads a tensor and checks it has the shape the config implies.
     pub fn get(&self, shape: impl Into<Shape>, n: &str) -> Result<Tensor> {
         let shape = shape.into();
+        if let Source::Random { std, rng, made, .. } = &*self.src {
+            let full = self.full_name(n);
+            let mut made = made.lock().unwrap();
+            if let Some((_, v)) = made.iter().find(|(m, _)| *m == full) {
+                return Ok(v.as_tensor().clone());
+            }
+            let count = shape.elem_count();
+            let leaf = full.rsplit('.').nth(1).unwrap_or("");
+            let t = if full.ends_with(".bias") || full == "final_logits_bias" {
+                Tensor::zeros(shape, self.dtype, &self.device)?
+            } else if leaf.contains("norm") && full.ends_with(".weight") {
+                Tensor::ones(shape, self.dtype, &self.device)?
+            } else {
+                let mut r = rng.lock().unwrap();
+                let v: Vec<f32> = (0..count).map(|_| (r.normal() * std) as f32).collect();
+                Tensor::from_vec(v, shape, &self.device)?.to_dtype(self.dtype)?
+            };
+            let var = candle_core::Var::from_tensor(&t)?;
+            made.push((full, var.clone()));
+            return Ok(var.as_tensor().clone());
+        }
         let t = self.get_any(n)?;
         if t.shape() != &shape {
             bail!(

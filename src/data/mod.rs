@@ -2,11 +2,14 @@
 //! optional image) for a split and scores generated answers the way its official tools do.
 
 pub mod batch;
+pub mod coco;
 pub mod easyvqa;
+pub mod gqa;
 pub mod jsonl;
 pub mod prompt;
 pub mod scienceqa;
 pub mod synthetic;
+pub mod vqav2;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -47,9 +50,13 @@ pub struct DataOptions {
     /// ScienceQA prompt format (`QCM-A`, `CQM-A`, `QCM-LA`, `QCM-EA`, ...).
     pub prompt_format: String,
     pub use_caption: bool,
-    /// Template for open-ended questions, with `{question}`.
+    /// Template for open-ended questions, with `{question}` (default per data set: easyvqa and
+    /// jsonl `Question: {question}\nAnswer:`, vqav2 `vqa: {question}`, gqa `gqa: {question}`).
     pub vqa_template: Option<String>,
     pub skip_bad_images: bool,
+    /// Captioning prompt (coco-captions); default the VL-T5 prefix `caption:`.
+    #[serde(default)]
+    pub caption_prompt: Option<String>,
 }
 
 impl Default for DataOptions {
@@ -59,6 +66,7 @@ impl Default for DataOptions {
             use_caption: false,
             vqa_template: None,
             skip_bad_images: false,
+            caption_prompt: None,
         }
     }
 }
@@ -75,17 +83,23 @@ pub trait Dataset: Send + Sync {
     }
 }
 
+/// The data set kinds [`open`] knows.
+pub const KINDS: &str = "scienceqa, easyvqa, jsonl, vqav2, gqa, coco-captions";
+
 /// Opens `KIND:PATH`.
 pub fn open(spec: &str, opts: &DataOptions) -> Result<Box<dyn Dataset>> {
     let Some((kind, path)) = spec.split_once(':') else {
-        bail!("data `{spec}`: expected KIND:PATH (kinds: scienceqa, easyvqa, jsonl)")
+        bail!("data `{spec}`: expected KIND:PATH (kinds: {KINDS})")
     };
     let p = PathBuf::from(path);
     Ok(match kind {
         "scienceqa" => Box::new(scienceqa::ScienceQa::open(&p, opts)?),
         "easyvqa" => Box::new(easyvqa::EasyVqa::open(&p, opts)?),
         "jsonl" => Box::new(jsonl::Jsonl::open(&p, opts)?),
-        other => bail!("data `{spec}`: unknown kind `{other}` (kinds: scienceqa, easyvqa, jsonl)"),
+        "vqav2" => Box::new(vqav2::VqaV2::open(&p, opts)?),
+        "gqa" => Box::new(gqa::Gqa::open(&p, opts)?),
+        "coco-captions" => Box::new(coco::CocoCaptions::open(&p, opts)?),
+        other => bail!("data `{spec}`: unknown kind `{other}` (kinds: {KINDS})"),
     })
 }
 
