@@ -216,7 +216,11 @@ impl Task for LmPretrain {
     }
     fn loss(&mut self, b: &Batch, _rng: &mut Rng) -> Result<Tensor> {
         let idx = Tensor::from_slice(&b.loss_positions, b.loss_positions.len(), &Device::Cpu)?;
-        let (h, logits_of): (Tensor, Box<dyn Fn(&Tensor) -> Result<Tensor>>) = match &self.model {
+        let select = |h: Tensor| -> Result<Tensor> {
+            let (n, t, d) = h.dims3()?;
+            Ok(h.reshape((n * t, d))?.index_select(&idx, 0)?)
+        };
+        let logits = match &self.model {
             LanguageModel::Llama(m) => {
                 let h = m.forward_embeds(
                     &m.embed(&b.input_ids)?,
@@ -225,7 +229,7 @@ impl Task for LmPretrain {
                     None,
                     &NoHooks,
                 )?;
-                (h, Box::new(move |x: &Tensor| m.logits(x)))
+                m.logits(&select(h)?)?
             }
             lm => {
                 let m = lm.encdec().unwrap();
@@ -244,12 +248,10 @@ impl Task for LmPretrain {
                     None,
                     &NoHooks,
                 )?;
-                (h, Box::new(move |x: &Tensor| m.logits(x)))
+                m.logits(&select(h)?)?
             }
         };
-        let (n, t, d) = h.dims3()?;
-        let hs = h.reshape((n * t, d))?.index_select(&idx, 0)?;
-        Ok(ops::cross_entropy(&logits_of(&hs)?, &b.loss_targets)?)
+        Ok(ops::cross_entropy(&logits, &b.loss_targets)?)
     }
     fn batch_size(&self, b: &Batch) -> (usize, usize) {
         (b.n, 0)
