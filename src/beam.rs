@@ -53,12 +53,7 @@ pub struct BeamOptions {
 
 impl Default for BeamOptions {
     fn default() -> Self {
-        Self {
-            num_beams: 4,
-            length_penalty: 1.0,
-            early_stopping: EarlyStopping::Heuristic,
-            max_new_tokens: 32,
-        }
+        Self { num_beams: 4, length_penalty: 1.0, early_stopping: EarlyStopping::Heuristic, max_new_tokens: 32 }
     }
 }
 
@@ -88,10 +83,7 @@ fn log_softmax(row: &[f32]) -> Vec<f32> {
 }
 
 fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(logits
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?)
+    Ok(logits.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
 /// Indices of the `k` largest values, largest first; ties keep the lower index first.
@@ -121,17 +113,10 @@ pub fn beam_search(
     }
     let first = rows(first)?;
     if first.len() != 1 {
-        bail!(
-            "beam search takes one input; got logits for {} rows",
-            first.len()
-        )
+        bail!("beam search takes one input; got logits for {} rows", first.len())
     }
     if opts.max_new_tokens == 0 {
-        return Ok(BeamOutput {
-            ids: vec![],
-            score: 0.0,
-            hypotheses: vec![],
-        });
+        return Ok(BeamOutput { ids: vec![], score: 0.0, hypotheses: vec![] });
     }
     let vocab = first[0].len();
     stepper.reorder(&vec![0; nb])?;
@@ -167,10 +152,7 @@ pub fn beam_search(
             })
             .collect();
         // e. Next running beams: best `nb` unfinished (finished ones pushed down by 1e9).
-        let masked: Vec<f32> = cands
-            .iter()
-            .map(|&(_, _, s, hits)| if hits { s + -1.0e9 } else { s })
-            .collect();
+        let masked: Vec<f32> = cands.iter().map(|&(_, _, s, hits)| if hits { s + -1.0e9 } else { s }).collect();
         let next = top_k(&masked, nb);
         // f. Finished candidates among the first `nb` enter the pool.
         let pool_full = pool.len() == nb;
@@ -181,10 +163,7 @@ pub fn beam_search(
                 if hits {
                     let mut ids = run_ids[beam].clone();
                     ids.push(tok);
-                    merged.push(Hypothesis {
-                        ids,
-                        score: s / norm(cur + 1),
-                    });
+                    merged.push(Hypothesis { ids, score: s / norm(cur + 1) });
                 }
             }
             // Stable: earlier entries (the old pool first) win ties, as in the concatenation
@@ -208,17 +187,10 @@ pub fn beam_search(
         run_ids = new_ids;
         cur += 1;
         // Early-stop heuristic.
-        let best_len = if opts.early_stopping == EarlyStopping::Never && lp > 0.0 {
-            opts.max_new_tokens
-        } else {
-            cur
-        };
+        let best_len = if opts.early_stopping == EarlyStopping::Never && lp > 0.0 { opts.max_new_tokens } else { cur };
         let best_possible = run_scores[0] / norm(best_len);
-        let worst_finished = if pool.len() == nb {
-            pool.iter().map(|h| h.score).fold(f32::INFINITY, f32::min)
-        } else {
-            -1.0e9
-        };
+        let worst_finished =
+            if pool.len() == nb { pool.iter().map(|h| h.score).fold(f32::INFINITY, f32::min) } else { -1.0e9 };
         improvable = improvable && best_possible > worst_finished;
         let open = !(pool.len() == nb && opts.early_stopping == EarlyStopping::Always);
         if !(improvable && open && !all_hit) {
@@ -231,13 +203,9 @@ pub fn beam_search(
             bail!("stepper returned {} rows for {nb} beams", logits.len())
         }
     }
-    let best = pool.first().cloned().unwrap_or(Hypothesis {
-        ids: run_ids[0].clone(),
-        score: run_scores[0] / norm(cur.max(1)),
-    });
-    Ok(BeamOutput {
-        ids: best.ids,
-        score: best.score,
-        hypotheses: pool,
-    })
+    let best = pool
+        .first()
+        .cloned()
+        .unwrap_or(Hypothesis { ids: run_ids[0].clone(), score: run_scores[0] / norm(cur.max(1)) });
+    Ok(BeamOutput { ids: best.ids, score: best.score, hypotheses: pool })
 }

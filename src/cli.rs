@@ -52,12 +52,7 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let s = Sampling {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
+    let s = Sampling { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     let start = std::time::Instant::now();
     let (prompt_ids, generated, text, eos) = if let Some(run) = &a.run {
         let vlm = crate::vlm::Vlm::from_run(run, a.vision.as_deref(), a.lm.as_deref())?;
@@ -70,28 +65,18 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         let pixels = match &a.image {
             Some(p) => {
                 let pre = vlm.preprocess();
-                Some(Tensor::from_vec(
-                    pre.load(p)?,
-                    (1, 3, pre.size, pre.size),
-                    &device(),
-                )?)
+                Some(Tensor::from_vec(pre.load(p)?, (1, 3, pre.size, pre.size), &device())?)
             }
             None => None,
         };
         let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];
-        let g = vlm
-            .generate(std::slice::from_ref(&ids), pixels.as_ref(), &ind, &s)?
-            .remove(0);
+        let g = vlm.generate(std::slice::from_ref(&ids), pixels.as_ref(), &ind, &s)?.remove(0);
         let text = vlm.lm.tok.decode(&g, true)?;
         (ids, g, text, vlm.lm.eos.clone())
     } else {
-        let Some(lm_path) = &a.lm else {
-            anyhow::bail!("--lm (or --run) is needed")
-        };
+        let Some(lm_path) = &a.lm else { anyhow::bail!("--lm (or --run) is needed") };
         if a.image.is_some() {
-            anyhow::bail!(
-                "--image needs --run (a trained adapter that connects a vision tower to the LM)"
-            )
+            anyhow::bail!("--image needs --run (a trained adapter that connects a vision tower to the LM)")
         }
         let lm = load_lm(lm_path, DType::F32, &device())?;
         let ids = lm.tok.encode(&a.prompt, true)?;
@@ -100,19 +85,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
         let g = match &lm.model {
             LanguageModel::Llama(m) => {
-                let (mut st, first) =
-                    LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&ids))?;
+                let (mut st, first) = LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&ids))?;
                 decode(&mut st, &first, &s, &lm.eos, a.num_beams, a.length_penalty)?
             }
             other => {
                 let m = other.encdec().unwrap();
                 let start = m.special_tokens().decoder_start;
-                let (mut st, first) = crate::models::encdec::EncDecStepper::prefill(
-                    m,
-                    &NoHooks,
-                    std::slice::from_ref(&ids),
-                    start,
-                )?;
+                let (mut st, first) =
+                    crate::models::encdec::EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&ids), start)?;
                 decode(&mut st, &first, &s, &lm.eos, a.num_beams, a.length_penalty)?
             }
         };
@@ -157,30 +137,16 @@ fn decode(
     }
 }
 
-pub fn encode_image(
-    vision: &str,
-    image: &Path,
-    layer: isize,
-    norm: Norm,
-    out: &Path,
-) -> Result<()> {
+pub fn encode_image(vision: &str, image: &Path, layer: isize, norm: Norm, out: &Path) -> Result<()> {
     let dev = device();
     let v = crate::vision::load_vision(vision, DType::F32, &dev)?;
-    let pre = Preprocess {
-        size: v.model.cfg.image_size,
-        norm,
-    };
+    let pre = Preprocess { size: v.model.cfg.image_size, norm };
     let px = pre.load(image)?;
     let s = pre.size;
     let px = Tensor::from_vec(px, (1, 3, s, s), &dev)?;
     let f = v.model.patch_features(&px, layer, &NoHooks)?.squeeze(0)?;
     crate::checkpoint::save_safetensors_atomic(&[("features".to_string(), f.clone())], None, out)?;
-    eprintln!(
-        "wrote {} features {:?} to {}",
-        vision,
-        f.dims(),
-        out.display()
-    );
+    eprintln!("wrote {} features {:?} to {}", vision, f.dims(), out.display());
     Ok(())
 }
 
@@ -386,7 +352,11 @@ impl TrainArgs {
         if let Some(ts) = &self.lora_targets {
             l.targets = ts
                 .iter()
-                .map(|s| crate::models::Proj::parse(s).ok_or_else(|| anyhow::anyhow!("--lora-targets: unknown projection `{s}` (q_proj, k_proj, v_proj, o_proj)")))
+                .map(|s| {
+                    crate::models::Proj::parse(s).ok_or_else(|| {
+                        anyhow::anyhow!("--lora-targets: unknown projection `{s}` (q_proj, k_proj, v_proj, o_proj)")
+                    })
+                })
                 .collect::<Result<_>>()?;
         }
         if c.train.batch_size == 0 || c.train.accum_steps == 0 || c.train.epochs == 0 {
@@ -451,33 +421,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let out = a.out.clone().unwrap_or_else(|| a.run.clone());
     std::fs::create_dir_all(&out)?;
-    let r = crate::run::evaluate(
-        &vlm,
-        ds.as_ref(),
-        samples,
-        a.batch_size,
-        opts.skip_bad_images,
-        Some(&out),
-    )?;
+    let r = crate::run::evaluate(&vlm, ds.as_ref(), samples, a.batch_size, opts.skip_bad_images, Some(&out))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         crate::run::print_table(
-            &format!(
-                "{} on {} ({}), {} samples in {:.1}s",
-                a.run.display(),
-                a.data,
-                a.split,
-                r.n,
-                r.seconds
-            ),
+            &format!("{} on {} ({}), {} samples in {:.1}s", a.run.display(), a.data, a.split, r.n, r.seconds),
             &r.table,
         );
-        println!(
-            "wrote {} and {}",
-            out.join("preds.json").display(),
-            out.join("eval.json").display()
-        );
+        println!("wrote {} and {}", out.join("preds.json").display(), out.join("eval.json").display());
     }
     Ok(())
 }
@@ -487,25 +439,15 @@ pub fn quickstart(out: &Path, s: &crate::quickstart::QuickstartSettings, json: b
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        println!(
-            "quickstart settings: {}",
-            serde_json::to_string(&r.settings)?
-        );
+        println!("quickstart settings: {}", serde_json::to_string(&r.settings)?);
         println!(
             "test accuracy   MemVP {:5.1}%   image-blind control {:5.1}%   (+{:.1} points)",
             100.0 * r.memvp_accuracy,
             100.0 * r.control_accuracy,
             100.0 * (r.memvp_accuracy - r.control_accuracy)
         );
-        println!(
-            "per type        MemVP {}   control {}",
-            r.memvp_per_type, r.control_per_type
-        );
-        println!(
-            "finished in {:.1}s; runs, data and the tiny LM are in {}",
-            r.seconds,
-            out.display()
-        );
+        println!("per type        MemVP {}   control {}", r.memvp_per_type, r.control_per_type);
+        println!("finished in {:.1}s; runs, data and the tiny LM are in {}", r.seconds, out.display());
     }
     Ok(())
 }
@@ -542,12 +484,7 @@ pub struct ScoreArgs {
 }
 
 /// The scorer output for files in the official formats (see [`ScoreArgs`]).
-pub fn score_files(
-    task: ScoreTask,
-    gt: &Path,
-    preds: &Path,
-    questions: Option<&Path>,
-) -> Result<serde_json::Value> {
+pub fn score_files(task: ScoreTask, gt: &Path, preds: &Path, questions: Option<&Path>) -> Result<serde_json::Value> {
     if questions.is_some() && task != ScoreTask::Vqav2 {
         anyhow::bail!("--questions is only used with --task vqav2")
     }

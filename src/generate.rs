@@ -18,12 +18,7 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self {
-            max_new_tokens: 32,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-        }
+        Self { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 0 }
     }
 }
 
@@ -50,11 +45,7 @@ pub fn pick(row: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     }
     let t = s.temperature as f32;
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<(f32, u32)> = row
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (((v - max) / t).exp(), i as u32))
-        .collect();
+    let mut p: Vec<(f32, u32)> = row.iter().enumerate().map(|(i, &v)| (((v - max) / t).exp(), i as u32)).collect();
     let z: f32 = p.iter().map(|x| x.0).sum();
     for x in p.iter_mut() {
         x.0 /= z;
@@ -85,20 +76,12 @@ pub fn pick(row: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
 }
 
 fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(logits
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?)
+    Ok(logits.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
 /// Continues every row from the logits that follow its prompt until EOS (kept, as
 /// transformers keeps it) or `max_new_tokens`.
-pub fn continue_batch(
-    stepper: &mut dyn Stepper,
-    first: &Tensor,
-    s: &Sampling,
-    eos: &[u32],
-) -> Result<Vec<Vec<u32>>> {
+pub fn continue_batch(stepper: &mut dyn Stepper, first: &Tensor, s: &Sampling, eos: &[u32]) -> Result<Vec<Vec<u32>>> {
     let mut rng = Rng::new(s.seed);
     let mut logits = rows(first)?;
     let n = logits.len();
@@ -140,11 +123,7 @@ pub struct LlamaStepper<'a> {
 impl<'a> LlamaStepper<'a> {
     /// Runs the prompts (left-padded when their lengths differ) and returns the stepper with
     /// the logits of each prompt's last token.
-    pub fn prefill(
-        model: &'a Llama,
-        hooks: &'a dyn LmHooks,
-        prompts: &[Vec<u32>],
-    ) -> Result<(Self, Tensor)> {
+    pub fn prefill(model: &'a Llama, hooks: &'a dyn LmHooks, prompts: &[Vec<u32>]) -> Result<(Self, Tensor)> {
         Self::prefill_with_prefix(model, hooks, prompts, None)
     }
 
@@ -171,9 +150,7 @@ impl<'a> LlamaStepper<'a> {
             pos.extend((0..n as u32).chain((0..t).map(|j| (n + j.saturating_sub(pad)) as u32)));
             let pm = prefix.map(|p| p.1[i]).unwrap_or(1.0);
             mask.push(
-                std::iter::repeat_n(pm, n)
-                    .chain((0..t).map(|j| if j < pad { 0.0 } else { 1.0 }))
-                    .collect::<Vec<f32>>(),
+                std::iter::repeat_n(pm, n).chain((0..t).map(|j| if j < pad { 0.0 } else { 1.0 })).collect::<Vec<f32>>(),
             );
         }
         let ids = Tensor::from_vec(ids, (b, t), &dev)?;
@@ -195,16 +172,7 @@ impl<'a> LlamaStepper<'a> {
         let h = model.forward_embeds(&x, &positions, Some(&mut cache), key_mask.as_ref(), hooks)?;
         let logits = model.logits(&h.narrow(1, total - 1, 1)?.squeeze(1)?)?;
         let next_pos = prompts.iter().map(|p| (n + p.len()) as u32).collect();
-        Ok((
-            Self {
-                model,
-                hooks,
-                cache,
-                next_pos,
-                mask: (!plain).then_some(mask),
-            },
-            logits,
-        ))
+        Ok((Self { model, hooks, cache, next_pos, mask: (!plain).then_some(mask) }, logits))
     }
 }
 
@@ -242,11 +210,7 @@ impl Stepper for LlamaStepper<'_> {
 
 impl crate::beam::BeamStepper for LlamaStepper<'_> {
     fn reorder(&mut self, bi: &[usize]) -> Result<()> {
-        let idx = Tensor::from_vec(
-            bi.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            bi.len(),
-            self.model.device(),
-        )?;
+        let idx = Tensor::from_vec(bi.iter().map(|&i| i as u32).collect::<Vec<_>>(), bi.len(), self.model.device())?;
         self.cache.reorder(&idx)?;
         self.next_pos = bi.iter().map(|&i| self.next_pos[i]).collect();
         if let Some(m) = &mut self.mask {

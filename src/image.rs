@@ -20,10 +20,7 @@ impl Norm {
     pub fn mean_std(self) -> ([f32; 3], [f32; 3]) {
         match self {
             Norm::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-            Norm::Clip => (
-                [0.48145466, 0.4578275, 0.40821073],
-                [0.26862954, 0.261_302_6, 0.275_777_1],
-            ),
+            Norm::Clip => ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261_302_6, 0.275_777_1]),
         }
     }
 }
@@ -39,8 +36,7 @@ pub struct Rgb {
 /// Decodes a PNG or JPEG and converts it to RGB as PIL's `convert("RGB")` does (alpha dropped,
 /// grey replicated, palettes expanded).
 pub fn load_rgb(path: &Path) -> Result<Rgb> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("{}: cannot read image", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read image", path.display()))?;
     decode_rgb(&bytes).with_context(|| format!("{}: cannot decode image", path.display()))
 }
 
@@ -51,11 +47,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Rgb> {
     if w == 0 || h == 0 {
         bail!("empty image")
     }
-    Ok(Rgb {
-        w: w as usize,
-        h: h as usize,
-        data: rgb.into_raw(),
-    })
+    Ok(Rgb { w: w as usize, h: h as usize, data: rgb.into_raw() })
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -96,11 +88,7 @@ fn coeffs(in_size: usize, out_size: usize) -> (usize, Vec<(usize, usize)>, Vec<i
         for (x, kx) in k.iter().enumerate() {
             let v = if ww != 0.0 { kx / ww } else { *kx };
             let f = v * (1u64 << PRECISION_BITS) as f64;
-            kk[xx * ksize + x] = if v < 0.0 {
-                (-0.5 + f) as i32
-            } else {
-                (0.5 + f) as i32
-            };
+            kk[xx * ksize + x] = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
         }
         bounds.push((xmin, xmax));
     }
@@ -134,51 +122,39 @@ pub fn resize_bicubic(img: &Rgb, out_w: usize, out_h: usize) -> Rgb {
         }
         let rows = last - first;
         let mut out = vec![0u8; rows * out_w * 3];
-        out.par_chunks_mut(out_w * 3)
-            .enumerate()
-            .for_each(|(y, row)| {
-                let src = &img.data[(y + first) * img.w * 3..];
-                for (xx, &(xmin, n)) in bh.iter().enumerate() {
-                    let k = &wh[xx * kh..xx * kh + n];
-                    for c in 0..3 {
-                        let mut ss = half;
-                        for (x, &kx) in k.iter().enumerate() {
-                            ss += src[(x + xmin) * 3 + c] as i64 * kx as i64;
-                        }
-                        row[xx * 3 + c] = clip8(ss);
+        out.par_chunks_mut(out_w * 3).enumerate().for_each(|(y, row)| {
+            let src = &img.data[(y + first) * img.w * 3..];
+            for (xx, &(xmin, n)) in bh.iter().enumerate() {
+                let k = &wh[xx * kh..xx * kh + n];
+                for c in 0..3 {
+                    let mut ss = half;
+                    for (x, &kx) in k.iter().enumerate() {
+                        ss += src[(x + xmin) * 3 + c] as i64 * kx as i64;
                     }
+                    row[xx * 3 + c] = clip8(ss);
                 }
-            });
+            }
+        });
         (out, out_w, rows)
     } else {
         (img.data.clone(), img.w, img.h)
     };
     if !need_v {
-        return Rgb {
-            w: tmp_w,
-            h: tmp_h,
-            data: tmp,
-        };
+        return Rgb { w: tmp_w, h: tmp_h, data: tmp };
     }
     let mut out = vec![0u8; out_h * tmp_w * 3];
-    out.par_chunks_mut(tmp_w * 3)
-        .enumerate()
-        .for_each(|(yy, row)| {
-            let (ymin, n) = bv[yy];
-            let k = &wv[yy * kv..yy * kv + n];
-            for (i, o) in row.iter_mut().enumerate() {
-                let mut ss = half;
-                for (y, &ky) in k.iter().enumerate() {
-                    ss += tmp[(y + ymin) * tmp_w * 3 + i] as i64 * ky as i64;
-                }
-                *o = clip8(ss);
+    out.par_chunks_mut(tmp_w * 3).enumerate().for_each(|(yy, row)| {
+        let (ymin, n) = bv[yy];
+        let k = &wv[yy * kv..yy * kv + n];
+        for (i, o) in row.iter_mut().enumerate() {
+            let mut ss = half;
+            for (y, &ky) in k.iter().enumerate() {
+                ss += tmp[(y + ymin) * tmp_w * 3 + i] as i64 * ky as i64;
             }
-        });
-    Rgb {
-        w: tmp_w,
-        h: out_h,
-        data: out,
-    }
+            *o = clip8(ss);
+        }
+    });
+    Rgb { w: tmp_w, h: out_h, data: out }
 }
 
 /// How pixels are prepared for a vision tower.
@@ -214,10 +190,7 @@ impl Preprocess {
 
     /// Decodes and preprocesses files in parallel into `[n, 3, size, size]`.
     pub fn batch(&self, paths: &[&Path], dev: &Device) -> Result<Tensor> {
-        let px: Vec<Vec<f32>> = paths
-            .par_iter()
-            .map(|p| self.load(p))
-            .collect::<Result<_>>()?;
+        let px: Vec<Vec<f32>> = paths.par_iter().map(|p| self.load(p)).collect::<Result<_>>()?;
         let s = self.size;
         Ok(Tensor::from_vec(px.concat(), (paths.len(), 3, s, s), dev)?)
     }

@@ -3,6 +3,7 @@
 
 pub mod baselines;
 pub mod beam;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

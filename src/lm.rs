@@ -54,10 +54,7 @@ pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
         return load_gguf(path, dtype, dev);
     }
     if !path.exists() {
-        bail!(
-            "{}: no such file or directory (expected a Hugging Face model directory or a .gguf file)",
-            path.display()
-        )
+        bail!("{}: no such file or directory (expected a Hugging Face model directory or a .gguf file)", path.display())
     }
     let cfg_path = path.join("config.json");
     let cfg = Cfg::load(&cfg_path)?;
@@ -88,14 +85,7 @@ pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
             let mut eos = c.eos_token_ids.clone();
             extend_eos_from_generation_config(path, &mut eos)?;
             let m = T5::load(&weights, c)?;
-            Ok(LoadedLm {
-                model: LanguageModel::T5(m),
-                tok,
-                eos,
-                path: path.to_path_buf(),
-                fingerprint,
-                family: "t5",
-            })
+            Ok(LoadedLm { model: LanguageModel::T5(m), tok, eos, path: path.to_path_buf(), fingerprint, family: "t5" })
         }
         "bart" => {
             let c = BartConfig::from_hf(&cfg)?;
@@ -112,22 +102,13 @@ pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
             })
         }
         other => {
-            let arch = cfg
-                .v
-                .get("architectures")
-                .and_then(|a| a.get(0))
-                .and_then(|a| a.as_str())
-                .unwrap_or("")
-                .to_string();
+            let arch =
+                cfg.v.get("architectures").and_then(|a| a.get(0)).and_then(|a| a.as_str()).unwrap_or("").to_string();
             bail!(
                 "{}: unknown architecture `{}` (field model_type{}); supported language models: llama, mistral, t5, bart",
                 cfg_path.display(),
                 if other.is_empty() { "<missing>" } else { other },
-                if arch.is_empty() {
-                    String::new()
-                } else {
-                    format!(", architectures: {arch}")
-                }
+                if arch.is_empty() { String::new() } else { format!(", architectures: {arch}") }
             )
         }
     }
@@ -148,19 +129,12 @@ fn extend_eos_from_generation_config(dir: &Path, eos: &mut Vec<u32>) -> Result<(
 
 fn load_gguf(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
     let g = Arc::new(GgufFile::open(path)?);
-    let tok = checkpoint::tokenizer_from_gguf(&g)
-        .with_context(|| format!("{}: building the tokenizer", path.display()))?;
+    let tok =
+        checkpoint::tokenizer_from_gguf(&g).with_context(|| format!("{}: building the tokenizer", path.display()))?;
     let cfg = LlamaConfig::from_gguf(&g, tok.vocab_size())?;
     let eos = cfg.eos_token_ids.clone();
     let fingerprint = checkpoint::fingerprint(&[path.to_path_buf()])?;
     let weights = Weights::from_gguf(g, dtype, dev);
     let m = Llama::load(&weights, cfg)?;
-    Ok(LoadedLm {
-        model: LanguageModel::Llama(m),
-        tok,
-        eos,
-        path: path.to_path_buf(),
-        fingerprint,
-        family: "llama",
-    })
+    Ok(LoadedLm { model: LanguageModel::Llama(m), tok, eos, path: path.to_path_buf(), fingerprint, family: "llama" })
 }

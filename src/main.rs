@@ -6,11 +6,7 @@ use memvp::cli;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "memvp",
-    version,
-    about = "Memory-space visual prompting: efficient vision-language fine-tuning"
-)]
+#[command(name = "memvp", version, about = "Memory-space visual prompting: efficient vision-language fine-tuning")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -37,6 +33,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// MemVP against the input-space baseline on the same backbones and batch, interleaved.
+    Bench(Box<memvp::bench::BenchArgs>),
     /// Write the patch features of an image as the vision tower produces them for MemVP.
     EncodeImage {
         /// CLIP checkpoint directory or random:<preset>[@seed].
@@ -59,19 +57,18 @@ fn run() -> Result<()> {
         Cmd::Generate(a) => cli::generate(a),
         Cmd::Train(a) => cli::train(*a),
         Cmd::Eval(a) => cli::eval(a),
+        Cmd::Bench(a) => {
+            let v = memvp::bench::run(&a)?;
+            if a.json {
+                println!("{v}");
+            } else {
+                memvp::bench::print_table(&v);
+            }
+            Ok(())
+        }
         Cmd::Score(a) => cli::score(a.task, &a.gt, &a.preds, a.questions),
-        Cmd::Quickstart {
-            out,
-            settings,
-            json,
-        } => cli::quickstart(&out, &settings, json),
-        Cmd::EncodeImage {
-            vision,
-            image,
-            layer,
-            norm,
-            out,
-        } => cli::encode_image(&vision, &image, layer, norm, &out),
+        Cmd::Quickstart { out, settings, json } => cli::quickstart(&out, &settings, json),
+        Cmd::EncodeImage { vision, image, layer, norm, out } => cli::encode_image(&vision, &image, layer, norm, &out),
     }
 }
 
@@ -84,9 +81,7 @@ fn main() {
         // /proc/cpuinfo each time. Set before any thread exists.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     let result = rayon::join(run, || ()).0;
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -32,9 +32,7 @@ impl MemorySites {
     pub fn includes(self, s: Site) -> bool {
         matches!(
             (self, s),
-            (MemorySites::Both, _)
-                | (MemorySites::Encoder, Site::Encoder)
-                | (MemorySites::Decoder, Site::Decoder)
+            (MemorySites::Both, _) | (MemorySites::Encoder, Site::Encoder) | (MemorySites::Decoder, Site::Decoder)
         )
     }
 }
@@ -94,14 +92,7 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn init(
-        c: usize,
-        h: usize,
-        d: usize,
-        rng: &mut Rng,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Self> {
+    pub fn init(c: usize, h: usize, d: usize, rng: &mut Rng, dtype: DType, dev: &Device) -> Result<Self> {
         Ok(Self {
             fc1_weight: var(xavier_uniform(rng, h, c, dtype, dev)?)?,
             fc1_bias: var(Tensor::zeros(h, dtype, dev)?)?,
@@ -121,16 +112,8 @@ impl Projector {
 
     /// `[b, n, c]` → `[b, n, d]`.
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
-        let h = linear_t(
-            features,
-            self.fc1_weight.as_tensor(),
-            Some(self.fc1_bias.as_tensor()),
-        )?;
-        linear_t(
-            &ops::activation(&h, Activation::Silu)?,
-            self.fc2_weight.as_tensor(),
-            Some(self.fc2_bias.as_tensor()),
-        )
+        let h = linear_t(features, self.fc1_weight.as_tensor(), Some(self.fc1_bias.as_tensor()))?;
+        linear_t(&ops::activation(&h, Activation::Silu)?, self.fc2_weight.as_tensor(), Some(self.fc2_bias.as_tensor()))
     }
 }
 
@@ -151,17 +134,9 @@ fn var(t: Tensor) -> Result<Var> {
 }
 
 /// Xavier-uniform `[out, in]`.
-pub fn xavier_uniform(
-    rng: &mut Rng,
-    out: usize,
-    inp: usize,
-    dtype: DType,
-    dev: &Device,
-) -> Result<Tensor> {
+pub fn xavier_uniform(rng: &mut Rng, out: usize, inp: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
     let a = (6.0 / (inp + out) as f64).sqrt();
-    let v: Vec<f32> = (0..out * inp)
-        .map(|_| ((rng.uniform() * 2.0 - 1.0) * a) as f32)
-        .collect();
+    let v: Vec<f32> = (0..out * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * a) as f32).collect();
     Ok(Tensor::from_vec(v, (out, inp), dev)?.to_dtype(dtype)?)
 }
 
@@ -180,17 +155,20 @@ pub fn linear_t(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
+/// An inverted-dropout mask (0 or 1/(1-p)) drawn from `rng`, of `like`'s dtype and device.
+pub fn dropout_mask(shape: &[usize], p: f64, rng: &mut Rng, like: &Tensor) -> Result<Tensor> {
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let n: usize = shape.iter().product();
+    let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
+    Ok(Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())?)
+}
+
 /// Multiplies by a fresh inverted-dropout mask drawn from `rng`.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.uniform() < p { 0.0 } else { keep as f32 })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
-    Ok(x.mul(&mask)?)
+    Ok(x.mul(&dropout_mask(x.dims(), p, rng, x)?)?)
 }
 
 impl Memvp {
@@ -245,11 +223,7 @@ impl Memvp {
         for (name, v) in self.named() {
             let t = get(&name)?;
             if t.dims() != v.dims() {
-                bail!(
-                    "adapter tensor `{name}` has shape {:?}, expected {:?}",
-                    t.dims(),
-                    v.dims()
-                )
+                bail!("adapter tensor `{name}` has shape {:?}, expected {:?}", t.dims(), v.dims())
             }
             v.set(&t.to_dtype(v.dtype())?)?;
         }
@@ -262,18 +236,8 @@ impl Memvp {
     }
 
     /// The visual tokens `[b, n, c]` of a batch of pixels, with the vision adapters active.
-    pub fn features(
-        &self,
-        vision: &ClipVision,
-        pixels: &Tensor,
-        train: bool,
-        rng: &RefCell<Rng>,
-    ) -> Result<Tensor> {
-        let hooks = VisionAdapters {
-            m: self,
-            train,
-            rng,
-        };
+    pub fn features(&self, vision: &ClipVision, pixels: &Tensor, train: bool, rng: &RefCell<Rng>) -> Result<Tensor> {
+        let hooks = VisionAdapters { m: self, train, rng };
         vision.patch_features(pixels, self.cfg.vision_layer, &hooks)
     }
 
@@ -296,11 +260,7 @@ impl Memvp {
                 }
                 let ind = Tensor::from_slice(indicator, (b, 1, 1), dev)?.to_dtype(ek.dtype())?;
                 let z = (self.project(f)? * self.cfg.visual_scale)?.broadcast_mul(&ind)?;
-                if n < m {
-                    Tensor::cat(&[&z, &Tensor::zeros((b, m - n, d), z.dtype(), dev)?], 1)?
-                } else {
-                    z
-                }
+                if n < m { Tensor::cat(&[&z, &Tensor::zeros((b, m - n, d), z.dtype(), dev)?], 1)? } else { z }
             }
             None => Tensor::zeros((b, m, d), ek.dtype(), dev)?,
         };
@@ -325,13 +285,7 @@ impl Memvp {
             _ => None,
         };
         let (k, v) = self.memory_from_features(feats.as_ref(), indicator, b)?;
-        Ok(Memory {
-            m: self,
-            k,
-            v,
-            train,
-            rng,
-        })
+        Ok(Memory { m: self, k, v, train, rng })
     }
 }
 
@@ -360,21 +314,17 @@ impl Memory<'_> {
 impl LmHooks for Memory<'_> {
     fn ffn_branch(&self, site: Site, layer: usize, u: &Tensor) -> Result<Option<Tensor>> {
         let c = &self.m.cfg;
-        if !c.memory_sites.includes(site)
-            || c.memory_layers
-                .as_ref()
-                .is_some_and(|l| !l.contains(&layer))
-        {
+        if !c.memory_sites.includes(site) || c.memory_layers.as_ref().is_some_and(|l| !l.contains(&layer)) {
             return Ok(None);
         }
         // s · Dropout(act(u Kᵀ)) V
-        let a = ops::activation(&u.matmul(&self.k.transpose(1, 2)?)?, self.m.branch_act)?;
-        let a = if self.train {
-            dropout(&a, c.memory_dropout, &mut self.rng.borrow_mut())?
+        let mask = if self.train && c.memory_dropout > 0.0 {
+            let (b, t, _) = u.dims3()?;
+            Some(dropout_mask(&[b, t, self.k.dims()[1]], c.memory_dropout, &mut self.rng.borrow_mut(), u)?)
         } else {
-            a
+            None
         };
-        Ok(Some((a.matmul(&self.v)? * c.adapter_scale)?))
+        Ok(Some(ops::memory_branch(u, &self.k, &self.v, self.m.branch_act, c.adapter_scale, mask.as_ref())?))
     }
 }
 
@@ -391,13 +341,7 @@ impl VisionHooks for VisionAdapters<'_> {
         };
         let c = &self.m.cfg;
         let a = ops::activation(&linear_t(u, down.as_tensor(), None)?, Activation::Gelu)?;
-        let a = if self.train {
-            dropout(&a, c.vision_adapter_dropout, &mut self.rng.borrow_mut())?
-        } else {
-            a
-        };
-        Ok(Some(
-            (linear_t(&a, up.as_tensor(), None)? * c.vision_adapter_scale)?,
-        ))
+        let a = if self.train { dropout(&a, c.vision_adapter_dropout, &mut self.rng.borrow_mut())? } else { a };
+        Ok(Some((linear_t(&a, up.as_tensor(), None)? * c.vision_adapter_scale)?))
     }
 }

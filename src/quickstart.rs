@@ -43,11 +43,7 @@ impl Family {
         match self {
             Family::Llama => (&["<unk>", "<s>", "</s>"], 2, json!([tok("<s>"), seq])),
             Family::T5 => (&["<pad>", "</s>", "<unk>"], 1, json!([seq, tok("</s>")])),
-            Family::Bart => (
-                &["<s>", "<pad>", "</s>", "<unk>"],
-                2,
-                json!([tok("<s>"), seq, tok("</s>")]),
-            ),
+            Family::Bart => (&["<s>", "<pad>", "</s>", "<unk>"], 2, json!([tok("<s>"), seq, tok("</s>")])),
         }
     }
 
@@ -152,16 +148,10 @@ pub struct QuickstartResult {
 fn build_tokenizer(dir: &Path, texts: &[String], family: Family) -> Result<PathBuf> {
     let mut words = BTreeSet::new();
     for t in texts {
-        for w in t
-            .split(|c: char| !c.is_alphanumeric())
-            .filter(|w| !w.is_empty())
-        {
+        for w in t.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
             words.insert(w.to_lowercase());
         }
-        for c in t
-            .chars()
-            .filter(|c| !c.is_alphanumeric() && !c.is_whitespace())
-        {
+        for c in t.chars().filter(|c| !c.is_alphanumeric() && !c.is_whitespace()) {
             words.insert(c.to_string());
         }
     }
@@ -177,15 +167,9 @@ fn build_tokenizer(dir: &Path, texts: &[String], family: Family) -> Result<PathB
         vocab.entry(w).or_insert(json!(n));
     }
     let mut special_map = serde_json::Map::new();
-    for sp in specials
-        .iter()
-        .filter(|sp| template.to_string().contains(&format!("\"{sp}\"")))
-    {
+    for sp in specials.iter().filter(|sp| template.to_string().contains(&format!("\"{sp}\""))) {
         let id = vocab[*sp].clone();
-        special_map.insert(
-            sp.to_string(),
-            json!({"id": sp, "ids": [id], "tokens": [sp]}),
-        );
+        special_map.insert(sp.to_string(), json!({"id": sp, "ids": [id], "tokens": [sp]}));
     }
     let unk = specials.iter().find(|s| s.contains("unk")).unwrap();
     let v = json!({
@@ -222,32 +206,17 @@ impl Task for LmPretrain {
         };
         let logits = match &self.model {
             LanguageModel::Llama(m) => {
-                let h = m.forward_embeds(
-                    &m.embed(&b.input_ids)?,
-                    &Positions::From(0),
-                    None,
-                    None,
-                    &NoHooks,
-                )?;
+                let h = m.forward_embeds(&m.embed(&b.input_ids)?, &Positions::From(0), None, None, &NoHooks)?;
                 m.logits(&select(h)?)?
             }
             lm => {
                 let m = lm.encdec().unwrap();
                 let (bb, t) = b.input_ids.dims2()?;
-                let mask: Vec<f32> = b
-                    .input_lens
-                    .iter()
-                    .flat_map(|&l| (0..t).map(move |j| if j < l { 1.0 } else { 0.0 }))
-                    .collect();
+                let mask: Vec<f32> =
+                    b.input_lens.iter().flat_map(|&l| (0..t).map(move |j| if j < l { 1.0 } else { 0.0 })).collect();
                 let mask = Tensor::from_vec(mask, (bb, t), &Device::Cpu)?;
                 let enc = m.encode(&b.input_ids, Some(&mask), &NoHooks)?;
-                let h = m.decode(
-                    b.decoder_ids.as_ref().unwrap(),
-                    &enc,
-                    Some(&mask),
-                    None,
-                    &NoHooks,
-                )?;
+                let h = m.decode(b.decoder_ids.as_ref().unwrap(), &enc, Some(&mask), None, &NoHooks)?;
                 m.logits(&select(h)?)?
             }
         };
@@ -257,11 +226,8 @@ impl Task for LmPretrain {
         (b.n, 0)
     }
     fn save_adapter(&self, _dir: &Path) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> = self
-            .vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors: Vec<(String, Tensor)> =
+            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         crate::checkpoint::save_safetensors_atomic(
             &tensors,
             Some([("format".to_string(), "pt".to_string())].into()),
@@ -271,11 +237,7 @@ impl Task for LmPretrain {
 }
 
 /// A random model of `family` whose weights are trainable, from its config.json.
-fn random_lm(
-    family: Family,
-    cfg_path: &Path,
-    seed: u64,
-) -> Result<(LanguageModel, Vec<(String, Var)>)> {
+fn random_lm(family: Family, cfg_path: &Path, seed: u64) -> Result<(LanguageModel, Vec<(String, Var)>)> {
     let cfg = Cfg::load(cfg_path)?;
     let w = Weights::random("quickstart-lm", seed, 0.02, DType::F32, &Device::Cpu);
     let model = match family {
@@ -305,15 +267,8 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
     let start = std::time::Instant::now();
     let data_dir = out.join("data");
     let lm_dir = out.join("lm");
-    std::fs::create_dir_all(&lm_dir)
-        .with_context(|| format!("{}: cannot create", lm_dir.display()))?;
-    let data_file = data::synthetic::write_shapes(
-        &data_dir,
-        s.train_images,
-        s.test_images,
-        s.image_size,
-        s.seed,
-    )?;
+    std::fs::create_dir_all(&lm_dir).with_context(|| format!("{}: cannot create", lm_dir.display()))?;
+    let data_file = data::synthetic::write_shapes(&data_dir, s.train_images, s.test_images, s.image_size, s.seed)?;
     let spec = format!("jsonl:{}", data_file.display());
     let ds = data::open(&spec, &DataOptions::default())?;
     let train = ds.samples("train")?;
@@ -325,10 +280,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
             x
         })
         .collect();
-    let texts: Vec<String> = text_samples
-        .iter()
-        .flat_map(|x| [x.prompt.clone(), x.answer.clone()])
-        .collect();
+    let texts: Vec<String> = text_samples.iter().flat_map(|x| [x.prompt.clone(), x.answer.clone()]).collect();
     build_tokenizer(&lm_dir, &texts, s.family)?;
     let tok = crate::checkpoint::Tok::from_file(&lm_dir.join("tokenizer.json"))?;
     let (_, eos, _) = s.family.specials();
@@ -340,40 +292,21 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
     let (model, vars) = random_lm(s.family, &lm_dir.join("config.json"), s.seed)?;
     let layout = match model.encdec() {
         None => TextLayout::DecoderOnly,
-        Some(m) => TextLayout::EncoderDecoder {
-            decoder_start: m.special_tokens().decoder_start,
-        },
+        Some(m) => TextLayout::EncoderDecoder { decoder_start: m.special_tokens().decoder_start },
     };
-    let enc: Vec<_> = text_samples
-        .iter()
-        .map(|x| encode(&tok, x, eos, 128))
-        .collect::<Result<_>>()?;
+    let enc: Vec<_> = text_samples.iter().map(|x| encode(&tok, x, eos, 128)).collect::<Result<_>>()?;
     let builder = Arc::new(BatchBuilder {
         samples: enc,
-        cache: ImageCache::new(
-            Preprocess {
-                size: s.image_size,
-                norm: Norm::Imagenet,
-            },
-            0,
-        ),
+        cache: ImageCache::new(Preprocess { size: s.image_size, norm: Norm::Imagenet }, 0),
         layout,
         device: Device::Cpu,
         skip_bad_images: false,
         blind: true,
     });
-    let mut pre = LmPretrain {
-        vars,
-        model,
-        dir: lm_dir.clone(),
-    };
+    let mut pre = LmPretrain { vars, model, dir: lm_dir.clone() };
     let pre_run = out.join("lm-pretrain");
     let _ = std::fs::remove_dir_all(&pre_run);
-    let batches = EpochBatches {
-        builder,
-        batch_size: 32,
-        seed: s.seed,
-    };
+    let batches = EpochBatches { builder, batch_size: 32, seed: s.seed };
     let ps = train::train(
         &mut pre,
         &batches,
@@ -419,11 +352,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
             eprintln!(
                 "[{:5.1}s] {}: final loss {:.3}, test accuracy {:.1}%",
                 start.elapsed().as_secs_f64(),
-                if blind {
-                    "image-blind control"
-                } else {
-                    "MemVP"
-                },
+                if blind { "image-blind control" } else { "MemVP" },
                 rep.summary.final_loss,
                 ev.metrics["accuracy"].as_f64().unwrap_or(0.0)
             );

@@ -64,8 +64,7 @@ impl Default for RunConfig {
 
 impl RunConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
@@ -104,10 +103,7 @@ pub fn prepare(
     }
     let eos = vlm.eos();
     let tok = &vlm.lm.tok;
-    let enc: Vec<_> = samples
-        .par_iter()
-        .map(|s| encode(tok, s, eos, max_len))
-        .collect::<Result<_>>()?;
+    let enc: Vec<_> = samples.par_iter().map(|s| encode(tok, s, eos, max_len)).collect::<Result<_>>()?;
     let builder = BatchBuilder {
         samples: enc,
         cache: ImageCache::new(vlm.preprocess(), cache_mb << 20),
@@ -116,11 +112,7 @@ pub fn prepare(
         skip_bad_images: skip_bad,
         blind,
     };
-    Ok(Prepared {
-        samples,
-        builder: Arc::new(builder),
-        skipped_images: skipped,
-    })
+    Ok(Prepared { samples, builder: Arc::new(builder), skipped_images: skipped })
 }
 
 /// Fixed-size batches in a seeded order per epoch (the last partial batch is dropped when
@@ -150,11 +142,7 @@ impl Batches<crate::data::batch::Batch> for EpochBatches {
     fn steps_per_epoch(&self) -> usize {
         self.plan(0).len()
     }
-    fn stream(
-        &self,
-        epoch: usize,
-        start: usize,
-    ) -> Box<dyn Iterator<Item = Result<crate::data::batch::Batch>> + '_> {
+    fn stream(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<crate::data::batch::Batch>> + '_> {
         let plan: Vec<Vec<usize>> = self.plan(epoch).into_iter().skip(start).collect();
         let mut pf = Prefetcher::new(self.builder.clone(), plan);
         Box::new(std::iter::from_fn(move || pf.next_batch()))
@@ -184,9 +172,7 @@ impl Task for VlmTask<'_> {
 
 pub fn load_vlm(cfg: &RunConfig) -> Result<Vlm> {
     if cfg.vision.is_empty() || cfg.lm.is_empty() {
-        bail!(
-            "both --vision and --lm are needed (a CLIP directory or random:<preset>, and an LM directory or .gguf)"
-        )
+        bail!("both --vision and --lm are needed (a CLIP directory or random:<preset>, and an LM directory or .gguf)")
     }
     let dev = crate::cli::device();
     let vision = load_vision(&cfg.vision, DType::F32, &dev)?;
@@ -210,10 +196,7 @@ pub fn train_run(cfg: &RunConfig, out: &Path, resume: bool) -> Result<TrainRepor
     if cfg.data.is_empty() {
         bail!("--data KIND:PATH is needed")
     }
-    if !resume
-        && out.join("checkpoints").is_dir()
-        && std::fs::read_dir(out.join("checkpoints"))?.next().is_some()
-    {
+    if !resume && out.join("checkpoints").is_dir() && std::fs::read_dir(out.join("checkpoints"))?.next().is_some() {
         bail!(
             "{}: this run directory already holds checkpoints; pass --resume to continue it or choose another --out",
             out.display()
@@ -226,38 +209,21 @@ pub fn train_run(cfg: &RunConfig, out: &Path, resume: bool) -> Result<TrainRepor
         samples.truncate(n);
     }
     let blind = !vlm.uses_images();
-    let prep = prepare(
-        &vlm,
-        samples,
-        cfg.data_options.skip_bad_images,
-        cfg.max_len,
-        cfg.image_cache_mb,
-        blind,
-    )?;
+    let prep = prepare(&vlm, samples, cfg.data_options.skip_bad_images, vlm.max_text_len(), cfg.image_cache_mb, blind)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    crate::util::write_atomic(
-        &out.join("config.toml"),
-        toml::to_string_pretty(cfg)?.as_bytes(),
-    )?;
+    crate::util::write_atomic(&out.join("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
     let n = prep.samples.len();
     eprintln!(
         "training {:?}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
         cfg.method,
-        if cfg.image_blind {
-            " (image-blind control)"
-        } else {
-            ""
-        },
+        if cfg.image_blind { " (image-blind control)" } else { "" },
         n,
         cfg.data,
         vlm.cfg.trainable_parameters,
         cfg.train.effective_lr()
     );
-    let batches = EpochBatches {
-        builder: prep.builder.clone(),
-        batch_size: cfg.train.batch_size,
-        seed: cfg.train.seed,
-    };
+    let batches =
+        EpochBatches { builder: prep.builder.clone(), batch_size: cfg.train.batch_size, seed: cfg.train.seed };
     let mut task = VlmTask { vlm: &vlm };
     let title = format!("{:?} on {}", cfg.method, cfg.data);
     let summary = train::train(&mut task, &batches, &cfg.train, out, resume, &title)?;
@@ -301,10 +267,7 @@ pub fn evaluate(
     }
     let cache = ImageCache::new(vlm.preprocess(), 256 << 20);
     let tok = &vlm.lm.tok;
-    let s = Sampling {
-        max_new_tokens: ds.max_new_tokens(),
-        ..Default::default()
-    };
+    let s = Sampling { max_new_tokens: ds.max_new_tokens(), ..Default::default() };
     let pb = indicatif::ProgressBar::new(samples.len() as u64);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -319,9 +282,11 @@ pub fn evaluate(
             .iter()
             .map(|smp| {
                 let mut ids = eval_input(tok, smp)?;
-                if ids.len() > vlm.cfg.max_len {
+                // Leave room for the generated tokens within the LM's positions.
+                let room = vlm.max_text_len().saturating_sub(s.max_new_tokens).max(2);
+                if ids.len() > room {
                     let first = ids[0];
-                    let tail = ids.split_off(ids.len() - (vlm.cfg.max_len - 1));
+                    let tail = ids.split_off(ids.len() - (room - 1));
                     ids = std::iter::once(first).chain(tail).collect();
                 }
                 Ok(ids)
@@ -330,18 +295,9 @@ pub fn evaluate(
         let use_img = vlm.uses_images();
         let px: Vec<Option<Arc<Vec<f32>>>> = chunk
             .par_iter()
-            .map(|smp| {
-                if use_img {
-                    smp.image.as_ref().map(|p| cache.get(p)).transpose()
-                } else {
-                    Ok(None)
-                }
-            })
+            .map(|smp| if use_img { smp.image.as_ref().map(|p| cache.get(p)).transpose() } else { Ok(None) })
             .collect::<Result<_>>()?;
-        let indicator: Vec<f32> = px
-            .iter()
-            .map(|p| if p.is_some() { 1.0 } else { 0.0 })
-            .collect();
+        let indicator: Vec<f32> = px.iter().map(|p| if p.is_some() { 1.0 } else { 0.0 }).collect();
         let pixels = if px.iter().any(Option::is_some) {
             let mut buf = Vec::with_capacity(chunk.len() * 3 * size * size);
             for p in &px {
@@ -350,11 +306,7 @@ pub fn evaluate(
                     None => buf.extend(std::iter::repeat_n(0f32, 3 * size * size)),
                 }
             }
-            Some(Tensor::from_vec(
-                buf,
-                (chunk.len(), 3, size, size),
-                &crate::cli::device(),
-            )?)
+            Some(Tensor::from_vec(buf, (chunk.len(), 3, size, size), &crate::cli::device())?)
         } else {
             None
         };
@@ -383,7 +335,7 @@ pub fn evaluate(
 
 pub fn print_table(title: &str, table: &[(String, f64, usize)]) {
     println!("{title}");
-    println!("{:<14} {:>8} {:>7}", "", "acc (%)", "n");
+    println!("{:<14} {:>8} {:>7}", "", "score", "n");
     for (k, v, n) in table {
         if v.is_nan() {
             println!("{k:<14} {:>8} {n:>7}", "-");

@@ -17,24 +17,17 @@ pub struct LoadedVision {
 pub fn load_vision(spec: &str, dtype: DType, dev: &Device) -> Result<LoadedVision> {
     if let Some(rest) = spec.strip_prefix("random:") {
         let (preset, seed) = match rest.split_once('@') {
-            Some((p, s)) => (
-                p,
-                s.parse::<u64>()
-                    .with_context(|| format!("vision `{spec}`: seed `{s}` is not an integer"))?,
-            ),
+            Some((p, s)) => {
+                (p, s.parse::<u64>().with_context(|| format!("vision `{spec}`: seed `{s}` is not an integer"))?)
+            }
             None => (rest, 0),
         };
         let cfg = ClipVisionConfig::preset(preset)?;
         let tensors = cfg.random_weights(seed, dtype, dev)?;
         let w = Weights::from_tensors(spec, tensors, dtype, dev);
         let model = ClipVision::load(&w, cfg.clone())?;
-        let fingerprint =
-            checkpoint::sha256_str(&format!("{spec}:{}", serde_json::to_string(&cfg)?));
-        return Ok(LoadedVision {
-            model,
-            source: spec.to_string(),
-            fingerprint,
-        });
+        let fingerprint = checkpoint::sha256_str(&format!("{spec}:{}", serde_json::to_string(&cfg)?));
+        return Ok(LoadedVision { model, source: spec.to_string(), fingerprint });
     }
     let dir = Path::new(spec);
     if !dir.exists() {
@@ -48,15 +41,7 @@ pub fn load_vision(spec: &str, dtype: DType, dev: &Device) -> Result<LoadedVisio
     hashed.extend(files.iter().cloned());
     let fingerprint = checkpoint::fingerprint(&hashed)?;
     let w = Weights::from_safetensors(&files, dtype, dev)?;
-    let w = if w.contains("vision_model.embeddings.class_embedding") {
-        w.pp("vision_model")
-    } else {
-        w
-    };
+    let w = if w.contains("vision_model.embeddings.class_embedding") { w.pp("vision_model") } else { w };
     let model = ClipVision::load(&w, vc)?;
-    Ok(LoadedVision {
-        model,
-        source: spec.to_string(),
-        fingerprint,
-    })
+    Ok(LoadedVision { model, source: spec.to_string(), fingerprint })
 }

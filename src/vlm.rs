@@ -42,11 +42,7 @@ pub struct InputSpaceConfig {
 
 impl Default for InputSpaceConfig {
     fn default() -> Self {
-        Self {
-            hidden_proj: 128,
-            vision_layer: -2,
-            norm: Norm::Imagenet,
-        }
+        Self { hidden_proj: 128, vision_layer: -2, norm: Norm::Imagenet }
     }
 }
 
@@ -100,6 +96,21 @@ pub enum Params {
     Lora(Lora),
 }
 
+impl Params {
+    /// Trained tensors with their adapter-file names.
+    pub fn named(&self) -> Vec<(String, Var)> {
+        match self {
+            Params::Memvp(m) => m.named(),
+            Params::InputSpace { projector, lora } => {
+                let mut v = projector.named();
+                v.extend(lora.named());
+                v
+            }
+            Params::Lora(l) => l.named(),
+        }
+    }
+}
+
 pub struct Vlm {
     pub vision: LoadedVision,
     pub lm: LoadedLm,
@@ -139,21 +150,12 @@ fn lora_dims(lm: &LoadedLm) -> Result<(Vec<(Site, usize)>, ProjDims)> {
             let f = move |_s: Site, _l: usize, p: Proj| {
                 if p == Proj::O { (inner, d) } else { (d, inner) }
             };
-            Ok((
-                vec![
-                    (Site::Encoder, m.n_encoder_layers()),
-                    (Site::Decoder, m.n_decoder_layers()),
-                ],
-                Box::new(f),
-            ))
+            Ok((vec![(Site::Encoder, m.n_encoder_layers()), (Site::Decoder, m.n_decoder_layers())], Box::new(f)))
         }
         LanguageModel::Bart(m) => {
             let d = m.hidden_size();
             Ok((
-                vec![
-                    (Site::Encoder, m.n_encoder_layers()),
-                    (Site::Decoder, m.n_decoder_layers()),
-                ],
+                vec![(Site::Encoder, m.n_encoder_layers()), (Site::Decoder, m.n_decoder_layers())],
                 Box::new(move |_, _, _| (d, d)),
             ))
         }
@@ -162,10 +164,33 @@ fn lora_dims(lm: &LoadedLm) -> Result<(Vec<(Site, usize)>, ProjDims)> {
 
 impl Vlm {
     pub fn new(vision: LoadedVision, lm: LoadedLm, s: &MethodSettings) -> Result<Self> {
-        let dev = lm_device(&lm).clone();
+        let (params, cfg) = Self::init(&vision, &lm, s)?;
+        let mut v = Self { vision, lm, cfg, params };
+        v.cfg.trainable_parameters = v.named().iter().map(|(_, t)| t.elem_count()).sum();
+        Ok(v)
+    }
+
+    /// Replaces what is trained (and its settings), keeping the backbones: fresh parameters.
+    pub fn set_method(&mut self, s: &MethodSettings) -> Result<()> {
+        let (params, cfg) = Self::init(&self.vision, &self.lm, s)?;
+        self.params = params;
+        self.cfg = cfg;
+        self.cfg.trainable_parameters = self.named().iter().map(|(_, t)| t.elem_count()).sum();
+        Ok(())
+    }
+
+    /// Fresh parameters and settings of another method on these backbones.
+    pub fn make(&self, s: &MethodSettings) -> Result<(Params, AdapterConfig)> {
+        let (p, mut c) = Self::init(&self.vision, &self.lm, s)?;
+        c.trainable_parameters = p.named().iter().map(|(_, t)| t.elem_count()).sum();
+        Ok((p, c))
+    }
+
+    fn init(vision: &LoadedVision, lm: &LoadedLm, s: &MethodSettings) -> Result<(Params, AdapterConfig)> {
+        let dev = lm_device(lm).clone();
         let dtype = DType::F32;
         let vc = &vision.model.cfg;
-        let (lm_width, lm_layers, branch_act) = lm_shape(&lm);
+        let (lm_width, lm_layers, branch_act) = lm_shape(lm);
         let (vision_layer, norm) = match s.method {
             Method::Memvp => (s.memvp.vision_layer, s.memvp.norm),
             _ => (s.input_space.vision_layer, s.input_space.norm),
@@ -183,20 +208,14 @@ impl Vlm {
                 &dev,
             )?),
             Method::InputSpace | Method::Lora => {
-                let (sites, dims) = lora_dims(&lm)?;
+                let (sites, dims) = lora_dims(lm)?;
                 let lora = Lora::init(s.lora.clone(), &sites, dims.as_ref(), s.seed, dtype, &dev)?;
                 if s.method == Method::Lora {
                     Params::Lora(lora)
                 } else {
                     let mut rng = Rng::derive(s.seed, "input-space-projector");
-                    let projector = Projector::init(
-                        vc.hidden_size,
-                        s.input_space.hidden_proj,
-                        lm_width,
-                        &mut rng,
-                        dtype,
-                        &dev,
-                    )?;
+                    let projector =
+                        Projector::init(vc.hidden_size, s.input_space.hidden_proj, lm_width, &mut rng, dtype, &dev)?;
                     Params::InputSpace { projector, lora }
                 }
             }
@@ -225,11 +244,7 @@ impl Vlm {
                 sha256: vision.fingerprint.clone(),
                 family: "clip".into(),
             },
-            lm: BaseModel {
-                source: abs(&lm.path),
-                sha256: lm.fingerprint.clone(),
-                family: lm.family.into(),
-            },
+            lm: BaseModel { source: abs(&lm.path), sha256: lm.fingerprint.clone(), family: lm.family.into() },
             dims: Dims {
                 vision_width: vc.hidden_size,
                 vision_blocks: vc.num_hidden_layers,
@@ -240,14 +255,7 @@ impl Vlm {
             },
             trainable_parameters: 0,
         };
-        let mut v = Self {
-            vision,
-            lm,
-            cfg,
-            params,
-        };
-        v.cfg.trainable_parameters = v.named().iter().map(|(_, t)| t.elem_count()).sum();
-        Ok(v)
+        Ok((params, cfg))
     }
 
     /// Loads a run's adapter onto its base models (or the given ones), refusing base models
@@ -255,20 +263,13 @@ impl Vlm {
     pub fn from_run(run: &Path, vision: Option<&str>, lm: Option<&Path>) -> Result<Self> {
         let cfg_path = run.join("adapter_config.json");
         crate::checkpoint::require_file(&cfg_path)?;
-        let cfg: AdapterConfig =
-            serde_json::from_value(crate::checkpoint::read_json(&cfg_path)?)
-                .with_context(|| format!("{}: not a memvp adapter config", cfg_path.display()))?;
+        let cfg: AdapterConfig = serde_json::from_value(crate::checkpoint::read_json(&cfg_path)?)
+            .with_context(|| format!("{}: not a memvp adapter config", cfg_path.display()))?;
         if cfg.format != ADAPTER_FORMAT {
-            bail!(
-                "{}: unknown adapter format `{}` (expected {ADAPTER_FORMAT})",
-                cfg_path.display(),
-                cfg.format
-            )
+            bail!("{}: unknown adapter format `{}` (expected {ADAPTER_FORMAT})", cfg_path.display(), cfg.format)
         }
         let dev = crate::cli::device();
-        let vsrc = vision
-            .map(str::to_string)
-            .unwrap_or_else(|| cfg.vision.source.clone());
+        let vsrc = vision.map(str::to_string).unwrap_or_else(|| cfg.vision.source.clone());
         let vis = load_vision(&vsrc, DType::F32, &dev)?;
         if vis.fingerprint != cfg.vision.sha256 {
             bail!(
@@ -280,9 +281,7 @@ impl Vlm {
                 short(&vis.fingerprint)
             )
         }
-        let lpath = lm
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| cfg.lm.source.clone().into());
+        let lpath = lm.map(Path::to_path_buf).unwrap_or_else(|| cfg.lm.source.clone().into());
         let l = load_lm(&lpath, DType::F32, &dev)?;
         if l.fingerprint != cfg.lm.sha256 {
             bail!(
@@ -310,9 +309,7 @@ impl Vlm {
         let tensors = candle_core::safetensors::load(&wf, &dev)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", wf.display()))?;
         for (name, var) in v.named() {
-            let t = tensors
-                .get(&name)
-                .with_context(|| format!("{}: tensor `{name}` missing", wf.display()))?;
+            let t = tensors.get(&name).with_context(|| format!("{}: tensor `{name}` missing", wf.display()))?;
             if t.dims() != var.dims() {
                 bail!(
                     "{}: tensor `{name}` has shape {:?}, this base model needs {:?}",
@@ -323,25 +320,11 @@ impl Vlm {
             }
             var.set(&t.to_dtype(var.dtype())?)?;
         }
-        Ok(Self {
-            cfg: AdapterConfig {
-                trainable_parameters: v.cfg.trainable_parameters,
-                ..cfg
-            },
-            ..v
-        })
+        Ok(Self { cfg: AdapterConfig { trainable_parameters: v.cfg.trainable_parameters, ..cfg }, ..v })
     }
 
     pub fn named(&self) -> Vec<(String, Var)> {
-        match &self.params {
-            Params::Memvp(m) => m.named(),
-            Params::InputSpace { projector, lora } => {
-                let mut v = projector.named();
-                v.extend(lora.named());
-                v
-            }
-            Params::Lora(l) => l.named(),
-        }
+        self.params.named()
     }
 
     /// `adapter_config.json` + `adapter_model.safetensors` (trained tensors only, f32).
@@ -353,25 +336,16 @@ impl Vlm {
             .collect::<Result<_>>()?;
         let meta = [
             ("format".to_string(), "pt".to_string()),
-            (
-                "method".to_string(),
-                serde_json::to_string(&self.cfg.method)?,
-            ),
+            ("method".to_string(), serde_json::to_string(&self.cfg.method)?),
         ];
-        save_safetensors_atomic(
-            &tensors,
-            Some(meta.into_iter().collect()),
-            &dir.join("adapter_model.safetensors"),
-        )?;
+        save_safetensors_atomic(&tensors, Some(meta.into_iter().collect()), &dir.join("adapter_model.safetensors"))?;
         crate::util::write_json_atomic(&dir.join("adapter_config.json"), &self.cfg)
     }
 
     pub fn layout(&self) -> TextLayout {
         match self.lm.model.encdec() {
             None => TextLayout::DecoderOnly,
-            Some(m) => TextLayout::EncoderDecoder {
-                decoder_start: m.special_tokens().decoder_start,
-            },
+            Some(m) => TextLayout::EncoderDecoder { decoder_start: m.special_tokens().decoder_start },
         }
     }
 
@@ -382,17 +356,21 @@ impl Vlm {
     pub fn preprocess(&self) -> Preprocess {
         let norm = match &self.params {
             Params::Memvp(m) => m.cfg.norm,
-            _ => self
-                .cfg
-                .input_space
-                .as_ref()
-                .map(|c| c.norm)
-                .unwrap_or(Norm::Imagenet),
+            _ => self.cfg.input_space.as_ref().map(|c| c.norm).unwrap_or(Norm::Imagenet),
         };
-        Preprocess {
-            size: self.vision.model.cfg.image_size,
-            norm,
-        }
+        Preprocess { size: self.vision.model.cfg.image_size, norm }
+    }
+
+    /// The longest text (prompt and answer) that fits: `max_len`, and the positions the LM has
+    /// left after the input-space baseline's visual tokens.
+    pub fn max_text_len(&self) -> usize {
+        let positions = match &self.lm.model {
+            LanguageModel::Llama(m) => m.cfg.max_position_embeddings,
+            LanguageModel::Bart(m) => m.cfg.max_position_embeddings,
+            LanguageModel::T5(_) => usize::MAX,
+        };
+        let prefix = if self.cfg.method == Method::InputSpace { self.cfg.dims.visual_tokens } else { 0 };
+        self.cfg.max_len.min(positions.saturating_sub(prefix)).max(2)
     }
 
     /// Whether batches should carry images.
@@ -400,28 +378,15 @@ impl Vlm {
         !self.cfg.image_blind && self.cfg.method != Method::Lora
     }
 
-    fn input_space_prefix(
-        &self,
-        projector: &Projector,
-        pixels: Option<&Tensor>,
-        b: usize,
-    ) -> Result<Tensor> {
+    fn input_space_prefix(&self, projector: &Projector, pixels: Option<&Tensor>, b: usize) -> Result<Tensor> {
         let c = self.cfg.input_space.as_ref().unwrap();
         let n = self.vision.model.cfg.num_patches();
         match pixels {
             Some(p) => {
-                let f = self
-                    .vision
-                    .model
-                    .patch_features(p, c.vision_layer, &NoHooks)?
-                    .detach();
+                let f = self.vision.model.patch_features(p, c.vision_layer, &NoHooks)?.detach();
                 projector.forward(&f)
             }
-            None => Ok(Tensor::zeros(
-                (b, n, self.cfg.dims.lm_width),
-                DType::F32,
-                lm_device(&self.lm),
-            )?),
+            None => Ok(Tensor::zeros((b, n, self.cfg.dims.lm_width), DType::F32, lm_device(&self.lm))?),
         }
     }
 
@@ -442,10 +407,7 @@ impl Vlm {
         rng: &'a RefCell<Rng>,
     ) -> Result<(Box<dyn LmHooks + 'a>, Option<Tensor>)> {
         Ok(match &self.params {
-            Params::Memvp(mv) => (
-                Box::new(mv.memory(&self.vision.model, pixels, indicator, train, rng)?),
-                None,
-            ),
+            Params::Memvp(mv) => (Box::new(mv.memory(&self.vision.model, pixels, indicator, train, rng)?), None),
             Params::InputSpace { projector, lora } => {
                 let vis = self.input_space_prefix(projector, pixels, indicator.len())?;
                 (Box::new(LoraHooks { lora, train, rng }), Some(vis))
@@ -469,10 +431,7 @@ impl Vlm {
             let mut mk = Vec::with_capacity(b * (n + t));
             for (r, &ind) in batch.indicator.iter().enumerate() {
                 let len = if pad_text { batch.input_lens[r] } else { t };
-                mk.extend(
-                    std::iter::repeat_n(ind, n)
-                        .chain((0..t).map(|j| if j < len { 1.0 } else { 0.0 })),
-                );
+                mk.extend(std::iter::repeat_n(ind, n).chain((0..t).map(|j| if j < len { 1.0 } else { 0.0 })));
             }
             Ok(Some(Tensor::from_vec(mk, (b, n + t), &dev)?))
         };
@@ -487,36 +446,16 @@ impl Vlm {
             LanguageModel::Llama(m) => {
                 // Right padding under a causal mask needs no key mask for the trained positions.
                 let x = with_prefix(m.embed(&batch.input_ids)?)?;
-                (
-                    m.forward_embeds(
-                        &x,
-                        &Positions::From(0),
-                        None,
-                        mask(false)?.as_ref(),
-                        hooks.as_ref(),
-                    )?,
-                    t + n,
-                    n,
-                )
+                (m.forward_embeds(&x, &Positions::From(0), None, mask(false)?.as_ref(), hooks.as_ref())?, t + n, n)
             }
             lm => {
                 let m = lm.encdec().unwrap();
-                let dec = batch
-                    .decoder_ids
-                    .as_ref()
-                    .context("an encoder-decoder batch without decoder inputs")?;
+                let dec = batch.decoder_ids.as_ref().context("an encoder-decoder batch without decoder inputs")?;
                 let enc_mask = mask(true)?;
-                let enc = m.encode_embeds(
-                    &with_prefix(m.embed(&batch.input_ids)?)?,
-                    enc_mask.as_ref(),
-                    hooks.as_ref(),
-                )?;
+                let enc =
+                    m.encode_embeds(&with_prefix(m.embed(&batch.input_ids)?)?, enc_mask.as_ref(), hooks.as_ref())?;
                 let td = dec.dims()[1];
-                (
-                    m.decode(dec, &enc, enc_mask.as_ref(), None, hooks.as_ref())?,
-                    td,
-                    0,
-                )
+                (m.decode(dec, &enc, enc_mask.as_ref(), None, hooks.as_ref())?, td, 0)
             }
         };
         let d = h.dims()[2];
@@ -544,27 +483,33 @@ impl Vlm {
         indicator: &[f32],
         s: &Sampling,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_until(prompts, pixels, indicator, s, &self.lm.eos)
+    }
+
+    /// As [`Self::generate`], stopping at the given end tokens.
+    pub fn generate_until(
+        &self,
+        prompts: &[Vec<u32>],
+        pixels: Option<&Tensor>,
+        indicator: &[f32],
+        s: &Sampling,
+        eos: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
         let rng = RefCell::new(Rng::new(0));
-        let eos = self.lm.eos.clone();
+        let eos = eos.to_vec();
         let pixels = if self.uses_images() { pixels } else { None };
-        let indicator: Vec<f32> = if self.uses_images() {
-            indicator.to_vec()
-        } else {
-            vec![0.0; prompts.len()]
-        };
+        let indicator: Vec<f32> = if self.uses_images() { indicator.to_vec() } else { vec![0.0; prompts.len()] };
         let (hooks, prefix) = self.hooks(pixels, &indicator, false, &rng)?;
         let prefix = prefix.as_ref().map(|p| (p, indicator.as_slice()));
         match &self.lm.model {
             LanguageModel::Llama(m) => {
-                let (mut st, first) =
-                    LlamaStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix)?;
+                let (mut st, first) = LlamaStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix)?;
                 generate::continue_batch(&mut st, &first, s, &eos)
             }
             lm => {
                 let m = lm.encdec().unwrap();
                 let start = m.special_tokens().decoder_start;
-                let (mut st, first) =
-                    EncDecStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix, start)?;
+                let (mut st, first) = EncDecStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix, start)?;
                 generate::continue_batch(&mut st, &first, s, &eos)
             }
         }
@@ -576,10 +521,7 @@ fn short(h: &str) -> &str {
 }
 
 fn abs(p: &Path) -> String {
-    std::fs::canonicalize(p)
-        .unwrap_or_else(|_| p.to_path_buf())
-        .display()
-        .to_string()
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
 }
 
 pub fn lm_device(lm: &LoadedLm) -> &Device {
@@ -594,15 +536,9 @@ pub fn lm_device(lm: &LoadedLm) -> &Device {
 pub fn lm_shape(lm: &LoadedLm) -> (usize, usize, Activation) {
     match &lm.model {
         LanguageModel::Llama(m) => (m.hidden_size(), m.n_layers(), m.cfg.hidden_act),
-        LanguageModel::T5(m) => (
-            m.hidden_size(),
-            m.n_encoder_layers() + m.n_decoder_layers(),
-            m.cfg.dense_act_fn,
-        ),
-        LanguageModel::Bart(m) => (
-            m.hidden_size(),
-            m.n_encoder_layers() + m.n_decoder_layers(),
-            m.cfg.activation_function,
-        ),
+        LanguageModel::T5(m) => (m.hidden_size(), m.n_encoder_layers() + m.n_decoder_layers(), m.cfg.dense_act_fn),
+        LanguageModel::Bart(m) => {
+            (m.hidden_size(), m.n_encoder_layers() + m.n_decoder_layers(), m.cfg.activation_function)
+        }
     }
 }

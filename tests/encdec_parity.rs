@@ -29,17 +29,10 @@ impl Model {
     fn load(dir: &str, dtype: DType) -> Self {
         let d = fixtures().join(dir);
         let cfg = Cfg::load(&d.join("config.json")).unwrap();
-        let w = Weights::from_safetensors(
-            &checkpoint::safetensors_files(&d).unwrap(),
-            dtype,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let w = Weights::from_safetensors(&checkpoint::safetensors_files(&d).unwrap(), dtype, &Device::Cpu).unwrap();
         match cfg.opt_str("model_type").unwrap().as_deref() {
             Some("t5") => Model::T5(T5::load(&w, T5Config::from_hf(&cfg).unwrap()).unwrap()),
-            Some("bart") => {
-                Model::Bart(Bart::load(&w, BartConfig::from_hf(&cfg).unwrap()).unwrap())
-            }
+            Some("bart") => Model::Bart(Bart::load(&w, BartConfig::from_hf(&cfg).unwrap()).unwrap()),
             other => panic!("{dir}: unexpected model_type {other:?}"),
         }
     }
@@ -58,16 +51,11 @@ impl Model {
 }
 
 fn reference(dir: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixtures().join(dir).join("reference.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
+    candle_core::safetensors::load(fixtures().join(dir).join("reference.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn generation(dir: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(fixtures().join(dir).join("generation.json")).unwrap())
-        .unwrap()
+    serde_json::from_slice(&std::fs::read(fixtures().join(dir).join("generation.json")).unwrap()).unwrap()
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
@@ -114,15 +102,7 @@ fn check_parity(dir: &str) {
     let mut p = 0;
     while p < t {
         let n = if p == 0 { 3 } else { 1 };
-        let h = m
-            .decode(
-                &dec.narrow(1, p, n).unwrap(),
-                &enc,
-                Some(&mask),
-                Some(&mut cache),
-                &NoHooks,
-            )
-            .unwrap();
+        let h = m.decode(&dec.narrow(1, p, n).unwrap(), &enc, Some(&mask), Some(&mut cache), &NoHooks).unwrap();
         parts.push(m.logits(&h).unwrap());
         p += n;
     }
@@ -136,55 +116,26 @@ fn check_parity(dir: &str) {
     let g = generation(dir);
     let prompt = ids_of(&g["input_ids"]);
     let tok = Tok::from_file(&fixtures().join(dir).join("tokenizer.json")).unwrap();
-    assert_eq!(
-        tok.encode(g["prompt"].as_str().unwrap(), true).unwrap(),
-        prompt,
-        "{dir}: tokenization differs"
-    );
+    assert_eq!(tok.encode(g["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{dir}: tokenization differs");
     let st = m.special_tokens();
-    assert_eq!(
-        st.decoder_start as u64,
-        g["decoder_start_token_id"].as_u64().unwrap()
-    );
+    assert_eq!(st.decoder_start as u64, g["decoder_start_token_id"].as_u64().unwrap());
     assert_eq!(st.eos, vec![g["eos_token_id"].as_u64().unwrap() as u32]);
     let max_new = g["max_new_tokens"].as_u64().unwrap() as usize;
-    let s = Sampling {
-        max_new_tokens: max_new,
-        ..Default::default()
-    };
+    let s = Sampling { max_new_tokens: max_new, ..Default::default() };
     let (mut stepper, first) =
-        EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), st.decoder_start)
-            .unwrap();
+        EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), st.decoder_start).unwrap();
     let greedy = generate::continue_batch(&mut stepper, &first, &s, &st.eos).unwrap();
-    assert_eq!(
-        greedy[0],
-        ids_of(&g["greedy_ids"]),
-        "{dir}: greedy ids differ"
-    );
+    assert_eq!(greedy[0], ids_of(&g["greedy_ids"]), "{dir}: greedy ids differ");
 
     // A batch with a shorter (right-padded, masked) second input gives each row's own result.
-    let short: Vec<u32> = prompt[..prompt.len() / 2]
-        .iter()
-        .copied()
-        .chain(prompt.last().copied())
-        .collect();
-    let (mut st1, f1) =
-        EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&short), st.decoder_start)
-            .unwrap();
+    let short: Vec<u32> = prompt[..prompt.len() / 2].iter().copied().chain(prompt.last().copied()).collect();
+    let (mut st1, f1) = EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&short), st.decoder_start).unwrap();
     let alone = generate::continue_batch(&mut st1, &f1, &s, &st.eos).unwrap();
-    let (mut st2, f2) = EncDecStepper::prefill(
-        m,
-        &NoHooks,
-        &[prompt.clone(), short.clone()],
-        st.decoder_start,
-    )
-    .unwrap();
+    let (mut st2, f2) =
+        EncDecStepper::prefill(m, &NoHooks, &[prompt.clone(), short.clone()], st.decoder_start).unwrap();
     let both = generate::continue_batch(&mut st2, &f2, &s, &st.eos).unwrap();
     assert_eq!(both[0], greedy[0], "{dir}: batched greedy row 0 differs");
-    assert_eq!(
-        both[1], alone[0],
-        "{dir}: batched (padded) greedy row 1 differs"
-    );
+    assert_eq!(both[1], alone[0], "{dir}: batched (padded) greedy row 1 differs");
 
     let b = &g["beam"];
     let opts = BeamOptions {
@@ -198,8 +149,7 @@ fn check_parity(dir: &str) {
         max_new_tokens: b["max_new_tokens"].as_u64().unwrap() as usize,
     };
     let (mut stepper, first) =
-        EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), st.decoder_start)
-            .unwrap();
+        EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), st.decoder_start).unwrap();
     let out = beam::beam_search(&mut stepper, &first, &opts, &st.eos).unwrap();
     let want_score = g["beam_score"].as_f64().unwrap();
     eprintln!(
@@ -209,15 +159,8 @@ fn check_parity(dir: &str) {
         out.hypotheses.len()
     );
     assert_eq!(out.ids, ids_of(&g["beam_ids"]), "{dir}: beam ids differ");
-    assert!(
-        (out.score as f64 - want_score).abs() < 1e-4,
-        "{dir}: beam score {} vs {want_score}",
-        out.score
-    );
-    assert_eq!(
-        g["beam_stopped_at_eos"].as_bool().unwrap(),
-        st.eos.contains(out.ids.last().unwrap())
-    );
+    assert!((out.score as f64 - want_score).abs() < 1e-4, "{dir}: beam score {} vs {want_score}", out.score);
+    assert_eq!(g["beam_stopped_at_eos"].as_bool().unwrap(), st.eos.contains(out.ids.last().unwrap()));
 }
 
 #[test]
@@ -260,18 +203,10 @@ fn configs_read_as_transformers_reads_them() {
     assert!(c.is_gated_act && c.dense_act_fn == memvp::ops::Activation::Silu);
     v.v["feed_forward_proj"] = "gated-foo".into();
     let e = T5Config::from_hf(&v).unwrap_err().to_string();
-    assert!(
-        e.contains("feed_forward_proj") && e.contains("config.json"),
-        "{e}"
-    );
+    assert!(e.contains("feed_forward_proj") && e.contains("config.json"), "{e}");
     let b = BartConfig::from_hf(&cfg("bart")).unwrap();
     assert_eq!(
-        (
-            b.pad_token_id,
-            b.bos_token_id,
-            b.decoder_start_token_id,
-            b.forced_eos_token_id
-        ),
+        (b.pad_token_id, b.bos_token_id, b.decoder_start_token_id, b.forced_eos_token_id),
         (1, Some(0), 2, None)
     );
     assert!(b.scale_embedding && b.tie_word_embeddings);
@@ -533,13 +468,7 @@ impl LmHooks for Const {
         }
         Ok(None)
     }
-    fn proj_delta(
-        &self,
-        site: Site,
-        layer: usize,
-        proj: Proj,
-        x: &Tensor,
-    ) -> anyhow::Result<Option<Tensor>> {
+    fn proj_delta(&self, site: Site, layer: usize, proj: Proj, x: &Tensor) -> anyhow::Result<Option<Tensor>> {
         if self.proj == Some(proj) && site == self.site && layer == self.layer {
             return Ok(Some(x.affine(self.value, 0.0)?));
         }
@@ -560,37 +489,17 @@ fn every_seam_changes_the_logits() {
             let mask = r["attention_mask"].to_dtype(DType::F32).unwrap();
             let dec = r["decoder_input_ids"].to_dtype(DType::U32).unwrap();
             let enc = m.encode(&ids, Some(&mask), h).unwrap();
-            m.logits(&m.decode(&dec, &enc, Some(&mask), None, h).unwrap())
-                .unwrap()
+            m.logits(&m.decode(&dec, &enc, Some(&mask), None, h).unwrap()).unwrap()
         };
         // A zero contribution changes nothing.
-        let zero = Const {
-            site: Site::Decoder,
-            layer: 0,
-            proj: None,
-            value: 0.0,
-        };
+        let zero = Const { site: Site::Decoder, layer: 0, proj: None, value: 0.0 };
         assert_eq!(max_abs_err(&logits(&zero), &base), 0.0);
         for (site, n) in [(Site::Encoder, ne), (Site::Decoder, nd)] {
             for layer in 0..n {
-                for proj in [
-                    None,
-                    Some(Proj::Q),
-                    Some(Proj::K),
-                    Some(Proj::V),
-                    Some(Proj::O),
-                ] {
-                    let h = Const {
-                        site,
-                        layer,
-                        proj,
-                        value: 0.3,
-                    };
+                for proj in [None, Some(Proj::Q), Some(Proj::K), Some(Proj::V), Some(Proj::O)] {
+                    let h = Const { site, layer, proj, value: 0.3 };
                     let d = max_abs_err(&logits(&h), &base);
-                    assert!(
-                        d > 1e-3,
-                        "{dir}: {site:?} layer {layer} {proj:?}: logits unchanged ({d:e})"
-                    );
+                    assert!(d > 1e-3, "{dir}: {site:?} layer {layer} {proj:?}: logits unchanged ({d:e})");
                 }
             }
         }
@@ -622,21 +531,12 @@ impl Hand<'_> {
         self.w.get_any(n).unwrap()
     }
     fn lin(&self, n: &str, x: &Tensor) -> Tensor {
-        let y = x
-            .broadcast_matmul(&self.t(&format!("{n}.weight")).t().unwrap())
-            .unwrap();
-        if self.w.contains(&format!("{n}.bias")) {
-            y.broadcast_add(&self.t(&format!("{n}.bias"))).unwrap()
-        } else {
-            y
-        }
+        let y = x.broadcast_matmul(&self.t(&format!("{n}.weight")).t().unwrap()).unwrap();
+        if self.w.contains(&format!("{n}.bias")) { y.broadcast_add(&self.t(&format!("{n}.bias"))).unwrap() } else { y }
     }
     fn rms(&self, n: &str, x: &Tensor, eps: f64) -> Tensor {
         let ms = x.sqr().unwrap().mean_keepdim(2).unwrap();
-        x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(&self.t(n))
-            .unwrap()
+        x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&self.t(n)).unwrap()
     }
     fn ln(&self, n: &str, x: &Tensor) -> Tensor {
         let mean = x.mean_keepdim(2).unwrap();
@@ -656,13 +556,7 @@ impl Hand<'_> {
     /// T5: (encoder output, expected u per (site, layer), logits).
     fn t5(&self, c: &T5Config, src: u32, start: u32) -> (Tensor, Vec<Tensor>, Tensor) {
         let eps = c.layer_norm_epsilon;
-        let emb = |id: u32| {
-            self.t("shared.weight")
-                .narrow(0, id as usize, 1)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap()
-        };
+        let emb = |id: u32| self.t("shared.weight").narrow(0, id as usize, 1).unwrap().unsqueeze(0).unwrap();
         let ffn = |p: &str, u: &Tensor| -> Tensor {
             let d = format!("{p}.DenseReluDense");
             if c.is_gated_act {
@@ -670,10 +564,7 @@ impl Hand<'_> {
                 let up = self.lin(&format!("{d}.wi_1"), u);
                 self.lin(&format!("{d}.wo"), &(g * up).unwrap())
             } else {
-                self.lin(
-                    &format!("{d}.wo"),
-                    &self.lin(&format!("{d}.wi"), u).relu().unwrap(),
-                )
+                self.lin(&format!("{d}.wo"), &self.lin(&format!("{d}.wi"), u).relu().unwrap())
             }
         };
         let mut us = Vec::new();
@@ -681,14 +572,10 @@ impl Hand<'_> {
         for l in 0..c.num_layers {
             let p = format!("encoder.block.{l}.layer");
             let n = self.rms(&format!("{p}.0.layer_norm.weight"), &x, eps);
-            let a = self.lin(
-                &format!("{p}.0.SelfAttention.o"),
-                &self.lin(&format!("{p}.0.SelfAttention.v"), &n),
-            );
+            let a = self.lin(&format!("{p}.0.SelfAttention.o"), &self.lin(&format!("{p}.0.SelfAttention.v"), &n));
             let h = (x + a).unwrap();
             let u = self.rms(&format!("{p}.1.layer_norm.weight"), &h, eps);
-            x = ((h + ffn(&format!("{p}.1"), &u)).unwrap() + self.branch(Site::Encoder, l, &u))
-                .unwrap();
+            x = ((h + ffn(&format!("{p}.1"), &u)).unwrap() + self.branch(Site::Encoder, l, &u)).unwrap();
             us.push(u);
         }
         let enc = self.rms("encoder.final_layer_norm.weight", &x, eps);
@@ -696,65 +583,38 @@ impl Hand<'_> {
         for l in 0..c.num_decoder_layers {
             let p = format!("decoder.block.{l}.layer");
             let n = self.rms(&format!("{p}.0.layer_norm.weight"), &y, eps);
-            let a = self.lin(
-                &format!("{p}.0.SelfAttention.o"),
-                &self.lin(&format!("{p}.0.SelfAttention.v"), &n),
-            );
+            let a = self.lin(&format!("{p}.0.SelfAttention.o"), &self.lin(&format!("{p}.0.SelfAttention.v"), &n));
             let h = (y + a).unwrap();
-            let ca = self.lin(
-                &format!("{p}.1.EncDecAttention.o"),
-                &self.lin(&format!("{p}.1.EncDecAttention.v"), &enc),
-            );
+            let ca =
+                self.lin(&format!("{p}.1.EncDecAttention.o"), &self.lin(&format!("{p}.1.EncDecAttention.v"), &enc));
             let h = (h + ca).unwrap();
             let u = self.rms(&format!("{p}.2.layer_norm.weight"), &h, eps);
-            y = ((h + ffn(&format!("{p}.2"), &u)).unwrap() + self.branch(Site::Decoder, l, &u))
-                .unwrap();
+            y = ((h + ffn(&format!("{p}.2"), &u)).unwrap() + self.branch(Site::Decoder, l, &u)).unwrap();
             us.push(u);
         }
         let mut dec = self.rms("decoder.final_layer_norm.weight", &y, eps);
         if c.scale_decoder_outputs {
             dec = (dec * (c.d_model as f64).powf(-0.5)).unwrap();
         }
-        let head = if self.w.contains("lm_head.weight") {
-            "lm_head"
-        } else {
-            "shared"
-        };
+        let head = if self.w.contains("lm_head.weight") { "lm_head" } else { "shared" };
         (enc, us, self.lin(head, &dec))
     }
 
     fn bart(&self, c: &BartConfig, src: u32, start: u32) -> (Tensor, Vec<Tensor>, Tensor) {
         let scale = (c.d_model as f64).sqrt();
         let emb = |id: u32, stack: &str| {
-            let e = (self
-                .t("model.shared.weight")
-                .narrow(0, id as usize, 1)
-                .unwrap()
-                * scale)
-                .unwrap();
-            let pos = self
-                .t(&format!("model.{stack}.embed_positions.weight"))
-                .narrow(0, 2, 1)
-                .unwrap();
-            self.ln(
-                &format!("model.{stack}.layernorm_embedding"),
-                &(e + pos).unwrap().unsqueeze(0).unwrap(),
-            )
+            let e = (self.t("model.shared.weight").narrow(0, id as usize, 1).unwrap() * scale).unwrap();
+            let pos = self.t(&format!("model.{stack}.embed_positions.weight")).narrow(0, 2, 1).unwrap();
+            self.ln(&format!("model.{stack}.layernorm_embedding"), &(e + pos).unwrap().unsqueeze(0).unwrap())
         };
         let ffn = |p: &str, u: &Tensor| -> Tensor {
-            self.lin(
-                &format!("{p}.fc2"),
-                &self.lin(&format!("{p}.fc1"), u).gelu_erf().unwrap(),
-            )
+            self.lin(&format!("{p}.fc2"), &self.lin(&format!("{p}.fc1"), u).gelu_erf().unwrap())
         };
         let mut us = Vec::new();
         let mut x = emb(src, "encoder");
         for l in 0..c.encoder_layers {
             let p = format!("model.encoder.layers.{l}");
-            let a = self.lin(
-                &format!("{p}.self_attn.out_proj"),
-                &self.lin(&format!("{p}.self_attn.v_proj"), &x),
-            );
+            let a = self.lin(&format!("{p}.self_attn.out_proj"), &self.lin(&format!("{p}.self_attn.v_proj"), &x));
             let h = self.ln(&format!("{p}.self_attn_layer_norm"), &(x + a).unwrap());
             let f = (ffn(&p, &h) + self.branch(Site::Encoder, l, &h)).unwrap();
             x = self.ln(&format!("{p}.final_layer_norm"), &(&h + f).unwrap());
@@ -764,24 +624,16 @@ impl Hand<'_> {
         let mut y = emb(start, "decoder");
         for l in 0..c.decoder_layers {
             let p = format!("model.decoder.layers.{l}");
-            let a = self.lin(
-                &format!("{p}.self_attn.out_proj"),
-                &self.lin(&format!("{p}.self_attn.v_proj"), &y),
-            );
+            let a = self.lin(&format!("{p}.self_attn.out_proj"), &self.lin(&format!("{p}.self_attn.v_proj"), &y));
             let h = self.ln(&format!("{p}.self_attn_layer_norm"), &(y + a).unwrap());
-            let ca = self.lin(
-                &format!("{p}.encoder_attn.out_proj"),
-                &self.lin(&format!("{p}.encoder_attn.v_proj"), &enc),
-            );
+            let ca =
+                self.lin(&format!("{p}.encoder_attn.out_proj"), &self.lin(&format!("{p}.encoder_attn.v_proj"), &enc));
             let h = self.ln(&format!("{p}.encoder_attn_layer_norm"), &(h + ca).unwrap());
             let f = (ffn(&p, &h) + self.branch(Site::Decoder, l, &h)).unwrap();
             y = self.ln(&format!("{p}.final_layer_norm"), &(&h + f).unwrap());
             us.push(h);
         }
-        let logits = self
-            .lin("model.shared", &y)
-            .broadcast_add(&self.t("final_logits_bias"))
-            .unwrap();
+        let logits = self.lin("model.shared", &y).broadcast_add(&self.t("final_logits_bias")).unwrap();
         (enc, us, logits)
     }
 }
@@ -794,19 +646,12 @@ fn ffn_branch_is_wired_where_the_method_says() {
     for dir in DIRS {
         let d = fixtures().join(dir);
         let cfg = Cfg::load(&d.join("config.json")).unwrap();
-        let w = Weights::from_safetensors(
-            &checkpoint::safetensors_files(&d).unwrap(),
-            DType::F64,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let w =
+            Weights::from_safetensors(&checkpoint::safetensors_files(&d).unwrap(), DType::F64, &Device::Cpu).unwrap();
         let model = Model::load(dir, DType::F64);
         let m = model.ed();
         let (ne, nd) = model.layers();
-        let dm = m
-            .embed(&Tensor::zeros((1, 1), DType::U32, &Device::Cpu).unwrap())
-            .unwrap()
-            .dims()[2];
+        let dm = m.embed(&Tensor::zeros((1, 1), DType::U32, &Device::Cpu).unwrap()).unwrap().dims()[2];
         let mut rng = memvp::rng::Rng::new(7);
         let mut ws = HashMap::new();
         for (site, n) in [(Site::Encoder, ne), (Site::Decoder, nd)] {
@@ -814,24 +659,12 @@ fn ffn_branch_is_wired_where_the_method_says() {
                 ws.insert((site, l), randn(&mut rng, &[dm, dm], 0.2, DType::F64));
             }
         }
-        let hook = Linear {
-            w: ws.clone(),
-            seen: RefCell::new(Vec::new()),
-        };
+        let hook = Linear { w: ws.clone(), seen: RefCell::new(Vec::new()) };
         let (src, start) = (5u32, m.special_tokens().decoder_start);
         let ids = Tensor::new(&[[src]], &Device::Cpu).unwrap();
         let enc = m.encode(&ids, None, &hook).unwrap();
         let logits = m
-            .logits(
-                &m.decode(
-                    &Tensor::new(&[[start]], &Device::Cpu).unwrap(),
-                    &enc,
-                    None,
-                    None,
-                    &hook,
-                )
-                .unwrap(),
-            )
+            .logits(&m.decode(&Tensor::new(&[[start]], &Device::Cpu).unwrap(), &enc, None, None, &hook).unwrap())
             .unwrap();
         let hand = Hand { w: &w, ws: &ws };
         let (enc_h, us_h, logits_h) = match &model {
@@ -840,21 +673,14 @@ fn ffn_branch_is_wired_where_the_method_says() {
         };
         let seen = hook.seen.borrow();
         let order: Vec<(Site, usize)> = seen.iter().map(|s| (s.0, s.1)).collect();
-        let want: Vec<(Site, usize)> = (0..ne)
-            .map(|l| (Site::Encoder, l))
-            .chain((0..nd).map(|l| (Site::Decoder, l)))
-            .collect();
+        let want: Vec<(Site, usize)> =
+            (0..ne).map(|l| (Site::Encoder, l)).chain((0..nd).map(|l| (Site::Decoder, l))).collect();
         assert_eq!(order, want, "{dir}: hook call order");
         let mut worst = 0f64;
         for (s, u) in seen.iter().zip(&us_h) {
             let e = max_rel_err(&s.2, u);
             worst = worst.max(e);
-            assert!(
-                e < 1e-10,
-                "{dir}: u at {:?} layer {} differs ({e:e})",
-                s.0,
-                s.1
-            );
+            assert!(e < 1e-10, "{dir}: u at {:?} layer {} differs ({e:e})", s.0, s.1);
         }
         let e1 = max_rel_err(&enc, &enc_h);
         let e2 = max_rel_err(&logits, &logits_h);
@@ -875,9 +701,7 @@ impl LmHooks for Trainable {
         Ok(Some(u.broadcast_matmul(&self.w)?))
     }
     fn proj_delta(&self, _: Site, _: usize, p: Proj, x: &Tensor) -> anyhow::Result<Option<Tensor>> {
-        Ok((p == Proj::Q)
-            .then(|| x.broadcast_matmul(&self.a))
-            .transpose()?)
+        Ok((p == Proj::Q).then(|| x.broadcast_matmul(&self.a)).transpose()?)
     }
 }
 
@@ -899,34 +723,14 @@ fn gradients_flow_through_the_seams() {
         let weights = randn(&mut rng, &[b, t, vocab], 1.0, DType::F64);
         let loss = |h: &Trainable| -> Tensor {
             let enc = m.encode(&ids, Some(&mask), h).unwrap();
-            let l = m
-                .logits(&m.decode(&dec, &enc, Some(&mask), None, h).unwrap())
-                .unwrap();
+            let l = m.logits(&m.decode(&dec, &enc, Some(&mask), None, h).unwrap()).unwrap();
             (l * &weights).unwrap().sum_all().unwrap()
         };
-        let (wv, av) = (
-            Var::from_tensor(&w0).unwrap(),
-            Var::from_tensor(&a0).unwrap(),
-        );
-        let l = loss(&Trainable {
-            w: wv.as_tensor().clone(),
-            a: av.as_tensor().clone(),
-        });
+        let (wv, av) = (Var::from_tensor(&w0).unwrap(), Var::from_tensor(&a0).unwrap());
+        let l = loss(&Trainable { w: wv.as_tensor().clone(), a: av.as_tensor().clone() });
         let grads = l.backward().unwrap();
-        let gw = grads
-            .get(wv.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let ga = grads
-            .get(av.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let gw = grads.get(wv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let ga = grads.get(av.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let bump = |t: &Tensor, i: usize, e: f64| -> Tensor {
             let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             v[i] += e;
@@ -937,24 +741,15 @@ fn gradients_flow_through_the_seams() {
             for i in [0, 7 * d + 3, d * d - 1] {
                 let at = |e: f64| -> f64 {
                     let h = if which == 0 {
-                        Trainable {
-                            w: bump(&w0, i, e),
-                            a: a0.clone(),
-                        }
+                        Trainable { w: bump(&w0, i, e), a: a0.clone() }
                     } else {
-                        Trainable {
-                            w: w0.clone(),
-                            a: bump(&a0, i, e),
-                        }
+                        Trainable { w: w0.clone(), a: bump(&a0, i, e) }
                     };
                     loss(&h).to_scalar::<f64>().unwrap()
                 };
                 let num = (at(eps) - at(-eps)) / (2.0 * eps);
                 let err = (num - g[i]).abs() / num.abs().max(1.0);
-                eprintln!(
-                    "{dir}: d loss / d {name}[{i}]: analytic {} numeric {num} (rel err {err:e})",
-                    g[i]
-                );
+                eprintln!("{dir}: d loss / d {name}[{i}]: analytic {} numeric {num} (rel err {err:e})", g[i]);
                 assert!(err < 1e-6, "{dir}: gradient of {name}[{i}] differs");
                 assert!(g[i].abs() > 1e-6, "{dir}: gradient of {name}[{i}] vanishes");
             }
@@ -970,26 +765,15 @@ fn t5_masked_prefix_is_inert() {
     let m = model.ed();
     let prompt = ids_of(&generation("t5_v1_0")["input_ids"]);
     let start = m.special_tokens().decoder_start;
-    let (_, base) =
-        EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), start).unwrap();
+    let (_, base) = EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), start).unwrap();
     let mut rng = memvp::rng::Rng::new(3);
     let prefix = randn(&mut rng, &[1, 4, 64], 1.0, DType::F32);
-    let (_, masked) = EncDecStepper::prefill_with_prefix(
-        m,
-        &NoHooks,
-        std::slice::from_ref(&prompt),
-        Some((&prefix, &[0.0])),
-        start,
-    )
-    .unwrap();
-    let (_, kept) = EncDecStepper::prefill_with_prefix(
-        m,
-        &NoHooks,
-        std::slice::from_ref(&prompt),
-        Some((&prefix, &[1.0])),
-        start,
-    )
-    .unwrap();
+    let (_, masked) =
+        EncDecStepper::prefill_with_prefix(m, &NoHooks, std::slice::from_ref(&prompt), Some((&prefix, &[0.0])), start)
+            .unwrap();
+    let (_, kept) =
+        EncDecStepper::prefill_with_prefix(m, &NoHooks, std::slice::from_ref(&prompt), Some((&prefix, &[1.0])), start)
+            .unwrap();
     assert!(max_rel_err(&masked, &base) < 1e-5);
     assert!(max_abs_err(&kept, &base) > 1e-3);
 }
@@ -1001,15 +785,7 @@ fn t5_masked_prefix_is_inert() {
 /// `sequences_scores`.
 #[test]
 fn beam_settings_match_transformers() {
-    type Case = (
-        &'static str,
-        usize,
-        f64,
-        EarlyStopping,
-        usize,
-        &'static [u32],
-        f64,
-    );
+    type Case = (&'static str, usize, f64, EarlyStopping, usize, &'static [u32], f64);
     let cases: &[Case] = &[
         (
             "t5_v1_0",
@@ -1035,20 +811,10 @@ fn beam_settings_match_transformers() {
             0.7,
             EarlyStopping::Always,
             16,
-            &[
-                126, 31, 126, 29, 40, 44, 31, 35, 108, 85, 31, 23, 31, 9, 44, 31,
-            ],
+            &[126, 31, 126, 29, 40, 44, 31, 35, 108, 85, 31, 23, 31, 9, 44, 31],
             -8.336113929748535,
         ),
-        (
-            "t5_v1_0",
-            5,
-            -0.5,
-            EarlyStopping::Never,
-            8,
-            &[126, 31, 126, 29, 40, 44, 31, 102],
-            -79.95087432861328,
-        ),
+        ("t5_v1_0", 5, -0.5, EarlyStopping::Never, 8, &[126, 31, 126, 29, 40, 44, 31, 102], -79.95087432861328),
         (
             "t5_v1_0",
             3,
@@ -1058,15 +824,7 @@ fn beam_settings_match_transformers() {
             &[126, 31, 126, 29, 40, 44, 31, 102, 37, 116, 108, 85],
             -1.0423039197921753,
         ),
-        (
-            "t5_v1_0",
-            2,
-            0.0,
-            EarlyStopping::Always,
-            10,
-            &[126, 100, 29, 89, 21, 29, 89, 31, 16, 20],
-            -36.86005783081055,
-        ),
+        ("t5_v1_0", 2, 0.0, EarlyStopping::Always, 10, &[126, 100, 29, 89, 21, 29, 89, 31, 16, 20], -36.86005783081055),
         (
             "t5_v1_1",
             4,
@@ -1091,20 +849,10 @@ fn beam_settings_match_transformers() {
             0.7,
             EarlyStopping::Always,
             16,
-            &[
-                103, 124, 72, 33, 79, 22, 43, 46, 55, 124, 79, 112, 76, 83, 28, 40,
-            ],
+            &[103, 124, 72, 33, 79, 22, 43, 46, 55, 124, 79, 112, 76, 83, 28, 40],
             -5.079533100128174,
         ),
-        (
-            "t5_v1_1",
-            5,
-            -0.5,
-            EarlyStopping::Never,
-            8,
-            &[57, 107, 116, 63, 58, 72, 14, 61],
-            -49.85786437988281,
-        ),
+        ("t5_v1_1", 5, -0.5, EarlyStopping::Never, 8, &[57, 107, 116, 63, 58, 72, 14, 61], -49.85786437988281),
         (
             "t5_v1_1",
             3,
@@ -1141,24 +889,8 @@ fn beam_settings_match_transformers() {
             &[26, 57, 100, 108, 44, 100, 93, 57, 57, 57],
             -0.20214232802391052,
         ),
-        (
-            "bart",
-            3,
-            0.7,
-            EarlyStopping::Always,
-            16,
-            &[26, 70, 100, 102, 44, 33, 108, 14, 2],
-            -3.333193778991699,
-        ),
-        (
-            "bart",
-            5,
-            -0.5,
-            EarlyStopping::Never,
-            8,
-            &[26, 70, 100, 102, 44, 33, 108, 14],
-            -38.03001022338867,
-        ),
+        ("bart", 3, 0.7, EarlyStopping::Always, 16, &[26, 70, 100, 102, 44, 33, 108, 14, 2], -3.333193778991699),
+        ("bart", 5, -0.5, EarlyStopping::Never, 8, &[26, 70, 100, 102, 44, 33, 108, 14], -38.03001022338867),
         (
             "bart",
             3,
@@ -1168,33 +900,17 @@ fn beam_settings_match_transformers() {
             &[26, 70, 100, 102, 44, 33, 108, 26, 33, 26, 93, 26],
             -0.48824286460876465,
         ),
-        (
-            "bart",
-            2,
-            0.0,
-            EarlyStopping::Always,
-            10,
-            &[26, 57, 100, 108, 44, 100, 93, 57, 57, 57],
-            -20.2142333984375,
-        ),
+        ("bart", 2, 0.0, EarlyStopping::Always, 10, &[26, 57, 100, 108, 44, 100, 93, 57, 57, 57], -20.2142333984375),
     ];
     let mut models = HashMap::new();
     for &(dir, nb, lp, es, max_new, want, score) in cases {
-        let model = models
-            .entry(dir)
-            .or_insert_with(|| Model::load(dir, DType::F32));
+        let model = models.entry(dir).or_insert_with(|| Model::load(dir, DType::F32));
         let m = model.ed();
         let prompt = ids_of(&generation(dir)["input_ids"]);
         let st = m.special_tokens();
         let (mut stepper, first) =
-            EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), st.decoder_start)
-                .unwrap();
-        let opts = BeamOptions {
-            num_beams: nb,
-            length_penalty: lp,
-            early_stopping: es,
-            max_new_tokens: max_new,
-        };
+            EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt), st.decoder_start).unwrap();
+        let opts = BeamOptions { num_beams: nb, length_penalty: lp, early_stopping: es, max_new_tokens: max_new };
         let out = beam::beam_search(&mut stepper, &first, &opts, &st.eos).unwrap();
         assert_eq!(out.ids, want, "{dir} {opts:?}");
         let e = (out.score as f64 - score).abs() / score.abs().max(1.0);

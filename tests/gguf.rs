@@ -10,15 +10,8 @@ use memvp::lm::load_lm;
 use memvp::models::NoHooks;
 
 fn reference(name: &str) -> serde_json::Value {
-    serde_json::from_slice(
-        &std::fs::read(
-            fixtures()
-                .join("gguf")
-                .join(format!("{name}.reference.json")),
-        )
-        .unwrap(),
-    )
-    .unwrap()
+    serde_json::from_slice(&std::fs::read(fixtures().join("gguf").join(format!("{name}.reference.json"))).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -27,22 +20,11 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 
 fn check_model(name: &str) {
     let r = reference(name);
-    let lm = load_lm(
-        &fixtures().join("gguf").join(format!("{name}.gguf")),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lm = load_lm(&fixtures().join("gguf").join(format!("{name}.gguf")), DType::F32, &Device::Cpu).unwrap();
     let m = lm.llama().unwrap();
     let prompt = ids(&r["prompt_ids"]);
-    assert_eq!(
-        lm.tok.encode(r["prompt"].as_str().unwrap(), true).unwrap(),
-        prompt
-    );
-    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
+    assert_eq!(lm.tok.encode(r["prompt"].as_str().unwrap(), true).unwrap(), prompt);
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let logits = m.forward(&input, 0, None, &NoHooks).unwrap();
     let last = logits.squeeze(0).unwrap().get(prompt.len() - 1).unwrap();
     let want: Vec<f32> = serde_json::from_value(r["logits_last"].clone()).unwrap();
@@ -50,20 +32,10 @@ fn check_model(name: &str) {
     let e = max_rel_err(&last, &want);
     eprintln!("{name}: last-position logits rel err {e:e}");
     assert!(e < 1e-4, "{name}: logits differ ({e:e})");
-    let (mut st, first) =
-        LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt)).unwrap();
-    let s = Sampling {
-        max_new_tokens: r["max_new_tokens"].as_u64().unwrap() as usize,
-        ..Default::default()
-    };
-    let got = generate::continue_batch(&mut st, &first, &s, &lm.eos)
-        .unwrap()
-        .remove(0);
-    assert_eq!(
-        got,
-        ids(&r["generated_ids"]),
-        "{name}: greedy generation differs"
-    );
+    let (mut st, first) = LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt)).unwrap();
+    let s = Sampling { max_new_tokens: r["max_new_tokens"].as_u64().unwrap() as usize, ..Default::default() };
+    let got = generate::continue_batch(&mut st, &first, &s, &lm.eos).unwrap().remove(0);
+    assert_eq!(got, ids(&r["generated_ids"]), "{name}: greedy generation differs");
 }
 
 #[test]
@@ -75,33 +47,19 @@ fn gguf_gpt2_tokenizer_quantized_weights() {
 fn gguf_sentencepiece_tokenizer() {
     check_model("tiny_spmtok");
     let r = reference("tiny_spmtok");
-    let lm = load_lm(
-        &fixtures().join("gguf/tiny_spmtok.gguf"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lm = load_lm(&fixtures().join("gguf/tiny_spmtok.gguf"), DType::F32, &Device::Cpu).unwrap();
     for p in r["prompts"].as_array().unwrap() {
         let text = p["text"].as_str().unwrap();
         let got = lm.tok.encode(text, true).unwrap();
         assert_eq!(got, ids(&p["ids"]), "tokenizing {text:?}");
-        assert_eq!(
-            lm.tok.decode(&got, true).unwrap(),
-            p["decode_skip_special"].as_str().unwrap(),
-            "decoding {text:?}"
-        );
+        assert_eq!(lm.tok.decode(&got, true).unwrap(), p["decode_skip_special"].as_str().unwrap(), "decoding {text:?}");
     }
 }
 
 #[test]
 fn gguf_loads_like_the_hf_checkpoint() {
     // The SentencePiece GGUF holds exactly the f16 weights of spm_hf/.
-    let a = load_lm(
-        &fixtures().join("gguf/tiny_spmtok.gguf"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let a = load_lm(&fixtures().join("gguf/tiny_spmtok.gguf"), DType::F32, &Device::Cpu).unwrap();
     let cfg = memvp::checkpoint::Cfg::load(&fixtures().join("gguf/spm_hf/config.json")).unwrap();
     let c = memvp::models::llama::LlamaConfig::from_hf(&cfg).unwrap();
     let files = memvp::checkpoint::safetensors_files(&fixtures().join("gguf/spm_hf")).unwrap();

@@ -13,11 +13,7 @@ use std::collections::HashMap;
 const TOL: f64 = 1e-4;
 
 fn reference(dir: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        fixtures().join(dir).join("reference.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
+    candle_core::safetensors::load(fixtures().join(dir).join("reference.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn ids(t: &Tensor) -> Tensor {
@@ -41,52 +37,22 @@ fn check_llama(dir: &str) {
     // Incremental decoding with the KV cache gives the same logits as the full pass.
     let mut cache = m.new_cache();
     let t = input.dims()[1];
-    let first = m
-        .forward(
-            &input.narrow(1, 0, 4).unwrap(),
-            0,
-            Some(&mut cache),
-            &NoHooks,
-        )
-        .unwrap();
+    let first = m.forward(&input.narrow(1, 0, 4).unwrap(), 0, Some(&mut cache), &NoHooks).unwrap();
     let mut parts = vec![first];
     for p in 4..t {
-        parts.push(
-            m.forward(
-                &input.narrow(1, p, 1).unwrap(),
-                p,
-                Some(&mut cache),
-                &NoHooks,
-            )
-            .unwrap(),
-        );
+        parts.push(m.forward(&input.narrow(1, p, 1).unwrap(), p, Some(&mut cache), &NoHooks).unwrap());
     }
     let inc = Tensor::cat(&parts, 1).unwrap();
-    assert!(
-        max_rel_err(&inc, &logits) < 1e-5,
-        "{dir}: cached decoding differs"
-    );
+    assert!(max_rel_err(&inc, &logits) < 1e-5, "{dir}: cached decoding differs");
     // Greedy generation token for token.
-    let g: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixtures().join(dir).join("generation.json")).unwrap(),
-    )
-    .unwrap();
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join(dir).join("generation.json")).unwrap()).unwrap();
     let prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
-    assert_eq!(
-        lm.tok.encode(g["prompt"].as_str().unwrap(), true).unwrap(),
-        prompt,
-        "{dir}: tokenization differs"
-    );
+    assert_eq!(lm.tok.encode(g["prompt"].as_str().unwrap(), true).unwrap(), prompt, "{dir}: tokenization differs");
     let want: Vec<u32> = serde_json::from_value(g["generated_ids"].clone()).unwrap();
-    let (mut st, first) =
-        LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt)).unwrap();
-    let s = Sampling {
-        max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize,
-        ..Default::default()
-    };
-    let got = generate::continue_batch(&mut st, &first, &s, &lm.eos)
-        .unwrap()
-        .remove(0);
+    let (mut st, first) = LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt)).unwrap();
+    let s = Sampling { max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize, ..Default::default() };
+    let got = generate::continue_batch(&mut st, &first, &s, &lm.eos).unwrap().remove(0);
     assert_eq!(got, want, "{dir}: greedy generation differs");
 }
 
@@ -109,32 +75,19 @@ fn llama3_rope_scaling_sharded() {
 fn left_padded_batch_generation_equals_single() {
     let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F32, &Device::Cpu).unwrap();
     let m = lm.llama().unwrap();
-    let prompts = vec![
-        lm.tok.encode("The capital of France is", true).unwrap(),
-        lm.tok.encode("It is", true).unwrap(),
-    ];
-    let s = Sampling {
-        max_new_tokens: 10,
-        ..Default::default()
-    };
+    let prompts = vec![lm.tok.encode("The capital of France is", true).unwrap(), lm.tok.encode("It is", true).unwrap()];
+    let s = Sampling { max_new_tokens: 10, ..Default::default() };
     let (mut st, first) = LlamaStepper::prefill(m, &NoHooks, &prompts).unwrap();
     let batched = generate::continue_batch(&mut st, &first, &s, &[]).unwrap();
     for (p, b) in prompts.iter().zip(&batched) {
         let (mut st, first) = LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(p)).unwrap();
-        let single = generate::continue_batch(&mut st, &first, &s, &[])
-            .unwrap()
-            .remove(0);
+        let single = generate::continue_batch(&mut st, &first, &s, &[]).unwrap().remove(0);
         assert_eq!(&single, b);
     }
 }
 
 fn check_clip(dir: &str) {
-    let v = memvp::vision::load_vision(
-        fixtures().join(dir).to_str().unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let v = memvp::vision::load_vision(fixtures().join(dir).to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let r = reference(dir);
     let px = &r["pixel_values"];
     let hs = v.model.hidden_states(px).unwrap();
@@ -170,18 +123,11 @@ fn image_preprocessing_matches_pil_and_torchvision() {
     let dir = fixtures().join("images");
     let r = reference("images");
     for name in ["rgb", "rgba", "gray", "pal", "photo", "photo444"] {
-        let file = if name.starts_with("photo") {
-            format!("{name}.jpg")
-        } else {
-            format!("{name}.png")
-        };
+        let file = if name.starts_with("photo") { format!("{name}.jpg") } else { format!("{name}.png") };
         let img = load_rgb(&dir.join(&file)).unwrap();
-        let dec = Tensor::from_vec(
-            img.data.iter().map(|&b| b as f32).collect::<Vec<_>>(),
-            (img.h, img.w, 3),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let dec =
+            Tensor::from_vec(img.data.iter().map(|&b| b as f32).collect::<Vec<_>>(), (img.h, img.w, 3), &Device::Cpu)
+                .unwrap();
         let want = &r[&format!("{name}.decoded")];
         let e = max_abs_err(&dec, want);
         eprintln!("{name}: decoded max abs diff {e} (0..255)");
@@ -200,18 +146,10 @@ fn image_preprocessing_matches_pil_and_torchvision() {
         }
         // Resizing from PIL's own decoded pixels is bit-exact.
         let want_dec = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let pil = memvp::image::Rgb {
-            w: img.w,
-            h: img.h,
-            data: want_dec.iter().map(|&x| x as u8).collect(),
-        };
+        let pil = memvp::image::Rgb { w: img.w, h: img.h, data: want_dec.iter().map(|&x| x as u8).collect() };
         let resized = resize_bicubic(&pil, 32, 32);
         let got = Tensor::from_vec(
-            resized
-                .data
-                .iter()
-                .map(|&b| b as f32 / 255.0)
-                .collect::<Vec<_>>(),
+            resized.data.iter().map(|&b| b as f32 / 255.0).collect::<Vec<_>>(),
             (32, 32, 3),
             &Device::Cpu,
         )
@@ -229,10 +167,7 @@ fn image_preprocessing_matches_pil_and_torchvision() {
         if name == "rgb" {
             let up = resize_bicubic(&pil, 64, 64);
             let got = Tensor::from_vec(
-                up.data
-                    .iter()
-                    .map(|&b| b as f32 / 255.0)
-                    .collect::<Vec<_>>(),
+                up.data.iter().map(|&b| b as f32 / 255.0).collect::<Vec<_>>(),
                 (64, 64, 3),
                 &Device::Cpu,
             )
@@ -261,26 +196,16 @@ fn smollm2_gguf_greedy_matches_transformers() {
         return;
     }
     let r: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("smollm2_reference.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(fixtures().join("smollm2_reference.json")).unwrap()).unwrap();
     let lm = load_lm(&path, DType::F32, &Device::Cpu).unwrap();
     let m = lm.llama().unwrap();
     for g in r["generations"].as_array().unwrap() {
         let prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();
-        assert_eq!(
-            lm.tok.encode(g["prompt"].as_str().unwrap(), true).unwrap(),
-            prompt
-        );
+        assert_eq!(lm.tok.encode(g["prompt"].as_str().unwrap(), true).unwrap(), prompt);
         let want: Vec<u32> = serde_json::from_value(g["generated_ids"].clone()).unwrap();
-        let (mut st, first) =
-            LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt)).unwrap();
-        let s = Sampling {
-            max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize,
-            ..Default::default()
-        };
-        let got = generate::continue_batch(&mut st, &first, &s, &lm.eos)
-            .unwrap()
-            .remove(0);
+        let (mut st, first) = LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&prompt)).unwrap();
+        let s = Sampling { max_new_tokens: g["max_new_tokens"].as_u64().unwrap() as usize, ..Default::default() };
+        let got = generate::continue_batch(&mut st, &first, &s, &lm.eos).unwrap().remove(0);
         assert_eq!(got, want, "prompt {:?}", g["prompt"]);
         eprintln!("SmolLM2 {:?}: {} tokens match", g["prompt"], got.len());
     }

@@ -19,9 +19,7 @@ fn softmax_grad() {
     let mut rng = Rng::new(1);
     let x = randn(&mut rng, &[3, 7], 1.0, F64);
     let r = randn(&mut rng, &[3, 7], 1.0, F64);
-    check_grads("softmax", &[x], &[true], &|t| {
-        weighted_sum(&ops::softmax_last_dim(&t[0]).unwrap(), &r)
-    });
+    check_grads("softmax", &[x], &[true], &|t| weighted_sum(&ops::softmax_last_dim(&t[0]).unwrap(), &r));
 }
 
 #[test]
@@ -30,9 +28,7 @@ fn rms_norm_grad() {
     let x = randn(&mut rng, &[2, 3, 8], 1.0, F64);
     let w = (randn(&mut rng, &[8], 0.2, F64) + 1.0).unwrap();
     let r = randn(&mut rng, &[2, 3, 8], 1.0, F64);
-    check_grads("rms_norm", &[x, w], &[true, true], &|t| {
-        weighted_sum(&ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(), &r)
-    });
+    check_grads("rms_norm", &[x, w], &[true, true], &|t| weighted_sum(&ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(), &r));
 }
 
 #[test]
@@ -54,14 +50,10 @@ fn rope_grad_shared_and_per_sample() {
     let x = randn(&mut rng, &[2, 5, 2, 6], 1.0, F64);
     let r = randn(&mut rng, &[2, 5, 2, 6], 1.0, F64);
     let (c, s) = table.range(3, 5).unwrap();
-    check_grads("rope", std::slice::from_ref(&x), &[true], &|t| {
-        weighted_sum(&ops::rope(&t[0], &c, &s).unwrap(), &r)
-    });
+    check_grads("rope", std::slice::from_ref(&x), &[true], &|t| weighted_sum(&ops::rope(&t[0], &c, &s).unwrap(), &r));
     let pos = Tensor::new(&[[0u32, 1, 2, 3, 4], [0, 0, 5, 6, 7]], &Device::Cpu).unwrap();
     let (c, s) = table.gather(&pos).unwrap();
-    check_grads("rope per-sample", &[x], &[true], &|t| {
-        weighted_sum(&ops::rope(&t[0], &c, &s).unwrap(), &r)
-    });
+    check_grads("rope per-sample", &[x], &[true], &|t| weighted_sum(&ops::rope(&t[0], &c, &s).unwrap(), &r));
 }
 
 #[test]
@@ -69,29 +61,14 @@ fn activation_grads() {
     let mut rng = Rng::new(5);
     let x = randn(&mut rng, &[3, 9], 1.5, F64);
     let r = randn(&mut rng, &[3, 9], 1.0, F64);
-    for a in [
-        Activation::Silu,
-        Activation::Gelu,
-        Activation::GeluTanh,
-        Activation::QuickGelu,
-    ] {
+    for a in [Activation::Silu, Activation::Gelu, Activation::GeluTanh, Activation::QuickGelu] {
         check_grads(&format!("{a:?}"), std::slice::from_ref(&x), &[true], &|t| {
             weighted_sum(&ops::activation(&t[0], a).unwrap(), &r)
         });
     }
     // ReLU: keep away from the kink.
-    let xr = x
-        .affine(1.0, 0.0)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .affine(1.0, 0.1)
-        .unwrap()
-        .mul(&x.sign().unwrap())
-        .unwrap();
-    check_grads("relu", &[xr], &[true], &|t| {
-        weighted_sum(&ops::activation(&t[0], Activation::Relu).unwrap(), &r)
-    });
+    let xr = x.affine(1.0, 0.0).unwrap().abs().unwrap().affine(1.0, 0.1).unwrap().mul(&x.sign().unwrap()).unwrap();
+    check_grads("relu", &[xr], &[true], &|t| weighted_sum(&ops::activation(&t[0], Activation::Relu).unwrap(), &r));
 }
 
 #[test]
@@ -101,12 +78,9 @@ fn gated_grads() {
     let u = randn(&mut rng, &[2, 3, 5], 1.0, F64);
     let r = randn(&mut rng, &[2, 3, 5], 1.0, F64);
     for a in [Activation::Silu, Activation::GeluTanh] {
-        check_grads(
-            &format!("gated {a:?}"),
-            &[g.clone(), u.clone()],
-            &[true, true],
-            &|t| weighted_sum(&ops::gated(&t[0], &t[1], a).unwrap(), &r),
-        );
+        check_grads(&format!("gated {a:?}"), &[g.clone(), u.clone()], &[true, true], &|t| {
+            weighted_sum(&ops::gated(&t[0], &t[1], a).unwrap(), &r)
+        });
     }
 }
 
@@ -118,60 +92,24 @@ fn frozen_linear_grad_and_no_weight_gradient() {
     let x = randn(&mut rng, &[2, 3, 6], 1.0, F64);
     let r = randn(&mut rng, &[2, 3, 4], 1.0, F64);
     let lin = Linear::new(w.clone(), Some(b.clone()));
-    check_grads("linear", std::slice::from_ref(&x), &[true], &|t| {
-        weighted_sum(&lin.forward(&t[0]).unwrap(), &r)
-    });
+    check_grads("linear", std::slice::from_ref(&x), &[true], &|t| weighted_sum(&lin.forward(&t[0]).unwrap(), &r));
     // Forward equals x Wᵀ + b.
-    let want = x
-        .broadcast_matmul(&w.t().unwrap())
-        .unwrap()
-        .broadcast_add(&b)
-        .unwrap();
+    let want = x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap();
     assert!(max_abs_err(&lin.forward(&x).unwrap(), &want) < 1e-12);
     // The backward pass forms nothing for the frozen weight; candle's matmul would.
     let xv = Var::from_tensor(&x).unwrap();
-    let grads = weighted_sum(&lin.forward(xv.as_tensor()).unwrap(), &r)
-        .backward()
-        .unwrap();
-    assert!(
-        grads.get(&lin.weight).is_none(),
-        "a gradient was computed for the frozen weight"
-    );
-    let grads_mm = weighted_sum(
-        &xv.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap(),
-        &r,
-    )
-    .backward()
-    .unwrap();
+    let grads = weighted_sum(&lin.forward(xv.as_tensor()).unwrap(), &r).backward().unwrap();
+    assert!(grads.get(&lin.weight).is_none(), "a gradient was computed for the frozen weight");
+    let grads_mm = weighted_sum(&xv.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap(), &r).backward().unwrap();
     let _ = grads_mm; // (candle's own matmul: kept only to document the contrast)
 }
 
-fn attn_cases() -> Vec<(
-    &'static str,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    Option<usize>,
-    bool,
-    bool,
-)> {
+fn attn_cases() -> Vec<(&'static str, usize, usize, usize, usize, usize, Option<usize>, bool, bool)> {
     // name, b, tq, tk, h, kvh, causal offset, bias, key mask
     vec![
         ("bidirectional", 2, 4, 4, 2, 2, None, false, false),
         ("causal gqa", 2, 5, 5, 4, 2, Some(0), false, false),
-        (
-            "causal with cache offset",
-            1,
-            2,
-            6,
-            2,
-            1,
-            Some(4),
-            false,
-            false,
-        ),
+        ("causal with cache offset", 1, 2, 6, 2, 1, Some(4), false, false),
         ("bias (t5)", 2, 3, 4, 2, 2, None, true, false),
         ("key mask", 2, 4, 4, 2, 2, Some(0), false, true),
     ]
@@ -187,11 +125,7 @@ fn attention_grads() {
         let v = randn(&mut rng, &[b, tk, kvh, d], 1.0, F64);
         let r = randn(&mut rng, &[b, tq, h, d], 1.0, F64);
         let bias = randn(&mut rng, &[1, h, tq, tk], 1.0, F64);
-        let mask = Tensor::new(
-            &[[1.0f64, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]],
-            &Device::Cpu,
-        )
-        .unwrap();
+        let mask = Tensor::new(&[[1.0f64, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]], &Device::Cpu).unwrap();
         let opts = AttentionOpts {
             scale: 0.7,
             causal_offset: causal,
@@ -202,12 +136,9 @@ fn attention_grads() {
         let fast = ops::attention(&q, &k, &v, opts).unwrap();
         let slow = ops::attention_reference(&q, &k, &v, opts).unwrap();
         assert!(max_abs_err(&fast, &slow) < 1e-12, "{name}: forward differs");
-        check_grads(
-            &format!("attention {name}"),
-            &[q, k, v],
-            &[true, true, true],
-            &|t| weighted_sum(&ops::attention(&t[0], &t[1], &t[2], opts).unwrap(), &r),
-        );
+        check_grads(&format!("attention {name}"), &[q, k, v], &[true, true, true], &|t| {
+            weighted_sum(&ops::attention(&t[0], &t[1], &t[2], opts).unwrap(), &r)
+        });
     }
 }
 
@@ -219,14 +150,9 @@ fn attention_on_strided_cache_views() {
     let kbuf = randn(&mut rng, &[2, 10, 2, 8], 1.0, DType::F32);
     let vbuf = randn(&mut rng, &[2, 10, 2, 8], 1.0, DType::F32);
     let (k, v) = (kbuf.narrow(1, 0, 6).unwrap(), vbuf.narrow(1, 0, 6).unwrap());
-    let o = AttentionOpts {
-        scale: 0.35,
-        causal_offset: Some(5),
-        ..Default::default()
-    };
+    let o = AttentionOpts { scale: 0.35, causal_offset: Some(5), ..Default::default() };
     let fast = ops::attention(&q, &k, &v, o).unwrap();
-    let slow = ops::attention_reference(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), o)
-        .unwrap();
+    let slow = ops::attention_reference(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), o).unwrap();
     assert!(max_abs_err(&fast, &slow) < 1e-5);
 }
 
@@ -235,19 +161,12 @@ fn cross_entropy_grad() {
     let mut rng = Rng::new(10);
     let x = randn(&mut rng, &[4, 11], 2.0, F64);
     let targets = [3u32, 0, 10, 5];
-    check_grads("cross_entropy", std::slice::from_ref(&x), &[true], &|t| {
-        ops::cross_entropy(&t[0], &targets).unwrap()
-    });
+    check_grads("cross_entropy", std::slice::from_ref(&x), &[true], &|t| ops::cross_entropy(&t[0], &targets).unwrap());
     // Value equals candle's own.
-    let want =
-        candle_nn::loss::cross_entropy(&x, &Tensor::new(&targets, &Device::Cpu).unwrap()).unwrap();
+    let want = candle_nn::loss::cross_entropy(&x, &Tensor::new(&targets, &Device::Cpu).unwrap()).unwrap();
     assert!(
-        (ops::cross_entropy(&x, &targets)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            - want.to_scalar::<f64>().unwrap())
-        .abs()
+        (ops::cross_entropy(&x, &targets).unwrap().to_scalar::<f64>().unwrap() - want.to_scalar::<f64>().unwrap())
+            .abs()
             < 1e-12
     );
 }
@@ -267,4 +186,82 @@ fn f32_kernels_match_candle_compositions() {
     let sm = ops::softmax_last_dim(&x).unwrap();
     let sm_ref = candle_nn::ops::softmax_last_dim(&x).unwrap();
     assert!(max_rel_err(&sm, &sm_ref) < 1e-5);
+}
+
+#[test]
+fn frozen_mlp_grads_and_forward() {
+    use memvp::ops::FrozenMlp;
+    let mut rng = Rng::new(12);
+    let (d, i) = (6, 10);
+    let lin = |rng: &mut Rng, o: usize, n: usize, bias: bool| {
+        Linear::new(randn(rng, &[o, n], 0.4, F64), bias.then(|| randn(rng, &[o], 0.2, F64)))
+    };
+    let x = randn(&mut rng, &[2, 3, d], 1.0, F64);
+    let r = randn(&mut rng, &[2, 3, d], 1.0, F64);
+    for (gated, act, bias) in [
+        (true, Activation::Silu, false),
+        (true, Activation::GeluTanh, false),
+        (false, Activation::Relu, true),
+        (false, Activation::QuickGelu, true),
+    ] {
+        let mlp = FrozenMlp {
+            w1: lin(&mut rng, i, d, bias),
+            w2: gated.then(|| lin(&mut rng, i, d, bias)),
+            down: lin(&mut rng, d, i, bias),
+            act,
+        };
+        // Forward equals the op-by-op composition.
+        let h1 = mlp.w1.forward(&x).unwrap();
+        let a = match &mlp.w2 {
+            Some(w2) => ops::gated(&h1, &w2.forward(&x).unwrap(), act).unwrap(),
+            None => ops::activation(&h1, act).unwrap(),
+        };
+        let want = mlp.down.forward(&a).unwrap();
+        assert!(max_abs_err(&mlp.forward(&x).unwrap(), &want) < 1e-12);
+        check_grads(&format!("mlp {act:?} gated={gated}"), std::slice::from_ref(&x), &[true], &|t| {
+            weighted_sum(&mlp.forward(&t[0]).unwrap(), &r)
+        });
+        // Nothing is formed for the frozen weights.
+        let xv = Var::from_tensor(&x).unwrap();
+        let g = weighted_sum(&mlp.forward(xv.as_tensor()).unwrap(), &r).backward().unwrap();
+        assert!(g.get(&mlp.w1.weight).is_none() && g.get(&mlp.down.weight).is_none());
+    }
+}
+
+#[test]
+fn memory_branch_grads_and_forward() {
+    let mut rng = Rng::new(13);
+    let (b, t, m, d) = (2, 3, 5, 4);
+    let u = randn(&mut rng, &[b, t, d], 1.0, F64);
+    let k = randn(&mut rng, &[b, m, d], 1.0, F64);
+    let v = randn(&mut rng, &[b, m, d], 1.0, F64);
+    let r = randn(&mut rng, &[b, t, d], 1.0, F64);
+    let mask = memvp::memvp::dropout_mask(&[b, t, m], 0.3, &mut rng, &u).unwrap();
+    for (act, mk) in [
+        (Activation::Silu, None),
+        (Activation::Silu, Some(&mask)),
+        (Activation::Gelu, Some(&mask)),
+        (Activation::GeluTanh, None),
+    ] {
+        // Forward: s · (act(u Kᵀ) ∘ mask) V
+        let a = ops::activation(&u.matmul(&k.transpose(1, 2).unwrap()).unwrap(), act).unwrap();
+        let a = match mk {
+            Some(m) => a.mul(m).unwrap(),
+            None => a,
+        };
+        let want = (a.matmul(&v).unwrap() * 0.7).unwrap();
+        let got = ops::memory_branch(&u, &k, &v, act, 0.7, mk).unwrap();
+        assert!(max_abs_err(&got, &want) < 1e-12);
+        check_grads(&format!("memory branch {act:?}"), &[u.clone(), k.clone(), v.clone()], &[true, true, true], &|x| {
+            weighted_sum(&ops::memory_branch(&x[0], &x[1], &x[2], act, 0.7, mk).unwrap(), &r)
+        });
+    }
+    // Gradients only for what is tracked: a frozen u gets nothing.
+    let (kv, vv) = (Var::from_tensor(&k).unwrap(), Var::from_tensor(&v).unwrap());
+    let g =
+        weighted_sum(&ops::memory_branch(&u, kv.as_tensor(), vv.as_tensor(), Activation::Silu, 0.7, None).unwrap(), &r)
+            .backward()
+            .unwrap();
+    assert!(g.get(&u).is_none());
+    assert!(g.get(kv.as_tensor()).is_some() && g.get(vv.as_tensor()).is_some());
 }

@@ -22,12 +22,7 @@ pub struct LoraConfig {
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self {
-            rank: 8,
-            alpha: 16.0,
-            dropout: 0.05,
-            targets: vec![Proj::Q, Proj::V],
-        }
+        Self { rank: 8, alpha: 16.0, dropout: 0.05, targets: vec![Proj::Q, Proj::V] }
     }
 }
 
@@ -57,22 +52,15 @@ impl Lora {
                 for &p in &cfg.targets {
                     let (inp, out) = dims(site, l, p);
                     let bound = 1.0 / (inp as f64).sqrt();
-                    let a: Vec<f32> = (0..cfg.rank * inp)
-                        .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
-                        .collect();
-                    let a = Var::from_tensor(
-                        &Tensor::from_vec(a, (cfg.rank, inp), dev)?.to_dtype(dtype)?,
-                    )?;
+                    let a: Vec<f32> =
+                        (0..cfg.rank * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+                    let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, inp), dev)?.to_dtype(dtype)?)?;
                     let b = Var::from_tensor(&Tensor::zeros((out, cfg.rank), dtype, dev)?)?;
                     pairs.insert((site, l, p), (a, b));
                 }
             }
         }
-        Ok(Self {
-            cfg,
-            pairs,
-            prefix_sites,
-        })
+        Ok(Self { cfg, pairs, prefix_sites })
     }
 
     pub fn scaling(&self) -> f64 {
@@ -113,11 +101,7 @@ impl Lora {
         let Some((a, b)) = self.pairs.get(&(site, layer, p)) else {
             return Ok(None);
         };
-        let x = if train {
-            dropout(x, self.cfg.dropout, &mut rng.borrow_mut())?
-        } else {
-            x.clone()
-        };
+        let x = if train { dropout(x, self.cfg.dropout, &mut rng.borrow_mut())? } else { x.clone() };
         let h = linear_t(&x, a.as_tensor(), None)?;
         Ok(Some((linear_t(&h, b.as_tensor(), None)? * self.scaling())?))
     }
@@ -131,13 +115,7 @@ pub struct LoraHooks<'a> {
 }
 
 impl LmHooks for LoraHooks<'_> {
-    fn proj_delta(
-        &self,
-        site: Site,
-        layer: usize,
-        proj: Proj,
-        x: &Tensor,
-    ) -> Result<Option<Tensor>> {
+    fn proj_delta(&self, site: Site, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
         self.lora.delta(site, layer, proj, x, self.train, self.rng)
     }
 }

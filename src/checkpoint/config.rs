@@ -19,19 +19,11 @@ impl Cfg {
         if !v.is_object() {
             bail!("{}: expected a JSON object", path.display())
         }
-        Ok(Self {
-            v,
-            file: path.to_path_buf(),
-            prefix: String::new(),
-        })
+        Ok(Self { v, file: path.to_path_buf(), prefix: String::new() })
     }
 
     pub fn from_value(v: Value, file: &Path) -> Self {
-        Self {
-            v,
-            file: file.to_path_buf(),
-            prefix: String::new(),
-        }
+        Self { v, file: file.to_path_buf(), prefix: String::new() }
     }
 
     fn where_(&self, key: &str) -> String {
@@ -55,17 +47,13 @@ impl Cfg {
             None | Some(Value::Null) => Ok(None),
             Some(x) => match x.as_u64() {
                 Some(n) => Ok(Some(n as usize)),
-                None => bail!(
-                    "{}: expected a non-negative integer, found {x}",
-                    self.where_(key)
-                ),
+                None => bail!("{}: expected a non-negative integer, found {x}", self.where_(key)),
             },
         }
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| anyhow::anyhow!("{}: missing", self.where_(key)))
+        self.opt_usize(key)?.ok_or_else(|| anyhow::anyhow!("{}: missing", self.where_(key)))
     }
 
     pub fn usize_or(&self, key: &str, d: usize) -> Result<usize> {
@@ -83,8 +71,7 @@ impl Cfg {
     }
 
     pub fn f64(&self, key: &str) -> Result<f64> {
-        self.opt_f64(key)?
-            .ok_or_else(|| anyhow::anyhow!("{}: missing", self.where_(key)))
+        self.opt_f64(key)?.ok_or_else(|| anyhow::anyhow!("{}: missing", self.where_(key)))
     }
 
     pub fn f64_or(&self, key: &str, d: f64) -> Result<f64> {
@@ -121,10 +108,7 @@ impl Cfg {
                 .map(|x| x.as_u64().map(|n| n as u32))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| anyhow::anyhow!("{}: expected token ids", self.where_(key))),
-            Some(x) => bail!(
-                "{}: expected a token id or a list of them, found {x}",
-                self.where_(key)
-            ),
+            Some(x) => bail!("{}: expected a token id or a list of them, found {x}", self.where_(key)),
         }
     }
 

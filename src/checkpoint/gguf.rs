@@ -19,20 +19,12 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         super::require_file(path)?;
-        let mut f = std::fs::File::open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
-        let content = Content::read(&mut f).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid GGUF file (truncated or corrupt?): {e}",
-                path.display()
-            )
-        })?;
+        let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let content = Content::read(&mut f)
+            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file (truncated or corrupt?): {e}", path.display()))?;
         let arch = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
-            _ => bail!(
-                "{}: metadata field `general.architecture` missing",
-                path.display()
-            ),
+            _ => bail!("{}: metadata field `general.architecture` missing", path.display()),
         };
         if arch != "llama" {
             bail!(
@@ -40,12 +32,7 @@ impl GgufFile {
                 path.display()
             )
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            content,
-            file: Mutex::new(f),
-            arch,
-        })
+        Ok(Self { path: path.to_path_buf(), content, file: Mutex::new(f), arch })
     }
 
     pub fn meta(&self, key: &str) -> Option<&Value> {
@@ -58,15 +45,9 @@ impl GgufFile {
         match self.meta(&full) {
             None => Ok(None),
             Some(v) => Ok(Some(
-                v.to_u64()
-                    .or_else(|_| v.to_u32().map(u64::from))
-                    .or_else(|_| v.to_i32().map(|x| x as u64))
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "{}: metadata field `{full}` is not an integer",
-                            self.path.display()
-                        )
-                    })? as usize,
+                v.to_u64().or_else(|_| v.to_u32().map(u64::from)).or_else(|_| v.to_i32().map(|x| x as u64)).map_err(
+                    |_| anyhow::anyhow!("{}: metadata field `{full}` is not an integer", self.path.display()),
+                )? as usize,
             )),
         }
     }
@@ -75,28 +56,17 @@ impl GgufFile {
         let full = format!("{}.{key}", self.arch);
         match self.meta(&full) {
             None => Ok(None),
-            Some(v) => Ok(Some(
-                v.to_f32()
-                    .map(f64::from)
-                    .or_else(|_| v.to_f64())
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "{}: metadata field `{full}` is not a number",
-                            self.path.display()
-                        )
-                    })?,
-            )),
+            Some(v) => {
+                Ok(Some(v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map_err(|_| {
+                    anyhow::anyhow!("{}: metadata field `{full}` is not a number", self.path.display())
+                })?))
+            }
         }
     }
 
     pub fn require_usize(&self, key: &str) -> Result<usize> {
-        self.arch_usize(key)?.with_context(|| {
-            format!(
-                "{}: metadata field `{}.{key}` missing",
-                self.path.display(),
-                self.arch
-            )
-        })
+        self.arch_usize(key)?
+            .with_context(|| format!("{}: metadata field `{}.{key}` missing", self.path.display(), self.arch))
     }
 
     fn heads(&self) -> Result<(usize, usize)> {
@@ -138,11 +108,7 @@ impl GgufFile {
     }
 
     pub fn hf_names(&self) -> Vec<String> {
-        let mut v = vec![
-            "model.embed_tokens.weight".to_string(),
-            "model.norm.weight".into(),
-            "lm_head.weight".into(),
-        ];
+        let mut v = vec!["model.embed_tokens.weight".to_string(), "model.norm.weight".into(), "lm_head.weight".into()];
         let layers = self.arch_usize("block_count").ok().flatten().unwrap_or(0);
         for i in 0..layers {
             for t in [
@@ -170,28 +136,18 @@ impl GgufFile {
         }
         let mut f = self.file.lock().unwrap();
         let q = self.content.tensor(&mut *f, name, dev).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: cannot read tensor `{name}` (truncated or corrupt?): {e}",
-                self.path.display()
-            )
+            anyhow::anyhow!("{}: cannot read tensor `{name}` (truncated or corrupt?): {e}", self.path.display())
         })?;
-        q.dequantize(dev)
-            .with_context(|| format!("{}: cannot dequantize tensor `{name}`", self.path.display()))
+        q.dequantize(dev).with_context(|| format!("{}: cannot dequantize tensor `{name}`", self.path.display()))
     }
 
     /// Loads a tensor by its Hugging Face name.
     pub fn load_hf(&self, hf: &str, dev: &Device) -> Result<Tensor> {
         let Some(g) = Self::gguf_name(hf) else {
-            bail!(
-                "{}: no GGUF tensor corresponds to `{hf}`",
-                self.path.display()
-            )
+            bail!("{}: no GGUF tensor corresponds to `{hf}`", self.path.display())
         };
         if !self.content.tensor_infos.contains_key(&g) {
-            bail!(
-                "{}: tensor `{g}` (for `{hf}`) not found",
-                self.path.display()
-            )
+            bail!("{}: tensor `{g}` (for `{hf}`) not found", self.path.display())
         }
         let t = self.load_raw(&g, dev)?;
         let (h, kv) = self.heads()?;
@@ -213,8 +169,5 @@ fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
         bail!("q/k weight of {out} rows cannot be split into {heads} heads")
     }
     let half = out / heads / 2;
-    Ok(w.reshape((heads, half, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))?)
+    Ok(w.reshape((heads, half, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }

@@ -18,8 +18,7 @@ use std::path::{Path, PathBuf};
 
 /// Reads and parses a JSON file, naming it in every error.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed JSON", path.display()))
 }
 
@@ -49,30 +48,18 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .values()
             .map(|f| f.as_str().map(str::to_string))
             .collect::<Option<_>>()
-            .with_context(|| {
-                format!(
-                    "{}: `weight_map` values must be file names",
-                    index.display()
-                )
-            })?;
+            .with_context(|| format!("{}: `weight_map` values must be file names", index.display()))?;
         files.sort();
         files.dedup();
         let files: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
         for f in &files {
             if !f.is_file() {
-                bail!(
-                    "{}: shard listed in {} not found",
-                    f.display(),
-                    index.display()
-                )
+                bail!("{}: shard listed in {} not found", f.display(), index.display())
             }
         }
         return Ok(files);
     }
-    bail!(
-        "{}: no model.safetensors or model.safetensors.index.json in this directory",
-        dir.display()
-    )
+    bail!("{}: no model.safetensors or model.safetensors.index.json in this directory", dir.display())
 }
 
 /// A content hash of a base model: SHA-256 over its config and every weight file, so that an
@@ -80,13 +67,10 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn fingerprint(files: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     for f in files {
-        let mut r =
-            std::fs::File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
+        let mut r = std::fs::File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = r
-                .read(&mut buf)
-                .with_context(|| format!("{}: read error", f.display()))?;
+            let n = r.read(&mut buf).with_context(|| format!("{}: read error", f.display()))?;
             if n == 0 {
                 break;
             }

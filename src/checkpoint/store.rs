@@ -43,15 +43,10 @@ impl Weights {
         let mut maps = Vec::new();
         let mut index = HashMap::new();
         for (i, f) in files.iter().enumerate() {
-            let file =
-                std::fs::File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
-            let mmap = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("{}: cannot map", f.display()))?;
+            let file = std::fs::File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", f.display()))?;
             let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not a valid safetensors file (truncated or corrupt?): {e}",
-                    f.display()
-                )
+                anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", f.display())
             })?;
             for name in st.names() {
                 index.insert(name.to_string(), i);
@@ -67,25 +62,12 @@ impl Weights {
     }
 
     pub fn from_gguf(g: Arc<GgufFile>, dtype: DType, device: &Device) -> Self {
-        Self {
-            src: Arc::new(Source::Gguf(g)),
-            prefix: String::new(),
-            dtype,
-            device: device.clone(),
-        }
+        Self { src: Arc::new(Source::Gguf(g)), prefix: String::new(), dtype, device: device.clone() }
     }
 
-    pub fn from_tensors(
-        label: &str,
-        tensors: HashMap<String, Tensor>,
-        dtype: DType,
-        device: &Device,
-    ) -> Self {
+    pub fn from_tensors(label: &str, tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
         Self {
-            src: Arc::new(Source::Memory {
-                label: label.to_string(),
-                tensors,
-            }),
+            src: Arc::new(Source::Memory { label: label.to_string(), tensors }),
             prefix: String::new(),
             dtype,
             device: device.clone(),
@@ -118,23 +100,12 @@ impl Weights {
 
     /// A view whose names are prefixed by `p.` (like candle's VarBuilder::pp).
     pub fn pp(&self, p: impl std::fmt::Display) -> Self {
-        let prefix = if self.prefix.is_empty() {
-            p.to_string()
-        } else {
-            format!("{}.{p}", self.prefix)
-        };
-        Self {
-            prefix,
-            ..self.clone()
-        }
+        let prefix = if self.prefix.is_empty() { p.to_string() } else { format!("{}.{p}", self.prefix) };
+        Self { prefix, ..self.clone() }
     }
 
     pub fn full_name(&self, n: &str) -> String {
-        if self.prefix.is_empty() {
-            n.to_string()
-        } else {
-            format!("{}.{n}", self.prefix)
-        }
+        if self.prefix.is_empty() { n.to_string() } else { format!("{}.{n}", self.prefix) }
     }
 
     /// Where the weights come from, for messages.
@@ -143,14 +114,8 @@ impl Weights {
             Source::Safetensors { files, .. } => match files.as_slice() {
                 [(f, _)] => f.display().to_string(),
                 fs => {
-                    let dir = fs
-                        .first()
-                        .and_then(|(f, _)| f.parent())
-                        .unwrap_or(Path::new("."));
-                    format!(
-                        "{} (sharded)",
-                        dir.join("model.safetensors.index.json").display()
-                    )
+                    let dir = fs.first().and_then(|(f, _)| f.parent()).unwrap_or(Path::new("."));
+                    format!("{} (sharded)", dir.join("model.safetensors.index.json").display())
                 }
             },
             Source::Gguf(g) => g.path.display().to_string(),
@@ -174,20 +139,13 @@ impl Weights {
             Source::Safetensors { index, .. } => index.keys().cloned().collect(),
             Source::Gguf(g) => g.hf_names(),
             Source::Memory { tensors, .. } => tensors.keys().cloned().collect(),
-            Source::Random { made, .. } => made
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(n, _)| n.clone())
-                .collect(),
+            Source::Random { made, .. } => made.lock().unwrap().iter().map(|(n, _)| n.clone()).collect(),
         };
         let mut v: Vec<String> = if self.prefix.is_empty() {
             all
         } else {
             let p = format!("{}.", self.prefix);
-            all.into_iter()
-                .filter_map(|n| n.strip_prefix(&p).map(str::to_string))
-                .collect()
+            all.into_iter().filter_map(|n| n.strip_prefix(&p).map(str::to_string)).collect()
         };
         v.sort();
         v
@@ -198,35 +156,24 @@ impl Weights {
         let full = self.full_name(n);
         let t = match &*self.src {
             Source::Safetensors { files, index } => {
-                let Some(&i) = index.get(&full) else {
-                    bail!("{}: tensor `{full}` not found", self.label())
-                };
+                let Some(&i) = index.get(&full) else { bail!("{}: tensor `{full}` not found", self.label()) };
                 let (path, mmap) = &files[i];
                 let st = safetensors::SafeTensors::deserialize(mmap)
                     .map_err(|e| anyhow::anyhow!("{}: corrupt safetensors: {e}", path.display()))?;
-                let view = st
-                    .tensor(&full)
-                    .map_err(|e| anyhow::anyhow!("{}: tensor `{full}`: {e}", path.display()))?;
-                view.load(&self.device)
-                    .with_context(|| format!("{}: cannot read tensor `{full}`", path.display()))?
+                let view = st.tensor(&full).map_err(|e| anyhow::anyhow!("{}: tensor `{full}`: {e}", path.display()))?;
+                view.load(&self.device).with_context(|| format!("{}: cannot read tensor `{full}`", path.display()))?
             }
             Source::Gguf(g) => g.load_hf(&full, &self.device)?,
             Source::Memory { tensors, label } => match tensors.get(&full) {
                 Some(t) => t.clone(),
                 None => bail!("{label}: tensor `{full}` not found"),
             },
-            Source::Random { made, label, .. } => {
-                match made.lock().unwrap().iter().find(|(n, _)| *n == full) {
-                    Some((_, v)) => v.as_tensor().clone(),
-                    None => bail!("{label}: tensor `{full}` has not been made"),
-                }
-            }
+            Source::Random { made, label, .. } => match made.lock().unwrap().iter().find(|(n, _)| *n == full) {
+                Some((_, v)) => v.as_tensor().clone(),
+                None => bail!("{label}: tensor `{full}` has not been made"),
+            },
         };
-        if t.dtype() == self.dtype {
-            Ok(t)
-        } else {
-            Ok(t.to_dtype(self.dtype)?)
-        }
+        if t.dtype() == self.dtype { Ok(t) } else { Ok(t.to_dtype(self.dtype)?) }
     }
 
     /// Loads a tensor and checks it has the shape the config implies.
@@ -267,11 +214,7 @@ impl Weights {
     }
 
     pub fn get_opt(&self, shape: impl Into<Shape>, n: &str) -> Result<Option<Tensor>> {
-        if self.contains(n) {
-            self.get(shape, n).map(Some)
-        } else {
-            Ok(None)
-        }
+        if self.contains(n) { self.get(shape, n).map(Some) } else { Ok(None) }
     }
 }
 
@@ -289,35 +232,19 @@ pub fn save_safetensors_atomic(
         let (dtype, bytes) = match t.dtype() {
             DType::F32 => (
                 safetensors::Dtype::F32,
-                t.flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect::<Vec<u8>>(),
+                t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
             ),
             DType::F64 => (
                 safetensors::Dtype::F64,
-                t.flatten_all()?
-                    .to_vec1::<f64>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
+                t.flatten_all()?.to_vec1::<f64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
             DType::I64 => (
                 safetensors::Dtype::I64,
-                t.flatten_all()?
-                    .to_vec1::<i64>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
+                t.flatten_all()?.to_vec1::<i64>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
             DType::U32 => (
                 safetensors::Dtype::U32,
-                t.flatten_all()?
-                    .to_vec1::<u32>()?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
+                t.flatten_all()?.to_vec1::<u32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
             dt => bail!("cannot save dtype {dt:?} for tensor {n}"),
         };
@@ -325,12 +252,7 @@ pub fn save_safetensors_atomic(
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, d, s, b)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
-            ))
-        })
+        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let bytes = safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("{e}"))?;

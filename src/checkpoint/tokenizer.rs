@@ -21,25 +21,17 @@ impl Tok {
     }
 
     pub fn from_json(v: &serde_json::Value) -> Result<Self> {
-        let inner: tokenizers::Tokenizer = v
-            .to_string()
-            .parse()
-            .map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
+        let inner: tokenizers::Tokenizer = v.to_string().parse().map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
         Ok(Self { inner })
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let e = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let e = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok(e.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| anyhow!("tokenizer: {e}"))
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -56,9 +48,7 @@ fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>> {
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| {
-                v.to_string().cloned().map_err(|_| {
-                    anyhow!("{}: metadata `{key}` must hold strings", g.path.display())
-                })
+                v.to_string().cloned().map_err(|_| anyhow!("{}: metadata `{key}` must hold strings", g.path.display()))
             })
             .collect(),
         Some(_) => bail!("{}: metadata `{key}` must be an array", g.path.display()),
@@ -68,25 +58,16 @@ fn strings(g: &GgufFile, key: &str) -> Result<Vec<String>> {
 
 fn ints(g: &GgufFile, key: &str) -> Vec<i64> {
     match g.meta(key) {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| {
-                v.to_i32()
-                    .map(i64::from)
-                    .or_else(|_| v.to_u32().map(i64::from))
-                    .unwrap_or(1)
-            })
-            .collect(),
+        Some(Value::Array(a)) => {
+            a.iter().map(|v| v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).unwrap_or(1)).collect()
+        }
         _ => vec![],
     }
 }
 
 fn floats(g: &GgufFile, key: &str) -> Vec<f64> {
     match g.meta(key) {
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| v.to_f32().map(f64::from).unwrap_or(0.0))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().map(f64::from).unwrap_or(0.0)).collect(),
         _ => vec![],
     }
 }
@@ -107,17 +88,11 @@ const USER_DEFINED: i64 = 4;
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tok> {
     let model = match g.meta("tokenizer.ggml.model") {
         Some(Value::String(s)) => s.clone(),
-        _ => bail!(
-            "{}: metadata field `tokenizer.ggml.model` missing",
-            g.path.display()
-        ),
+        _ => bail!("{}: metadata field `tokenizer.ggml.model` missing", g.path.display()),
     };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
     if tokens.is_empty() {
-        bail!(
-            "{}: metadata field `tokenizer.ggml.tokens` missing or empty",
-            g.path.display()
-        )
+        bail!("{}: metadata field `tokenizer.ggml.tokens` missing or empty", g.path.display())
     }
     let types = ints(g, "tokenizer.ggml.token_type");
     let bos = id(g, "tokenizer.ggml.bos_token_id");
@@ -130,11 +105,8 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tok> {
             json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": !special, "special": special})
         })
         .collect();
-    let vocab: serde_json::Map<String, serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let template = |add_bos: bool, bos_tok: Option<&String>| -> serde_json::Value {
         match (add_bos, bos_tok) {
             (true, Some(b)) => json!({
@@ -171,13 +143,9 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tok> {
             })
         }
         "llama" => spm_json(g, &tokens, &types, added, vocab, bos_tok, &template)?,
-        other => bail!(
-            "{}: unsupported tokenizer.ggml.model `{other}` (supported: gpt2, llama)",
-            g.path.display()
-        ),
+        other => bail!("{}: unsupported tokenizer.ggml.model `{other}` (supported: gpt2, llama)", g.path.display()),
     };
-    Tok::from_json(&v)
-        .with_context(|| format!("{}: building the {model} tokenizer", g.path.display()))
+    Tok::from_json(&v).with_context(|| format!("{}: building the {model} tokenizer", g.path.display()))
 }
 
 /// transformers' `GGUFLlamaConverter`: a byte-fallback BPE whose merges are generated from the
@@ -228,11 +196,7 @@ fn spm_json(
 /// lengths of the two parts.
 fn generate_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
     use std::collections::HashMap;
-    let index: HashMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(String, String, f64, usize)> = Vec::new();
     let mut order = 0usize;
     for (i, piece) in tokens.iter().enumerate() {
@@ -255,13 +219,7 @@ fn generate_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
     merges.sort_by(|a, b| {
         let ka = (a.2, a.0.chars().count(), a.1.chars().count());
         let kb = (b.2, b.0.chars().count(), b.1.chars().count());
-        kb.0.total_cmp(&ka.0)
-            .then(kb.1.cmp(&ka.1))
-            .then(kb.2.cmp(&ka.2))
-            .then(a.3.cmp(&b.3))
+        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2)).then(a.3.cmp(&b.3))
     });
-    merges
-        .into_iter()
-        .map(|(l, r, _, _)| format!("{l} {r}"))
-        .collect()
+    merges.into_iter().map(|(l, r, _, _)| format!("{l} {r}")).collect()
 }

@@ -47,11 +47,7 @@ pub fn encode(tok: &Tok, s: &Sample, eos: u32, max_len: usize) -> Result<Encoded
             prompt = std::iter::once(first).chain(tail).collect();
         }
     }
-    Ok(Encoded {
-        prompt,
-        target,
-        image: s.image.clone(),
-    })
+    Ok(Encoded { prompt, target, image: s.image.clone() })
 }
 
 /// The ids given to generation at evaluation: prompt ++ tokens of `eval_prefix`.
@@ -73,12 +69,7 @@ pub struct ImageCache {
 
 impl ImageCache {
     pub fn new(pre: Preprocess, budget_bytes: usize) -> Self {
-        Self {
-            pre,
-            map: Mutex::new(HashMap::new()),
-            budget_floats: budget_bytes / 4,
-            used: Mutex::new(0),
-        }
+        Self { pre, map: Mutex::new(HashMap::new()), budget_floats: budget_bytes / 4, used: Mutex::new(0) }
     }
 
     pub fn get(&self, p: &PathBuf) -> Result<Arc<Vec<f32>>> {
@@ -130,13 +121,7 @@ impl BatchBuilder {
         // Decode images in parallel.
         let px: Vec<Option<Result<Arc<Vec<f32>>>>> = idx
             .par_iter()
-            .map(|&i| {
-                if self.blind {
-                    None
-                } else {
-                    self.samples[i].image.as_ref().map(|p| self.cache.get(p))
-                }
-            })
+            .map(|&i| if self.blind { None } else { self.samples[i].image.as_ref().map(|p| self.cache.get(p)) })
             .collect();
         let mut rows = Vec::new();
         let mut pixels: Vec<Option<Arc<Vec<f32>>>> = Vec::new();
@@ -145,7 +130,7 @@ impl BatchBuilder {
             match p {
                 Some(Err(e)) if self.skip_bad_images => {
                     skipped += 1;
-                    let _ = e;
+                    eprintln!("skipping a sample: {e:#}");
                     continue;
                 }
                 Some(Err(e)) => return Err(e.context("use --skip-bad-images to skip such samples")),
@@ -158,10 +143,7 @@ impl BatchBuilder {
             bail!("every sample of this batch was skipped")
         }
         let b = rows.len();
-        let indicator: Vec<f32> = pixels
-            .iter()
-            .map(|p| if p.is_some() { 1.0 } else { 0.0 })
-            .collect();
+        let indicator: Vec<f32> = pixels.iter().map(|p| if p.is_some() { 1.0 } else { 0.0 }).collect();
         let pixels = if pixels.iter().any(Option::is_some) {
             let mut buf = Vec::with_capacity(b * 3 * s * s);
             for p in &pixels {
@@ -177,11 +159,7 @@ impl BatchBuilder {
         let (mut pos, mut tgt) = (Vec::new(), Vec::new());
         let (input_ids, input_lens, decoder_ids) = match self.layout {
             TextLayout::DecoderOnly => {
-                let t = rows
-                    .iter()
-                    .map(|r| r.prompt.len() + r.target.len())
-                    .max()
-                    .unwrap();
+                let t = rows.iter().map(|r| r.prompt.len() + r.target.len()).max().unwrap();
                 let mut ids = vec![0u32; b * t];
                 let mut lens = Vec::with_capacity(b);
                 for (ri, r) in rows.iter().enumerate() {
@@ -252,10 +230,7 @@ impl Prefetcher {
                 }
             }
         });
-        Self {
-            rx,
-            handle: Some(handle),
-        }
+        Self { rx, handle: Some(handle) }
     }
 
     pub fn next_batch(&mut self) -> Option<Result<Batch>> {

@@ -116,10 +116,7 @@ impl CocoCaptions {
                 dir.display()
             )
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            opts: opts.clone(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), opts: opts.clone() })
     }
 
     pub fn karpathy_path(&self) -> PathBuf {
@@ -128,9 +125,7 @@ impl CocoCaptions {
 
     /// `DIR/annotations/captions_{folder}.json`.
     pub fn official_path(&self, folder: &str) -> PathBuf {
-        self.dir
-            .join("annotations")
-            .join(format!("captions_{folder}.json"))
+        self.dir.join("annotations").join(format!("captions_{folder}.json"))
     }
 }
 
@@ -143,27 +138,15 @@ impl Dataset for CocoCaptions {
         let (parts, unit) = parse_split(split)?;
         let kf = self.karpathy_path();
         let file: KarpathyFile = read_typed(&kf, "Karpathy split file", diagnose)?;
-        let prompt = self
-            .opts
-            .caption_prompt
-            .clone()
-            .unwrap_or_else(|| DEFAULT_PROMPT.to_string());
+        let prompt = self.opts.caption_prompt.clone().unwrap_or_else(|| DEFAULT_PROMPT.to_string());
         let mut out = Vec::new();
         for (i, img) in file.images.iter().enumerate() {
             if !parts.contains(&img.split.as_str()) {
                 continue;
             }
-            let refs: Vec<String> = img
-                .sentences
-                .iter()
-                .map(|s| s.raw.trim().to_string())
-                .collect();
+            let refs: Vec<String> = img.sentences.iter().map(|s| s.raw.trim().to_string()).collect();
             if refs.is_empty() {
-                bail!(
-                    "{}: images[{i}] (cocoid {}): field `sentences` is empty",
-                    kf.display(),
-                    img.cocoid
-                )
+                bail!("{}: images[{i}] (cocoid {}): field `sentences` is empty", kf.display(), img.cocoid)
             }
             let image = self.dir.join(&img.filepath).join(&img.filename);
             let extra = json!({"image_id": img.cocoid, "filepath": img.filepath});
@@ -187,11 +170,7 @@ impl Dataset for CocoCaptions {
             }
         }
         if out.is_empty() {
-            bail!(
-                "{}: split `{split}` is empty (no image has split {})",
-                kf.display(),
-                parts.join(" or ")
-            )
+            bail!("{}: split `{split}` is empty (no image has split {})", kf.display(), parts.join(" or "))
         }
         Ok(out)
     }
@@ -202,11 +181,7 @@ impl Dataset for CocoCaptions {
 
     fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored> {
         if samples.len() != outputs.len() {
-            bail!(
-                "coco-captions: {} samples but {} generated captions",
-                samples.len(),
-                outputs.len()
-            )
+            bail!("coco-captions: {} samples but {} generated captions", samples.len(), outputs.len())
         }
         if samples.is_empty() {
             bail!("coco-captions: nothing to score")
@@ -217,12 +192,9 @@ impl Dataset for CocoCaptions {
         let mut images: Vec<&Sample> = Vec::new();
         let mut folders: Vec<String> = Vec::new();
         for (s, o) in samples.iter().zip(outputs) {
-            let id = s.extra["image_id"].as_i64().with_context(|| {
-                format!(
-                    "coco-captions: sample {} has no image_id (not a COCO sample)",
-                    s.id
-                )
-            })?;
+            let id = s.extra["image_id"]
+                .as_i64()
+                .with_context(|| format!("coco-captions: sample {} has no image_id (not a COCO sample)", s.id))?;
             if !seen.insert(id) {
                 continue;
             }
@@ -242,19 +214,11 @@ impl Dataset for CocoCaptions {
                 match v.get("images") {
                     Some(Value::Array(a)) => all_images.extend(a.iter().cloned()),
                     None => {}
-                    Some(other) => bail!(
-                        "{}: field `images` must be a list, found {}",
-                        p.display(),
-                        show(other)
-                    ),
+                    Some(other) => bail!("{}: field `images` must be a list, found {}", p.display(), show(other)),
                 }
                 match v.get("annotations") {
                     Some(Value::Array(a)) => all_anns.extend(a.iter().cloned()),
-                    Some(other) => bail!(
-                        "{}: field `annotations` must be a list, found {}",
-                        p.display(),
-                        show(other)
-                    ),
+                    Some(other) => bail!("{}: field `annotations` must be a list, found {}", p.display(), show(other)),
                     None => bail!("{}: missing field `annotations`", p.display()),
                 }
             }
@@ -277,10 +241,7 @@ impl Dataset for CocoCaptions {
             let kf = self.karpathy_path();
             (
                 json!({"images": imgs, "annotations": anns}),
-                format!(
-                    "karpathy {} (references of the evaluated images)",
-                    kf.display()
-                ),
+                format!("karpathy {} (references of the evaluated images)", kf.display()),
                 kf.display().to_string(),
             )
         };
@@ -300,10 +261,6 @@ impl Dataset for CocoCaptions {
             ("ROUGE_L".to_string(), 100.0 * s.rouge_l, n),
             ("CIDEr".to_string(), 100.0 * s.cider, n),
         ];
-        Ok(Scored {
-            preds,
-            metrics,
-            table,
-        })
+        Ok(Scored { preds, metrics, table })
     }
 }

@@ -14,9 +14,7 @@ pub struct EasyVqa {
     answers: Vec<String>,
 }
 
-const COLOURS: &[&str] = &[
-    "red", "green", "blue", "black", "gray", "grey", "teal", "brown", "yellow",
-];
+const COLOURS: &[&str] = &["red", "green", "blue", "black", "gray", "grey", "teal", "brown", "yellow"];
 
 pub fn question_type(answer: &str) -> &'static str {
     match answer {
@@ -29,10 +27,7 @@ pub fn question_type(answer: &str) -> &'static str {
 impl EasyVqa {
     pub fn open(dir: &Path, opts: &DataOptions) -> Result<Self> {
         if !dir.is_dir() {
-            bail!(
-                "{}: easy-VQA data directory not found (expected train/, test/, answers.txt)",
-                dir.display()
-            )
+            bail!("{}: easy-VQA data directory not found (expected train/, test/, answers.txt)", dir.display())
         }
         let af = dir.join("answers.txt");
         let answers = std::fs::read_to_string(&af)
@@ -41,11 +36,7 @@ impl EasyVqa {
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
             .collect();
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            opts: opts.clone(),
-            answers,
-        })
+        Ok(Self { dir: dir.to_path_buf(), opts: opts.clone(), answers })
     }
 
     pub fn answers(&self) -> &[String] {
@@ -64,17 +55,12 @@ impl Dataset for EasyVqa {
             bail!("{}: split `{split}` not found", qf.display())
         }
         let Value::Array(rows) = read_json_file(&qf)? else {
-            bail!(
-                "{}: expected a list of [question, answer, image_id]",
-                qf.display()
-            )
+            bail!("{}: expected a list of [question, answer, image_id]", qf.display())
         };
         let mut out = Vec::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
             let (q, a, id) = match r.as_array().map(|a| a.as_slice()) {
-                Some([Value::String(q), Value::String(a), Value::Number(id)])
-                    if id.as_u64().is_some() =>
-                {
+                Some([Value::String(q), Value::String(a), Value::Number(id)]) if id.as_u64().is_some() => {
                     (q, a, id.as_u64().unwrap())
                 }
                 _ => bail!(
@@ -84,12 +70,7 @@ impl Dataset for EasyVqa {
             };
             out.push(Sample {
                 id: format!("{split}-{i}"),
-                image: Some(
-                    self.dir
-                        .join(split)
-                        .join("images")
-                        .join(format!("{id}.png")),
-                ),
+                image: Some(self.dir.join(split).join("images").join(format!("{id}.png"))),
                 prompt: open_ended(self.opts.vqa_template.as_deref(), q),
                 answer: a.clone(),
                 eval_prefix: String::new(),

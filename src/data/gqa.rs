@@ -56,10 +56,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an object of questions keyed by question id")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
                 while let Some((k, v)) = m.next_entry::<String, T>()? {
                     out.push((k, v));
@@ -95,12 +92,7 @@ struct Types {
 }
 
 fn diagnose(v: &Value) -> Result<()> {
-    let Value::Object(m) = v else {
-        bail!(
-            "expected an object of questions keyed by question id, found {}",
-            show(v)
-        )
-    };
+    let Value::Object(m) = v else { bail!("expected an object of questions keyed by question id, found {}", show(v)) };
     for (qid, q) in m {
         let at = || format!("question {qid}");
         check_str(q, "imageId", &at)?;
@@ -108,11 +100,7 @@ fn diagnose(v: &Value) -> Result<()> {
         check_opt_str(q, "answer", &at)?;
         match q.get("isBalanced") {
             None | Some(Value::Null) | Some(Value::Bool(_)) => {}
-            Some(other) => bail!(
-                "{}: field `isBalanced` must be a boolean, found {}",
-                at(),
-                show(other)
-            ),
+            Some(other) => bail!("{}: field `isBalanced` must be a boolean, found {}", at(), show(other)),
         }
         match q.get("types") {
             None | Some(Value::Null) => {}
@@ -122,11 +110,7 @@ fn diagnose(v: &Value) -> Result<()> {
                 check_opt_str(t, "semantic", &at2)?;
                 check_opt_str(t, "detailed", &at2)?;
             }
-            Some(other) => bail!(
-                "{}: field `types` must be an object, found {}",
-                at(),
-                show(other)
-            ),
+            Some(other) => bail!("{}: field `types` must be an object, found {}", at(), show(other)),
         }
     }
     Ok(())
@@ -135,23 +119,13 @@ fn diagnose(v: &Value) -> Result<()> {
 impl Gqa {
     pub fn open(dir: &Path, opts: &DataOptions) -> Result<Self> {
         if !dir.is_dir() {
-            bail!(
-                "{}: GQA directory not found (expected {{split}}_balanced_questions.json and images/)",
-                dir.display()
-            )
+            bail!("{}: GQA directory not found (expected {{split}}_balanced_questions.json and images/)", dir.display())
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            opts: opts.clone(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), opts: opts.clone() })
     }
 
     pub fn questions_path(&self, split: &str) -> PathBuf {
-        find_file(
-            &self.dir,
-            &questions_file_name(&split_name(split)),
-            &["questions"],
-        )
+        find_file(&self.dir, &questions_file_name(&split_name(split)), &["questions"])
     }
 
     fn load(&self, split: &str) -> Result<(PathBuf, Vec<(String, Question)>)> {
@@ -178,11 +152,7 @@ impl Dataset for Gqa {
         if questions.is_empty() {
             bail!("{}: split `{split}` has no questions", qf.display())
         }
-        let template = self
-            .opts
-            .vqa_template
-            .as_deref()
-            .unwrap_or(DEFAULT_TEMPLATE);
+        let template = self.opts.vqa_template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
         let images = self.dir.join("images");
         Ok(questions
             .into_iter()
@@ -205,11 +175,7 @@ impl Dataset for Gqa {
 
     fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored> {
         if samples.len() != outputs.len() {
-            bail!(
-                "gqa: {} samples but {} generated answers",
-                samples.len(),
-                outputs.len()
-            )
+            bail!("gqa: {} samples but {} generated answers", samples.len(), outputs.len())
         }
         if samples.is_empty() {
             bail!("gqa: nothing to score")
@@ -234,12 +200,9 @@ impl Dataset for Gqa {
         let mut files = Vec::new();
         for (split, ids) in &splits {
             let (qf, questions) = self.load(split)?;
-            let by_id: HashMap<&str, &Question> =
-                questions.iter().map(|(k, q)| (k.as_str(), q)).collect();
+            let by_id: HashMap<&str, &Question> = questions.iter().map(|(k, q)| (k.as_str(), q)).collect();
             for id in ids {
-                let q = by_id
-                    .get(id)
-                    .with_context(|| format!("{}: no question {id}", qf.display()))?;
+                let q = by_id.get(id).with_context(|| format!("{}: no question {id}", qf.display()))?;
                 let Some(answer) = &q.answer else {
                     bail!(
                         "{}: question {id} has no `answer` (GQA test and challenge answers are only scored by the official evaluation server)",
@@ -253,11 +216,8 @@ impl Dataset for Gqa {
                 }
                 if let Some(t) = &q.types {
                     let mut tm = Map::new();
-                    for (k, v) in [
-                        ("structural", &t.structural),
-                        ("semantic", &t.semantic),
-                        ("detailed", &t.detailed),
-                    ] {
+                    for (k, v) in [("structural", &t.structural), ("semantic", &t.semantic), ("detailed", &t.detailed)]
+                    {
                         if let Some(v) = v {
                             tm.insert(k.into(), json!(v));
                         }
@@ -283,10 +243,6 @@ impl Dataset for Gqa {
         for (k, v) in &s.per_semantic_type {
             table.push((k.clone(), *v, s.count_semantic_type[k]));
         }
-        Ok(Scored {
-            preds,
-            metrics: s.to_json(),
-            table,
-        })
+        Ok(Scored { preds, metrics: s.to_json(), table })
     }
 }

@@ -20,24 +20,13 @@ impl Jsonl {
         if !file.is_file() {
             bail!("{}: file not found", file.display())
         }
-        Ok(Self {
-            file: file.to_path_buf(),
-            opts: opts.clone(),
-        })
+        Ok(Self { file: file.to_path_buf(), opts: opts.clone() })
     }
 
     fn split_file(&self, split: &str) -> PathBuf {
-        let stem = self
-            .file
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
+        let stem = self.file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         let cand = self.file.with_file_name(format!("{stem}.{split}.jsonl"));
-        if cand.is_file() {
-            cand
-        } else {
-            self.file.clone()
-        }
+        if cand.is_file() { cand } else { self.file.clone() }
     }
 }
 
@@ -45,10 +34,7 @@ fn get_str(v: &Value, key: &str, file: &Path, line: usize) -> Result<String> {
     match v.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
         None => bail!("{}:{line}: missing field `{key}`", file.display()),
-        Some(other) => bail!(
-            "{}:{line}: field `{key}` must be a string, found {other}",
-            file.display()
-        ),
+        Some(other) => bail!("{}:{line}: field `{key}` must be a string, found {other}", file.display()),
     }
 }
 
@@ -59,8 +45,7 @@ impl Dataset for Jsonl {
 
     fn samples(&self, split: &str) -> Result<Vec<Sample>> {
         let file = self.split_file(split);
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("{}: cannot read", file.display()))?;
+        let text = std::fs::read_to_string(&file).with_context(|| format!("{}: cannot read", file.display()))?;
         let base = file.parent().unwrap_or(Path::new("."));
         let mut out = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -68,8 +53,8 @@ impl Dataset for Jsonl {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{ln}: malformed JSON", file.display()))?;
+            let v: Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{ln}: malformed JSON", file.display()))?;
             if !v.is_object() {
                 bail!("{}:{ln}: expected a JSON object", file.display())
             }
@@ -77,18 +62,12 @@ impl Dataset for Jsonl {
             let image = match v.get("image") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(p)) => Some(base.join(p)),
-                Some(other) => bail!(
-                    "{}:{ln}: field `image` must be a path or null, found {other}",
-                    file.display()
-                ),
+                Some(other) => bail!("{}:{ln}: field `image` must be a path or null, found {other}", file.display()),
             };
             let qtype = match v.get("type") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(s)) => Some(s.clone()),
-                Some(other) => bail!(
-                    "{}:{ln}: field `type` must be a string, found {other}",
-                    file.display()
-                ),
+                Some(other) => bail!("{}:{ln}: field `type` must be a string, found {other}", file.display()),
             };
             let id = match v.get("id") {
                 Some(Value::String(s)) => s.clone(),
@@ -111,16 +90,23 @@ impl Dataset for Jsonl {
                         .iter()
                         .map(|c| c.as_str().map(str::to_string))
                         .collect::<Option<_>>()
-                        .with_context(|| {
-                            format!("{}:{ln}: field `choices` must hold strings", file.display())
-                        })?;
+                        .with_context(|| format!("{}:{ln}: field `choices` must hold strings", file.display()))?;
                     let answer = match v.get("answer") {
                         Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().unwrap() as usize,
                         Some(Value::String(s)) => choices
                             .iter()
                             .position(|c| c == s)
-                            .or_else(|| (s.len() == 1).then(|| (s.as_bytes()[0].wrapping_sub(b'A')) as usize).filter(|&i| i < choices.len()))
-                            .with_context(|| format!("{}:{ln}: answer `{s}` is neither one of the choices nor their letter", file.display()))?,
+                            .or_else(|| {
+                                (s.len() == 1)
+                                    .then(|| (s.as_bytes()[0].wrapping_sub(b'A')) as usize)
+                                    .filter(|&i| i < choices.len())
+                            })
+                            .with_context(|| {
+                                format!(
+                                    "{}:{ln}: answer `{s}` is neither one of the choices nor their letter",
+                                    file.display()
+                                )
+                            })?,
                         _ => bail!("{}:{ln}: field `answer` must be a string or a choice index", file.display()),
                     };
                     let (prompt, target) = multiple_choice(
@@ -146,10 +132,7 @@ impl Dataset for Jsonl {
                         extra: json!({"answer": answer, "n_choices": choices.len()}),
                     }
                 }
-                Some(other) => bail!(
-                    "{}:{ln}: field `choices` must be a list, found {other}",
-                    file.display()
-                ),
+                Some(other) => bail!("{}:{ln}: field `choices` must be a list, found {other}", file.display()),
             };
             out.push(sample);
         }
@@ -170,20 +153,14 @@ impl Dataset for Jsonl {
             .zip(outputs)
             .map(|(s, o)| {
                 let p = parse_choice(o, s.extra["n_choices"].as_u64().unwrap_or(0) as usize);
-                if p < 0 {
-                    String::new()
-                } else {
-                    ((b'A' + p as u8) as char).to_string()
-                }
+                if p < 0 { String::new() } else { ((b'A' + p as u8) as char).to_string() }
             })
             .collect();
         let keyed: Vec<Sample> = samples
             .iter()
             .map(|s| {
                 let mut s = s.clone();
-                s.references = vec![
-                    ((b'A' + s.extra["answer"].as_u64().unwrap_or(0) as u8) as char).to_string(),
-                ];
+                s.references = vec![((b'A' + s.extra["answer"].as_u64().unwrap_or(0) as u8) as char).to_string()];
                 s
             })
             .collect();

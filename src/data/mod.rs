@@ -88,9 +88,7 @@ pub const KINDS: &str = "scienceqa, easyvqa, jsonl, vqav2, gqa, coco-captions";
 
 /// Opens `KIND:PATH`.
 pub fn open(spec: &str, opts: &DataOptions) -> Result<Box<dyn Dataset>> {
-    let Some((kind, path)) = spec.split_once(':') else {
-        bail!("data `{spec}`: expected KIND:PATH (kinds: {KINDS})")
-    };
+    let Some((kind, path)) = spec.split_once(':') else { bail!("data `{spec}`: expected KIND:PATH (kinds: {KINDS})") };
     let p = PathBuf::from(path);
     Ok(match kind {
         "scienceqa" => Box::new(scienceqa::ScienceQa::open(&p, opts)?),
@@ -125,10 +123,8 @@ pub fn check_image(path: &Path) -> Result<()> {
 /// the first such image.
 pub fn filter_images(samples: Vec<Sample>, skip: bool) -> Result<(Vec<Sample>, usize)> {
     use rayon::prelude::*;
-    let checks: Vec<Result<()>> = samples
-        .par_iter()
-        .map(|s| s.image.as_deref().map(check_image).unwrap_or(Ok(())))
-        .collect();
+    let checks: Vec<Result<()>> =
+        samples.par_iter().map(|s| s.image.as_deref().map(check_image).unwrap_or(Ok(()))).collect();
     let mut kept = Vec::with_capacity(samples.len());
     let mut skipped = 0;
     for (s, c) in samples.into_iter().zip(checks) {
@@ -136,7 +132,11 @@ pub fn filter_images(samples: Vec<Sample>, skip: bool) -> Result<(Vec<Sample>, u
             Ok(()) => kept.push(s),
             Err(e) if skip => {
                 skipped += 1;
-                let _ = e;
+                if skipped <= 10 {
+                    eprintln!("skipping a sample: {e:#}");
+                } else if skipped == 11 {
+                    eprintln!("(further skipped samples are only counted)");
+                }
             }
             Err(e) => return Err(e.context("use --skip-bad-images to skip such samples")),
         }
@@ -166,17 +166,10 @@ pub fn exact_match(samples: &[Sample], outputs: &[String]) -> Scored {
             e.0 += hit as usize;
             e.1 += 1;
         }
-        preds.insert(
-            s.id.clone(),
-            serde_json::Value::String(o.trim().to_string()),
-        );
+        preds.insert(s.id.clone(), serde_json::Value::String(o.trim().to_string()));
     }
     let pct = |a: usize, b: usize| {
-        if b == 0 {
-            0.0
-        } else {
-            100.0 * a as f64 / b as f64
-        }
+        if b == 0 { 0.0 } else { 100.0 * a as f64 / b as f64 }
     };
     let mut table = vec![("overall".to_string(), pct(ok, n), n)];
     let mut per_type = serde_json::Map::new();

@@ -7,12 +7,7 @@ use anyhow::{Result, bail};
 pub const LETTERS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
 pub fn choice_text(choices: &[String]) -> String {
-    choices
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("({}) {}", LETTERS[i] as char, c))
-        .collect::<Vec<_>>()
-        .join(" ")
+    choices.iter().enumerate().map(|(i, c)| format!("({}) {}", LETTERS[i] as char, c)).collect::<Vec<_>>().join(" ")
 }
 
 /// A ScienceQA-style problem, already reduced to its parts.
@@ -31,11 +26,7 @@ pub fn multiple_choice(format: &str, p: &McParts) -> Result<(String, String)> {
         bail!("prompt format `{format}`: expected INPUT-OUTPUT like QCM-A")
     };
     if p.answer >= p.choices.len() || p.choices.len() > LETTERS.len() {
-        bail!(
-            "answer index {} outside {} choices",
-            p.answer,
-            p.choices.len()
-        )
+        bail!("answer index {} outside {} choices", p.answer, p.choices.len())
     }
     let choice = choice_text(p.choices);
     let letter = LETTERS[p.answer] as char;
@@ -48,9 +39,7 @@ pub fn multiple_choice(format: &str, p: &McParts) -> Result<(String, String)> {
         "QM" => format!("Question: {q}\nOptions: {choice}\n"),
         "QCML" => format!("Question: {q}\nContext: {c}\nOptions: {choice}\nBECAUSE: {lecture}\n"),
         "QCME" => format!("Question: {q}\nContext: {c}\nOptions: {choice}\nBECAUSE: {solution}\n"),
-        other => bail!(
-            "prompt format `{format}`: unknown input part `{other}` (known: QCM, CQM, QM, QCML, QCME)"
-        ),
+        other => bail!("prompt format `{format}`: unknown input part `{other}` (known: QCM, CQM, QM, QCML, QCME)"),
     };
     let output = match out {
         "A" => format!("The answer is {letter}."),
@@ -80,7 +69,5 @@ pub fn parse_choice(generated: &str, n_choices: usize) -> i64 {
 pub const DEFAULT_VQA_TEMPLATE: &str = "Question: {question}\nAnswer:";
 
 pub fn open_ended(template: Option<&str>, question: &str) -> String {
-    template
-        .unwrap_or(DEFAULT_VQA_TEMPLATE)
-        .replace("{question}", question)
+    template.unwrap_or(DEFAULT_VQA_TEMPLATE).replace("{question}", question)
 }

@@ -18,18 +18,14 @@ pub struct ScienceQa {
 }
 
 fn field<'a>(file: &Path, pid: &str, p: &'a Value, key: &str) -> Result<&'a Value> {
-    p.get(key)
-        .with_context(|| format!("{}: problem {pid}: missing field `{key}`", file.display()))
+    p.get(key).with_context(|| format!("{}: problem {pid}: missing field `{key}`", file.display()))
 }
 
 fn str_field(file: &Path, pid: &str, p: &Value, key: &str) -> Result<String> {
     match p.get(key) {
         None | Some(Value::Null) => Ok(String::new()),
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => bail!(
-            "{}: problem {pid}: field `{key}` must be a string, found {other}",
-            file.display()
-        ),
+        Some(other) => bail!("{}: problem {pid}: field `{key}` must be a string, found {other}", file.display()),
     }
 }
 
@@ -41,10 +37,7 @@ impl ScienceQa {
         let pf = dir.join("problems.json");
         let problems = match read_json_file(&pf)? {
             Value::Object(m) => m,
-            _ => bail!(
-                "{}: expected an object of problems keyed by id",
-                pf.display()
-            ),
+            _ => bail!("{}: expected an object of problems keyed by id", pf.display()),
         };
         let sf = dir.join("pid_splits.json");
         let splits = match read_json_file(&sf)? {
@@ -69,84 +62,45 @@ impl ScienceQa {
         // Validate the format now so that a bad prompt format fails before any work.
         multiple_choice(
             &opts.prompt_format,
-            &McParts {
-                question: "",
-                context: "",
-                choices: &["x".into()],
-                answer: 0,
-                lecture: "",
-                solution: "",
-            },
+            &McParts { question: "", context: "", choices: &["x".into()], answer: 0, lecture: "", solution: "" },
         )?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            problems,
-            splits,
-            captions,
-            opts: opts.clone(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), problems, splits, captions, opts: opts.clone() })
     }
 
     fn sample(&self, pid: &str) -> Result<Sample> {
         let pf = self.dir.join("problems.json");
-        let p = self.problems.get(pid).with_context(|| {
-            format!(
-                "{}: problem {pid} listed in pid_splits.json is missing",
-                pf.display()
-            )
-        })?;
+        let p = self
+            .problems
+            .get(pid)
+            .with_context(|| format!("{}: problem {pid} listed in pid_splits.json is missing", pf.display()))?;
         let question = match field(&pf, pid, p, "question")? {
             Value::String(s) => s.clone(),
-            other => bail!(
-                "{}: problem {pid}: field `question` must be a string, found {other}",
-                pf.display()
-            ),
+            other => bail!("{}: problem {pid}: field `question` must be a string, found {other}", pf.display()),
         };
         let choices: Vec<String> = match field(&pf, pid, p, "choices")? {
             Value::Array(a) => a
                 .iter()
                 .map(|c| c.as_str().map(str::to_string))
                 .collect::<Option<_>>()
-                .with_context(|| {
-                    format!(
-                        "{}: problem {pid}: field `choices` must hold strings",
-                        pf.display()
-                    )
-                })?,
-            other => bail!(
-                "{}: problem {pid}: field `choices` must be a list, found {other}",
-                pf.display()
-            ),
+                .with_context(|| format!("{}: problem {pid}: field `choices` must hold strings", pf.display()))?,
+            other => bail!("{}: problem {pid}: field `choices` must be a list, found {other}", pf.display()),
         };
-        let answer = field(&pf, pid, p, "answer")?.as_u64().with_context(|| {
-            format!(
-                "{}: problem {pid}: field `answer` must be a choice index",
-                pf.display()
-            )
-        })? as usize;
+        let answer = field(&pf, pid, p, "answer")?
+            .as_u64()
+            .with_context(|| format!("{}: problem {pid}: field `answer` must be a choice index", pf.display()))?
+            as usize;
         if answer >= choices.len() {
-            bail!(
-                "{}: problem {pid}: answer {answer} is outside its {} choices",
-                pf.display(),
-                choices.len()
-            )
+            bail!("{}: problem {pid}: answer {answer} is outside its {} choices", pf.display(), choices.len())
         }
         let hint = str_field(&pf, pid, p, "hint")?;
         let image_name = str_field(&pf, pid, p, "image")?;
         let split = str_field(&pf, pid, p, "split")?;
-        let caption = if self.opts.use_caption {
-            self.captions.get(pid).cloned().unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let caption =
+            if self.opts.use_caption { self.captions.get(pid).cloned().unwrap_or_default() } else { String::new() };
         let context = {
             let c = format!("{hint} {caption}");
             let c = c.trim();
-            if c.is_empty() {
-                "N/A".to_string()
-            } else {
-                c.to_string()
-            }
+            if c.is_empty() { "N/A".to_string() } else { c.to_string() }
         };
         let lecture = str_field(&pf, pid, p, "lecture")?;
         let solution = str_field(&pf, pid, p, "solution")?;
@@ -162,13 +116,7 @@ impl ScienceQa {
             },
         )
         .with_context(|| format!("{}: problem {pid}", pf.display()))?;
-        let image = (!image_name.is_empty()).then(|| {
-            self.dir
-                .join("images")
-                .join(&split)
-                .join(pid)
-                .join(&image_name)
-        });
+        let image = (!image_name.is_empty()).then(|| self.dir.join("images").join(&split).join(pid).join(&image_name));
         Ok(Sample {
             id: pid.to_string(),
             image,
@@ -201,18 +149,13 @@ impl Dataset for ScienceQa {
             known.sort();
             format!("{}: no split `{split}` (splits: {known:?})", sf.display())
         })?;
-        let ids = ids
-            .as_array()
-            .with_context(|| format!("{}: split `{split}` must be a list of ids", sf.display()))?;
+        let ids = ids.as_array().with_context(|| format!("{}: split `{split}` must be a list of ids", sf.display()))?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let pid = match id {
                 Value::String(s) => s.clone(),
                 Value::Number(n) => n.to_string(),
-                other => bail!(
-                    "{}: split `{split}`: id {other} is not a string",
-                    sf.display()
-                ),
+                other => bail!("{}: split `{split}`: id {other} is not a string", sf.display()),
             };
             out.push(self.sample(&pid)?);
         }
@@ -239,20 +182,14 @@ pub fn score_scienceqa(samples: &[Sample], outputs: &[String]) -> Result<Scored>
         let n = s.extra["n_choices"].as_u64().unwrap_or(0) as usize;
         let pred = parse_choice(o, n);
         preds.insert(s.id.clone(), json!(pred));
-        rows.push((
-            pred >= 0 && pred as u64 == s.extra["answer"].as_u64().unwrap_or(u64::MAX),
-            &s.extra,
-        ));
+        rows.push((pred >= 0 && pred as u64 == s.extra["answer"].as_u64().unwrap_or(u64::MAX), &s.extra));
     }
     let acc = |f: &dyn Fn(&Value) -> bool| -> (Option<f64>, usize) {
         let sel: Vec<&(bool, &Value)> = rows.iter().filter(|(_, e)| f(e)).collect();
         if sel.is_empty() {
             return (None, 0);
         }
-        (
-            Some(100.0 * sel.iter().filter(|r| r.0).count() as f64 / sel.len() as f64),
-            sel.len(),
-        )
+        (Some(100.0 * sel.iter().filter(|r| r.0).count() as f64 / sel.len() as f64), sel.len())
     };
     let grade = |lo: u32, hi: u32| {
         move |e: &Value| {
@@ -267,36 +204,12 @@ pub fn score_scienceqa(samples: &[Sample], outputs: &[String]) -> Result<Scored>
     let g712 = grade(7, 12);
     type Part<'a> = (&'a str, &'a str, Box<dyn Fn(&Value) -> bool>);
     let parts: Vec<Part> = vec![
-        (
-            "acc_natural",
-            "NAT",
-            Box::new(|e: &Value| e["subject"] == "natural science"),
-        ),
-        (
-            "acc_social",
-            "SOC",
-            Box::new(|e: &Value| e["subject"] == "social science"),
-        ),
-        (
-            "acc_language",
-            "LAN",
-            Box::new(|e: &Value| e["subject"] == "language science"),
-        ),
-        (
-            "acc_has_text",
-            "TXT",
-            Box::new(|e: &Value| e["has_text"] == true),
-        ),
-        (
-            "acc_has_image",
-            "IMG",
-            Box::new(|e: &Value| e["has_image"] == true),
-        ),
-        (
-            "acc_no_context",
-            "NO",
-            Box::new(|e: &Value| e["has_text"] == false && e["has_image"] == false),
-        ),
+        ("acc_natural", "NAT", Box::new(|e: &Value| e["subject"] == "natural science")),
+        ("acc_social", "SOC", Box::new(|e: &Value| e["subject"] == "social science")),
+        ("acc_language", "LAN", Box::new(|e: &Value| e["subject"] == "language science")),
+        ("acc_has_text", "TXT", Box::new(|e: &Value| e["has_text"] == true)),
+        ("acc_has_image", "IMG", Box::new(|e: &Value| e["has_image"] == true)),
+        ("acc_no_context", "NO", Box::new(|e: &Value| e["has_text"] == false && e["has_image"] == false)),
         ("acc_grade_1_6", "G1-6", Box::new(g16)),
         ("acc_grade_7_12", "G7-12", Box::new(g712)),
         ("acc_average", "Avg", Box::new(|_: &Value| true)),
@@ -305,16 +218,9 @@ pub fn score_scienceqa(samples: &[Sample], outputs: &[String]) -> Result<Scored>
     let mut table = Vec::new();
     for (key, short, f) in &parts {
         let (a, n) = acc(f.as_ref());
-        metrics.insert(
-            key.to_string(),
-            a.map(round2).map(Value::from).unwrap_or(Value::Null),
-        );
+        metrics.insert(key.to_string(), a.map(round2).map(Value::from).unwrap_or(Value::Null));
         table.push((short.to_string(), a.unwrap_or(f64::NAN), n));
     }
     metrics.insert("n".into(), json!(rows.len()));
-    Ok(Scored {
-        preds: Value::Object(preds),
-        metrics: Value::Object(metrics),
-        table,
-    })
+    Ok(Scored { preds: Value::Object(preds), metrics: Value::Object(metrics), table })
 }

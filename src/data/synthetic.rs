@@ -8,12 +8,8 @@ use serde_json::json;
 use std::io::Write;
 use std::path::Path;
 
-pub const COLOURS: &[(&str, [u8; 3])] = &[
-    ("red", [220, 40, 40]),
-    ("green", [40, 170, 60]),
-    ("blue", [40, 70, 220]),
-    ("yellow", [230, 210, 40]),
-];
+pub const COLOURS: &[(&str, [u8; 3])] =
+    &[("red", [220, 40, 40]), ("green", [40, 170, 60]), ("blue", [40, 70, 220]), ("yellow", [230, 210, 40])];
 pub const SHAPES: &[&str] = &["circle", "square", "triangle"];
 
 fn inside(shape: &str, x: f64, y: f64, cx: f64, cy: f64, r: f64) -> bool {
@@ -66,8 +62,7 @@ pub fn write_shapes(
     seed: u64,
 ) -> Result<std::path::PathBuf> {
     let img_dir = dir.join("images");
-    std::fs::create_dir_all(&img_dir)
-        .with_context(|| format!("{}: cannot create", img_dir.display()))?;
+    std::fs::create_dir_all(&img_dir).with_context(|| format!("{}: cannot create", img_dir.display()))?;
     let mut rng = Rng::derive(seed, "shapes");
     for (split, n) in [("train", n_train_images), ("test", n_test_images)] {
         let mut lines = Vec::new();
@@ -77,18 +72,17 @@ pub fn write_shapes(
             let px = render(size, shape, rgb, &mut rng);
             let name = format!("{split}_{i:05}.png");
             let img = image::RgbImage::from_raw(size as u32, size as u32, px).unwrap();
-            img.save(img_dir.join(&name))
-                .with_context(|| format!("writing {name}"))?;
-            for (q, a, t) in [
-                ("what color is the shape?", cname, "colour"),
-                ("what shape is in the image?", shape, "shape"),
-            ] {
-                lines.push(json!({"image": format!("images/{name}"), "question": q, "answer": a, "type": t}).to_string());
+            img.save(img_dir.join(&name)).with_context(|| format!("writing {name}"))?;
+            for (q, a, t) in
+                [("what color is the shape?", cname, "colour"), ("what shape is in the image?", shape, "shape")]
+            {
+                lines.push(
+                    json!({"image": format!("images/{name}"), "question": q, "answer": a, "type": t}).to_string(),
+                );
             }
         }
         let f = dir.join(format!("shapes.{split}.jsonl"));
-        let mut w =
-            std::fs::File::create(&f).with_context(|| format!("{}: cannot create", f.display()))?;
+        let mut w = std::fs::File::create(&f).with_context(|| format!("{}: cannot create", f.display()))?;
         for l in lines {
             writeln!(w, "{l}")?;
         }

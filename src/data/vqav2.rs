@@ -61,11 +61,7 @@ pub fn split_name(split: &str) -> String {
 
 /// The image folder (and file-name infix) of a question split.
 pub fn image_split(split: &str) -> &str {
-    if split.starts_with("test") {
-        "test2015"
-    } else {
-        split
-    }
+    if split.starts_with("test") { "test2015" } else { split }
 }
 
 pub fn questions_file_name(split: &str) -> String {
@@ -108,10 +104,7 @@ pub(crate) fn find_file(dir: &Path, name: &str, alts: &[&str]) -> PathBuf {
     if primary.is_file() {
         return primary;
     }
-    alts.iter()
-        .map(|a| dir.join(a).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or(primary)
+    alts.iter().map(|a| dir.join(a).join(name)).find(|p| p.is_file()).unwrap_or(primary)
 }
 
 /// Reads a JSON file into `T` (fast, typed). When that fails, re-reads it as a generic value
@@ -125,13 +118,12 @@ pub(crate) fn read_typed<T: DeserializeOwned>(
     if !path.is_file() {
         bail!("{}: {what} not found", path.display())
     }
-    let bytes =
-        std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
     match serde_json::from_slice::<T>(&bytes) {
         Ok(t) => Ok(t),
         Err(typed_err) => {
-            let v: Value = serde_json::from_slice(&bytes)
-                .with_context(|| format!("{}: malformed JSON", path.display()))?;
+            let v: Value =
+                serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed JSON", path.display()))?;
             drop(bytes);
             match diagnose(&v) {
                 Err(e) => bail!("{}: {e:#}", path.display()),
@@ -144,19 +136,13 @@ pub(crate) fn read_typed<T: DeserializeOwned>(
 /// A short rendering of a JSON value for messages.
 pub(crate) fn show(v: &Value) -> String {
     let s = v.to_string();
-    if s.chars().count() > 60 {
-        format!("{}...", s.chars().take(60).collect::<String>())
-    } else {
-        s
-    }
+    if s.chars().count() > 60 { format!("{}...", s.chars().take(60).collect::<String>()) } else { s }
 }
 
 /// `v[key]` of an object, or an error naming `at` and the field.
 pub(crate) fn get<'a>(v: &'a Value, key: &str, at: &dyn Fn() -> String) -> Result<&'a Value> {
     match v {
-        Value::Object(m) => m
-            .get(key)
-            .with_context(|| format!("{}: missing field `{key}`", at())),
+        Value::Object(m) => m.get(key).with_context(|| format!("{}: missing field `{key}`", at())),
         other => bail!("{}: expected an object, found {}", at(), show(other)),
     }
 }
@@ -164,48 +150,28 @@ pub(crate) fn get<'a>(v: &'a Value, key: &str, at: &dyn Fn() -> String) -> Resul
 pub(crate) fn check_str(v: &Value, key: &str, at: &dyn Fn() -> String) -> Result<()> {
     match get(v, key, at)? {
         Value::String(_) => Ok(()),
-        other => bail!(
-            "{}: field `{key}` must be a string, found {}",
-            at(),
-            show(other)
-        ),
+        other => bail!("{}: field `{key}` must be a string, found {}", at(), show(other)),
     }
 }
 
 pub(crate) fn check_opt_str(v: &Value, key: &str, at: &dyn Fn() -> String) -> Result<()> {
     match v.get(key) {
         None | Some(Value::Null) | Some(Value::String(_)) => Ok(()),
-        Some(other) => bail!(
-            "{}: field `{key}` must be a string, found {}",
-            at(),
-            show(other)
-        ),
+        Some(other) => bail!("{}: field `{key}` must be a string, found {}", at(), show(other)),
     }
 }
 
 pub(crate) fn check_int(v: &Value, key: &str, at: &dyn Fn() -> String) -> Result<()> {
     match get(v, key, at)? {
         Value::Number(n) if n.is_i64() => Ok(()),
-        other => bail!(
-            "{}: field `{key}` must be an integer, found {}",
-            at(),
-            show(other)
-        ),
+        other => bail!("{}: field `{key}` must be an integer, found {}", at(), show(other)),
     }
 }
 
-pub(crate) fn check_list<'a>(
-    v: &'a Value,
-    key: &str,
-    at: &dyn Fn() -> String,
-) -> Result<&'a Vec<Value>> {
+pub(crate) fn check_list<'a>(v: &'a Value, key: &str, at: &dyn Fn() -> String) -> Result<&'a Vec<Value>> {
     match get(v, key, at)? {
         Value::Array(a) => Ok(a),
-        other => bail!(
-            "{}: field `{key}` must be a list, found {}",
-            at(),
-            show(other)
-        ),
+        other => bail!("{}: field `{key}` must be a list, found {}", at(), show(other)),
     }
 }
 
@@ -325,37 +291,22 @@ impl VqaV2 {
                 annotations_file_name("{split}")
             )
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            opts: opts.clone(),
-        })
+        Ok(Self { dir: dir.to_path_buf(), opts: opts.clone() })
     }
 
     pub fn questions_path(&self, split: &str) -> PathBuf {
-        find_file(
-            &self.dir,
-            &questions_file_name(&split_name(split)),
-            &["questions", "annotations"],
-        )
+        find_file(&self.dir, &questions_file_name(&split_name(split)), &["questions", "annotations"])
     }
 
     pub fn annotations_path(&self, split: &str) -> PathBuf {
-        find_file(
-            &self.dir,
-            &annotations_file_name(&split_name(split)),
-            &["annotations", "questions"],
-        )
+        find_file(&self.dir, &annotations_file_name(&split_name(split)), &["annotations", "questions"])
     }
 
     fn image_dir(&self, split: &str) -> PathBuf {
         let folder = image_split(split);
         let direct = self.dir.join(folder);
         let nested = self.dir.join("images").join(folder);
-        if !direct.is_dir() && nested.is_dir() {
-            nested
-        } else {
-            direct
-        }
+        if !direct.is_dir() && nested.is_dir() { nested } else { direct }
     }
 
     fn load_annotations(&self, split: &str) -> Result<(PathBuf, Vec<Annotation>)> {
@@ -379,8 +330,7 @@ impl Dataset for VqaV2 {
                 qf.display()
             )
         }
-        let questions: QuestionsFile =
-            read_typed(&qf, "VQA v2 questions file", diagnose_questions)?;
+        let questions: QuestionsFile = read_typed(&qf, "VQA v2 questions file", diagnose_questions)?;
         if questions.questions.is_empty() {
             bail!("{}: split `{split}` has no questions", qf.display())
         }
@@ -398,11 +348,7 @@ impl Dataset for VqaV2 {
         };
         let img_dir = self.image_dir(&split);
         let infix = image_split(&split);
-        let template = self
-            .opts
-            .vqa_template
-            .as_deref()
-            .unwrap_or(DEFAULT_TEMPLATE);
+        let template = self.opts.vqa_template.as_deref().unwrap_or(DEFAULT_TEMPLATE);
         let mut out = Vec::with_capacity(questions.questions.len());
         for q in &questions.questions {
             let image = img_dir.join(format!("COCO_{infix}_{:012}.jpg", q.image_id));
@@ -410,29 +356,14 @@ impl Dataset for VqaV2 {
                 None => (String::new(), vec![], None, None),
                 Some(m) => {
                     let a = m.get(&q.question_id).with_context(|| {
-                        format!(
-                            "{}: no annotation for question_id {} of {}",
-                            af.display(),
-                            q.question_id,
-                            qf.display()
-                        )
+                        format!("{}: no annotation for question_id {} of {}", af.display(), q.question_id, qf.display())
                     })?;
-                    let refs: Vec<String> =
-                        a.answers.iter().map(|x| clean_answer(&x.answer)).collect();
+                    let refs: Vec<String> = a.answers.iter().map(|x| clean_answer(&x.answer)).collect();
                     let target = match most_frequent(&refs) {
                         Some(t) => t.clone(),
-                        None => bail!(
-                            "{}: question_id {}: field `answers` is empty",
-                            af.display(),
-                            q.question_id
-                        ),
+                        None => bail!("{}: question_id {}: field `answers` is empty", af.display(), q.question_id),
                     };
-                    (
-                        target,
-                        refs,
-                        Some(a.answer_type.clone()),
-                        Some(a.question_type.clone()),
-                    )
+                    (target, refs, Some(a.answer_type.clone()), Some(a.question_type.clone()))
                 }
             };
             out.push(Sample {
@@ -460,11 +391,7 @@ impl Dataset for VqaV2 {
 
     fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored> {
         if samples.len() != outputs.len() {
-            bail!(
-                "vqav2: {} samples but {} generated answers",
-                samples.len(),
-                outputs.len()
-            )
+            bail!("vqav2: {} samples but {} generated answers", samples.len(), outputs.len())
         }
         if samples.is_empty() {
             bail!("vqav2: nothing to score")
@@ -474,12 +401,9 @@ impl Dataset for VqaV2 {
         // question ids per split, splits in first-seen order
         let mut splits: Vec<(String, HashSet<i64>)> = Vec::new();
         for (s, o) in samples.iter().zip(outputs) {
-            let qid = s.extra["question_id"].as_i64().with_context(|| {
-                format!(
-                    "vqav2: sample {} has no question_id (not a VQA v2 sample)",
-                    s.id
-                )
-            })?;
+            let qid = s.extra["question_id"]
+                .as_i64()
+                .with_context(|| format!("vqav2: sample {} has no question_id (not a VQA v2 sample)", s.id))?;
             let split = s.extra["split"].as_str().unwrap_or_default().to_string();
             preds.push(json!({"question_id": qid, "answer": o.trim()}));
             match splits.iter_mut().find(|(k, _)| *k == split) {
@@ -495,10 +419,18 @@ impl Dataset for VqaV2 {
         for (split, qids) in &splits {
             let af = self.annotations_path(split);
             if !af.is_file() {
-                bail!(
-                    "vqav2 split `{split}` has no annotations ({} not found), so it cannot be scored here; VQA v2 test answers are only scored by the official evaluation server",
+                // Test splits: keep the predictions (official results format, ready for the
+                // evaluation server) and say why there is no score.
+                let reason = format!(
+                    "vqav2 split `{split}` has no annotations ({} not found); VQA v2 test answers are only scored by the official evaluation server: submit preds.json there",
                     af.display()
-                )
+                );
+                eprintln!("{reason}");
+                return Ok(Scored {
+                    preds: Value::Array(preds),
+                    metrics: json!({"scored": false, "reason": reason}),
+                    table: vec![],
+                });
             }
             let (_, anns) = self.load_annotations(split)?;
             let mut found = HashSet::new();
@@ -515,8 +447,7 @@ impl Dataset for VqaV2 {
         let n_by_type = {
             let mut m: HashMap<String, usize> = HashMap::new();
             for a in &gt_anns {
-                *m.entry(a["answer_type"].as_str().unwrap_or_default().to_string())
-                    .or_default() += 1;
+                *m.entry(a["answer_type"].as_str().unwrap_or_default().to_string()).or_default() += 1;
             }
             m
         };
@@ -532,10 +463,6 @@ impl Dataset for VqaV2 {
         for (t, v) in &scores.per_answer_type {
             table.push((t.clone(), *v, n_by_type.get(t).copied().unwrap_or(0)));
         }
-        Ok(Scored {
-            preds,
-            metrics,
-            table,
-        })
+        Ok(Scored { preds, metrics, table })
     }
 }

@@ -79,9 +79,8 @@ pub fn score_gqa_typed(questions_json: &Value, preds_json: &Value) -> Result<Gqa
     let questions = questions_json
         .as_object()
         .ok_or_else(|| anyhow!("questions file: expected an object {{questionId: question}}"))?;
-    let preds = preds_json
-        .as_array()
-        .ok_or_else(|| anyhow!("predictions: expected an array of {{questionId, prediction}}"))?;
+    let preds =
+        preds_json.as_array().ok_or_else(|| anyhow!("predictions: expected an array of {{questionId, prediction}}"))?;
     let mut predictions: HashMap<String, String> = HashMap::with_capacity(preds.len());
     for (i, p) in preds.iter().enumerate() {
         let qid = match p.get("questionId") {
@@ -92,9 +91,7 @@ pub fn score_gqa_typed(questions_json: &Value, preds_json: &Value) -> Result<Gqa
         };
         let pred = match p.get("prediction") {
             Some(Value::String(s)) => s.clone(),
-            Some(other) => bail!(
-                "predictions[{i}] (questionId {qid}): 'prediction' must be a string, got {other}"
-            ),
+            Some(other) => bail!("predictions[{i}] (questionId {qid}): 'prediction' must be a string, got {other}"),
             None => bail!("predictions[{i}] (questionId {qid}): missing field 'prediction'"),
         };
         predictions.insert(qid, pred);
@@ -119,9 +116,7 @@ pub fn score_gqa_typed(questions_json: &Value, preds_json: &Value) -> Result<Gqa
             .get("answer")
             .and_then(Value::as_str)
             .ok_or_else(|| anyhow!("question {qid}: missing string field 'answer'"))?;
-        let types = q
-            .get("types")
-            .ok_or_else(|| anyhow!("question {qid}: missing field 'types'"))?;
+        let types = q.get("types").ok_or_else(|| anyhow!("question {qid}: missing field 'types'"))?;
         let structural = types
             .get("structural")
             .and_then(Value::as_str)
@@ -130,17 +125,13 @@ pub fn score_gqa_typed(questions_json: &Value, preds_json: &Value) -> Result<Gqa
             .get("semantic")
             .and_then(Value::as_str)
             .ok_or_else(|| anyhow!("question {qid}: missing string field 'types.semantic'"))?;
-        let predicted = predictions.get(qid).ok_or_else(|| {
-            anyhow!("no prediction for question {qid}. Please add prediction for all questions.")
-        })?;
+        let predicted = predictions
+            .get(qid)
+            .ok_or_else(|| anyhow!("no prediction for question {qid}. Please add prediction for all questions."))?;
         let ok = usize::from(predicted == gold);
         correct_total.0 += ok;
         correct_total.1 += 1;
-        let bucket = if structural == "query" {
-            &mut open
-        } else {
-            &mut binary
-        };
+        let bucket = if structural == "query" { &mut open } else { &mut binary };
         bucket.0 += ok;
         bucket.1 += 1;
         let e = per_struct.entry(structural.to_string()).or_default();
@@ -157,30 +148,15 @@ pub fn score_gqa_typed(questions_json: &Value, preds_json: &Value) -> Result<Gqa
         accuracy: avg_pct(correct_total.0, correct_total.1),
         binary: avg_pct(binary.0, binary.1),
         open: avg_pct(open.0, open.1),
-        per_structural_type: per_struct
-            .iter()
-            .map(|(k, &(c, t))| (k.clone(), avg_pct(c, t)))
-            .collect(),
-        per_semantic_type: per_sem
-            .iter()
-            .map(|(k, &(c, t))| (k.clone(), avg_pct(c, t)))
-            .collect(),
-        count_structural_type: per_struct
-            .iter()
-            .map(|(k, &(_, t))| (k.clone(), t))
-            .collect(),
+        per_structural_type: per_struct.iter().map(|(k, &(c, t))| (k.clone(), avg_pct(c, t))).collect(),
+        per_semantic_type: per_sem.iter().map(|(k, &(c, t))| (k.clone(), avg_pct(c, t))).collect(),
+        count_structural_type: per_struct.iter().map(|(k, &(_, t))| (k.clone(), t)).collect(),
         count_semantic_type: per_sem.iter().map(|(k, &(_, t))| (k.clone(), t)).collect(),
         num_questions: correct_total.1,
-        not_computed: [
-            "validity",
-            "plausibility",
-            "consistency",
-            "grounding",
-            "distribution",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
+        not_computed: ["validity", "plausibility", "consistency", "grounding", "distribution"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     })
 }
 

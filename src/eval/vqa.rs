@@ -202,10 +202,8 @@ const ARTICLES: &[&str] = &["a", "an", "the"];
 
 /// `punct` of `vqaEval.py`, in its order (the order matters: each replacement sees the output
 /// of the previous ones, while the "next to a space" test looks at the original input).
-const PUNCT: &[char] = &[
-    ';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
-    '?', '!',
-];
+const PUNCT: &[char] =
+    &[';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',', '?', '!'];
 
 /// Python `str.isspace()` for one character: Unicode White_Space plus U+001C..U+001F.
 fn py_is_space(c: char) -> bool {
@@ -278,8 +276,7 @@ pub fn py_round(x: f64, ndigits: usize) -> f64 {
 /// `re.search(r"(\d)(\,)(\d)", text)` with Python 2 (ASCII) `\d`.
 fn has_digit_comma_digit(text: &str) -> bool {
     let b = text.as_bytes();
-    b.windows(3)
-        .any(|w| w[0].is_ascii_digit() && w[1] == b',' && w[2].is_ascii_digit())
+    b.windows(3).any(|w| w[0].is_ascii_digit() && w[1] == b',' && w[2].is_ascii_digit())
 }
 
 /// `VQAEval.processPunctuation`.
@@ -293,10 +290,7 @@ pub fn process_punctuation(in_text: &str) -> String {
         let mut with_space_before = String::with_capacity(2);
         with_space_before.push(' ');
         with_space_before.push(p);
-        if in_text.contains(&with_space_after)
-            || in_text.contains(&with_space_before)
-            || comma_digits
-        {
+        if in_text.contains(&with_space_after) || in_text.contains(&with_space_before) || comma_digits {
             out = out.replace(p, "");
         } else {
             out = out.replace(p, " ");
@@ -325,33 +319,19 @@ pub fn process_digit_article(in_text: &str) -> String {
     let lowered = in_text.to_lowercase();
     let mut out: Vec<&str> = Vec::new();
     for word in lowered.split(py_is_space).filter(|w| !w.is_empty()) {
-        let word = MANUAL_MAP
-            .iter()
-            .find(|(k, _)| *k == word)
-            .map(|(_, v)| *v)
-            .unwrap_or(word);
+        let word = MANUAL_MAP.iter().find(|(k, _)| *k == word).map(|(_, v)| *v).unwrap_or(word);
         if !ARTICLES.contains(&word) {
             out.push(word);
         }
     }
-    let mapped: Vec<&str> = out
-        .into_iter()
-        .map(|w| {
-            CONTRACTIONS
-                .iter()
-                .find(|(k, _)| *k == w)
-                .map(|(_, v)| *v)
-                .unwrap_or(w)
-        })
-        .collect();
+    let mapped: Vec<&str> =
+        out.into_iter().map(|w| CONTRACTIONS.iter().find(|(k, _)| *k == w).map(|(_, v)| *v).unwrap_or(w)).collect();
     mapped.join(" ")
 }
 
 /// `x.replace('\n', ' ').replace('\t', ' ').strip()`.
 fn clean(s: &str) -> String {
-    s.replace(['\n', '\t'], " ")
-        .trim_matches(py_is_space)
-        .to_string()
+    s.replace(['\n', '\t'], " ").trim_matches(py_is_space).to_string()
 }
 
 /// Python `==` on JSON-decoded values (numbers compare by value, `1 == 1.0`).
@@ -371,9 +351,7 @@ fn py_eq(a: &Value, b: &Value) -> bool {
         (Value::Bool(x), Value::Number(y)) | (Value::Number(y), Value::Bool(x)) => {
             y.as_f64() == Some(if *x { 1.0 } else { 0.0 })
         }
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
-        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q)),
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| py_eq(v, w)))
         }
@@ -434,11 +412,7 @@ struct Annotation {
     answers: Vec<Value>,
 }
 
-fn str_field<'a>(
-    obj: &'a Map<String, Value>,
-    key: &str,
-    ctx: &dyn Fn() -> String,
-) -> Result<&'a str> {
+fn str_field<'a>(obj: &'a Map<String, Value>, key: &str, ctx: &dyn Fn() -> String) -> Result<&'a str> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s),
         Some(other) => bail!("{}: field '{key}' must be a string, got {other}", ctx()),
@@ -452,11 +426,7 @@ fn str_field<'a>(
 /// * `questions_json`: optional official questions file; only used for the multiple-choice
 ///   check.
 /// * `preds_json`: `[{"question_id": int, "answer": str}, ...]`.
-pub fn score_vqa(
-    gt_annotations_json: &Value,
-    questions_json: Option<&Value>,
-    preds_json: &Value,
-) -> Result<Value> {
+pub fn score_vqa(gt_annotations_json: &Value, questions_json: Option<&Value>, preds_json: &Value) -> Result<Value> {
     Ok(score_vqa_typed(gt_annotations_json, questions_json, preds_json)?.to_json())
 }
 
@@ -476,12 +446,9 @@ pub fn score_vqa_typed(
     let mut qa: HashMap<i128, usize> = HashMap::new(); // qid -> index of the last annotation
     let mut parsed: Vec<Annotation> = Vec::with_capacity(anns.len());
     for (i, ann) in anns.iter().enumerate() {
-        let obj = ann
-            .as_object()
-            .ok_or_else(|| anyhow!("annotation file: annotations[{i}] is not an object"))?;
+        let obj = ann.as_object().ok_or_else(|| anyhow!("annotation file: annotations[{i}] is not an object"))?;
         let qid = question_id(
-            obj.get("question_id")
-                .ok_or_else(|| anyhow!("annotation file: annotations[{i}] has no 'question_id'"))?,
+            obj.get("question_id").ok_or_else(|| anyhow!("annotation file: annotations[{i}] has no 'question_id'"))?,
             &format!("annotation file: annotations[{i}]"),
         )?;
         let ctx = || format!("annotation file: question_id {qid}");
@@ -493,32 +460,19 @@ pub fn score_vqa_typed(
             .as_array()
             .ok_or_else(|| anyhow!("{}: 'answers' must be an array", ctx()))?;
         if answers.is_empty() {
-            bail!(
-                "{}: 'answers' is empty (the official tool divides by zero)",
-                ctx()
-            );
+            bail!("{}: 'answers' is empty (the official tool divides by zero)", ctx());
         }
         for (j, a) in answers.iter().enumerate() {
-            let ao = a
-                .as_object()
-                .ok_or_else(|| anyhow!("{}: answers[{j}] is not an object", ctx()))?;
+            let ao = a.as_object().ok_or_else(|| anyhow!("{}: answers[{j}] is not an object", ctx()))?;
             match ao.get("answer") {
                 Some(Value::String(_)) => {}
-                Some(other) => bail!(
-                    "{}: answers[{j}].answer must be a string, got {other}",
-                    ctx()
-                ),
+                Some(other) => bail!("{}: answers[{j}].answer must be a string, got {other}", ctx()),
                 None => bail!("{}: answers[{j}] has no 'answer'", ctx()),
             }
         }
         order.push(qid);
         qa.insert(qid, parsed.len());
-        parsed.push(Annotation {
-            qid,
-            question_type,
-            answer_type,
-            answers: answers.clone(),
-        });
+        parsed.push(Annotation { qid, question_type, answer_type, answers: answers.clone() });
     }
     if order.is_empty() {
         bail!("annotation file: no annotations (the official tool divides by zero)");
@@ -536,62 +490,39 @@ pub fn score_vqa_typed(
             let mut m = HashMap::new();
             for (i, item) in qs.iter().enumerate() {
                 let qid = question_id(
-                    item.get("question_id").ok_or_else(|| {
-                        anyhow!("questions file: questions[{i}] has no 'question_id'")
-                    })?,
+                    item.get("question_id")
+                        .ok_or_else(|| anyhow!("questions file: questions[{i}] has no 'question_id'"))?,
                     &format!("questions file: questions[{i}]"),
                 )?;
                 let mc = item
                     .get("multiple_choices")
                     .and_then(Value::as_array)
-                    .ok_or_else(|| {
-                        anyhow!("questions file: question_id {qid} has no 'multiple_choices'")
-                    })?;
-                m.insert(
-                    qid,
-                    mc.iter()
-                        .filter_map(|c| c.as_str().map(str::to_string))
-                        .collect(),
-                );
+                    .ok_or_else(|| anyhow!("questions file: question_id {qid} has no 'multiple_choices'"))?;
+                m.insert(qid, mc.iter().filter_map(|c| c.as_str().map(str::to_string)).collect());
             }
             choices = Some(m);
         }
     }
 
     // ---- predictions (VQA.loadRes) ----
-    let preds = preds_json
-        .as_array()
-        .ok_or_else(|| anyhow!("predictions: results is not an array of objects"))?;
+    let preds = preds_json.as_array().ok_or_else(|| anyhow!("predictions: results is not an array of objects"))?;
     let mut res: HashMap<i128, String> = HashMap::new();
     for (i, p) in preds.iter().enumerate() {
-        let obj = p
-            .as_object()
-            .ok_or_else(|| anyhow!("predictions[{i}] is not an object"))?;
+        let obj = p.as_object().ok_or_else(|| anyhow!("predictions[{i}] is not an object"))?;
         let qid = question_id(
-            obj.get("question_id")
-                .ok_or_else(|| anyhow!("predictions[{i}] has no 'question_id'"))?,
+            obj.get("question_id").ok_or_else(|| anyhow!("predictions[{i}] has no 'question_id'"))?,
             &format!("predictions[{i}]"),
         )?;
         let answer = match obj.get("answer") {
             Some(Value::String(s)) => s.clone(),
-            Some(other) => bail!(
-                "predictions[{i}] (question_id {qid}): 'answer' must be a string, got {other}"
-            ),
+            Some(other) => bail!("predictions[{i}] (question_id {qid}): 'answer' must be a string, got {other}"),
             None => bail!("predictions[{i}] (question_id {qid}): missing field 'answer'"),
         };
         res.insert(qid, answer);
     }
     let gt_ids: HashSet<i128> = order.iter().copied().collect();
-    let mut missing: Vec<i128> = gt_ids
-        .iter()
-        .filter(|q| !res.contains_key(q))
-        .copied()
-        .collect();
-    let mut extra: Vec<i128> = res
-        .keys()
-        .filter(|q| !gt_ids.contains(q))
-        .copied()
-        .collect();
+    let mut missing: Vec<i128> = gt_ids.iter().filter(|q| !res.contains_key(q)).copied().collect();
+    let mut extra: Vec<i128> = res.keys().filter(|q| !gt_ids.contains(q)).copied().collect();
     if !missing.is_empty() || !extra.is_empty() {
         missing.sort_unstable();
         extra.sort_unstable();
@@ -607,16 +538,10 @@ pub fn score_vqa_typed(
              exactly the question ids of the annotation file)",
         );
         if !missing.is_empty() {
-            msg.push_str(&format!(
-                "; no prediction for question_id {}",
-                show(&missing)
-            ));
+            msg.push_str(&format!("; no prediction for question_id {}", show(&missing)));
         }
         if !extra.is_empty() {
-            msg.push_str(&format!(
-                "; predictions for question_id {} not in the annotation file",
-                show(&extra)
-            ));
+            msg.push_str(&format!("; predictions for question_id {} not in the annotation file", show(&extra)));
         }
         bail!(msg);
     }
@@ -624,9 +549,7 @@ pub fn score_vqa_typed(
         for (&qid, ans) in &res {
             let ok = ch.get(&qid).is_some_and(|c| c.iter().any(|x| x == ans));
             if !ok {
-                bail!(
-                    "question_id {qid}: predicted answer {ans:?} is not one of the multiple choices"
-                );
+                bail!("question_id {qid}: predicted answer {ans:?} is not one of the multiple choices");
             }
         }
     }
@@ -646,11 +569,7 @@ pub fn score_vqa_typed(
             a["answer"] = Value::String(c);
         }
         let mut res_ans = clean(&res[&qid]);
-        let gt_answers: HashSet<&str> = ann
-            .answers
-            .iter()
-            .map(|a| a["answer"].as_str().expect("string"))
-            .collect();
+        let gt_answers: HashSet<&str> = ann.answers.iter().map(|a| a["answer"].as_str().expect("string")).collect();
         if gt_answers.len() > 1 {
             for a in ann.answers.iter_mut() {
                 let s = a["answer"].as_str().expect("string");
@@ -689,14 +608,8 @@ pub fn score_vqa_typed(
     };
     Ok(VqaScores {
         overall: mean_pct(&acc_qa),
-        per_answer_type: acc_ans_type
-            .iter()
-            .map(|(k, v)| (k.clone(), mean_pct(v)))
-            .collect(),
-        per_question_type: acc_ques_type
-            .iter()
-            .map(|(k, v)| (k.clone(), mean_pct(v)))
-            .collect(),
+        per_answer_type: acc_ans_type.iter().map(|(k, v)| (k.clone(), mean_pct(v))).collect(),
+        per_question_type: acc_ques_type.iter().map(|(k, v)| (k.clone(), mean_pct(v))).collect(),
         per_question,
         num_questions: order.len(),
     })
@@ -713,9 +626,8 @@ fn push_group(groups: &mut Vec<(String, Vec<f64>)>, key: &str, v: f64) {
 /// Convenience: parse the three files from JSON text and score.
 pub fn score_vqa_str(gt: &str, questions: Option<&str>, preds: &str) -> Result<Value> {
     let gt: Value = serde_json::from_str(gt).context("annotation file is not valid JSON")?;
-    let q: Option<Value> = questions
-        .map(|q| serde_json::from_str(q).context("questions file is not valid JSON"))
-        .transpose()?;
+    let q: Option<Value> =
+        questions.map(|q| serde_json::from_str(q).context("questions file is not valid JSON")).transpose()?;
     let p: Value = serde_json::from_str(preds).context("predictions file is not valid JSON")?;
     score_vqa(&gt, q.as_ref(), &p)
 }

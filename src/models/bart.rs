@@ -11,7 +11,7 @@
 use super::encdec::{EncDecCache, EncoderDecoder, SpecialTokens, cross_kv};
 use super::{LmHooks, Proj, Site, add_opt};
 use crate::checkpoint::{Cfg, Weights};
-use crate::ops::{self, Activation, AttentionOpts, Linear};
+use crate::ops::{self, Activation, AttentionOpts, FrozenMlp, Linear};
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -53,27 +53,13 @@ impl BartConfig {
             }
             Ok(h)
         };
-        let act = c
-            .opt_str("activation_function")?
-            .unwrap_or_else(|| "gelu".into());
-        let activation_function = Activation::from_hf(&act).ok_or_else(|| {
-            c.err(
-                "activation_function",
-                format!("unsupported activation `{act}`"),
-            )
-        })?;
+        let act = c.opt_str("activation_function")?.unwrap_or_else(|| "gelu".into());
+        let activation_function = Activation::from_hf(&act)
+            .ok_or_else(|| c.err("activation_function", format!("unsupported activation `{act}`")))?;
         let first = |k: &str, d: Option<u32>| -> Result<Option<u32>> {
-            Ok(if c.v.get(k).is_some() {
-                c.ids(k)?.first().copied()
-            } else {
-                d
-            })
+            Ok(if c.v.get(k).is_some() { c.ids(k)?.first().copied() } else { d })
         };
-        let eos_token_ids = if c.v.get("eos_token_id").is_some() {
-            c.ids("eos_token_id")?
-        } else {
-            vec![2]
-        };
+        let eos_token_ids = if c.v.get("eos_token_id").is_some() { c.ids("eos_token_id")? } else { vec![2] };
         Ok(Self {
             vocab_size: c.usize_or("vocab_size", 50265)?,
             d_model,
@@ -106,10 +92,7 @@ struct Attn {
 }
 
 fn linear(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.get((out, inp), &format!("{name}.weight"))?,
-        Some(w.get(out, &format!("{name}.bias"))?),
-    ))
+    Ok(Linear::new(w.get((out, inp), &format!("{name}.weight"))?, Some(w.get(out, &format!("{name}.bias"))?)))
 }
 
 struct Norm {
@@ -119,10 +102,7 @@ struct Norm {
 
 impl Norm {
     fn load(w: &Weights, name: &str, d: usize) -> Result<Self> {
-        Ok(Self {
-            w: w.get(d, &format!("{name}.weight"))?,
-            b: w.get(d, &format!("{name}.bias"))?,
-        })
+        Ok(Self { w: w.get(d, &format!("{name}.weight"))?, b: w.get(d, &format!("{name}.bias"))? })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(ops::layer_norm(x, &self.w, &self.b, LN_EPS)?)
@@ -156,8 +136,8 @@ struct Block {
     self_attn_layer_norm: Norm,
     /// Decoder blocks: `encoder_attn` and its norm.
     cross: Option<(Attn, Norm)>,
-    fc1: Linear,
-    fc2: Linear,
+    /// fc1, activation, fc2 as one fused op.
+    mlp: FrozenMlp,
     final_layer_norm: Norm,
 }
 
@@ -184,7 +164,6 @@ struct Pass<'a> {
     mask: Option<&'a Tensor>,
     enc: Option<(&'a Tensor, Option<&'a Tensor>)>,
     hooks: &'a dyn LmHooks,
-    act: Activation,
 }
 
 impl Block {
@@ -211,41 +190,24 @@ impl Block {
             &q,
             &k,
             &v,
-            AttentionOpts {
-                scale: a.scale(),
-                causal_offset: p.causal,
-                bias: None,
-                key_mask: p.mask,
-            },
+            AttentionOpts { scale: a.scale(), causal_offset: p.causal, bias: None, key_mask: p.mask },
         )?;
         let o = o.flatten_from(2)?;
-        let o = add_opt(
-            a.o.forward(&o)?,
-            p.hooks.proj_delta(site, layer, Proj::O, &o)?,
-        )?;
+        let o = add_opt(a.o.forward(&o)?, p.hooks.proj_delta(site, layer, Proj::O, &o)?)?;
         let mut h = self.self_attn_layer_norm.forward(&(x + o)?)?;
         if let (Some((c, ln)), Some((enc, enc_mask))) = (&self.cross, p.enc) {
             let q = c.split(&c.q.forward(&h)?)?;
-            let (k, v) = cross_kv(cache, layer, || {
-                Ok((c.split(&c.k.forward(enc)?)?, c.split(&c.v.forward(enc)?)?))
-            })?;
+            let (k, v) = cross_kv(cache, layer, || Ok((c.split(&c.k.forward(enc)?)?, c.split(&c.v.forward(enc)?)?)))?;
             let o = ops::attention(
                 &q,
                 &k,
                 &v,
-                AttentionOpts {
-                    scale: c.scale(),
-                    causal_offset: None,
-                    bias: None,
-                    key_mask: enc_mask,
-                },
+                AttentionOpts { scale: c.scale(), causal_offset: None, bias: None, key_mask: enc_mask },
             )?;
             h = ln.forward(&(&h + c.o.forward(&o.flatten_from(2)?)?)?)?;
         }
         // Feed-forward; `h` is both the residual and the FFN input (post-LN).
-        let f = self
-            .fc2
-            .forward(&ops::activation(&self.fc1.forward(&h)?, p.act)?)?;
+        let f = self.mlp.forward(&h)?;
         let f = add_opt(f, p.hooks.ffn_branch(site, layer, &h)?)?;
         self.final_layer_norm.forward(&(h + f)?)
     }
@@ -255,26 +217,15 @@ impl Stack {
     fn load(w: &Weights, cfg: &BartConfig, decoder: bool) -> Result<Self> {
         let d = cfg.d_model;
         let (n, heads, ffn) = if decoder {
-            (
-                cfg.decoder_layers,
-                cfg.decoder_attention_heads,
-                cfg.decoder_ffn_dim,
-            )
+            (cfg.decoder_layers, cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
         } else {
-            (
-                cfg.encoder_layers,
-                cfg.encoder_attention_heads,
-                cfg.encoder_ffn_dim,
-            )
+            (cfg.encoder_layers, cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
         };
         let mut blocks = Vec::with_capacity(n);
         for i in 0..n {
             let b = w.pp(format!("layers.{i}"));
             let cross = if decoder {
-                Some((
-                    Attn::load(&b.pp("encoder_attn"), d, heads)?,
-                    Norm::load(&b, "encoder_attn_layer_norm", d)?,
-                ))
+                Some((Attn::load(&b.pp("encoder_attn"), d, heads)?, Norm::load(&b, "encoder_attn_layer_norm", d)?))
             } else {
                 None
             };
@@ -282,23 +233,20 @@ impl Stack {
                 self_attn: Attn::load(&b.pp("self_attn"), d, heads)?,
                 self_attn_layer_norm: Norm::load(&b, "self_attn_layer_norm", d)?,
                 cross,
-                fc1: linear(&b, "fc1", ffn, d)?,
-                fc2: linear(&b, "fc2", d, ffn)?,
+                mlp: FrozenMlp {
+                    w1: linear(&b, "fc1", ffn, d)?,
+                    w2: None,
+                    down: linear(&b, "fc2", d, ffn)?,
+                    act: cfg.activation_function,
+                },
                 final_layer_norm: Norm::load(&b, "final_layer_norm", d)?,
             });
         }
         Ok(Self {
-            embed_positions: w.get(
-                (cfg.max_position_embeddings + POSITION_OFFSET, d),
-                "embed_positions.weight",
-            )?,
+            embed_positions: w.get((cfg.max_position_embeddings + POSITION_OFFSET, d), "embed_positions.weight")?,
             layernorm_embedding: Norm::load(w, "layernorm_embedding", d)?,
             blocks,
-            site: if decoder {
-                Site::Decoder
-            } else {
-                Site::Encoder
-            },
+            site: if decoder { Site::Decoder } else { Site::Encoder },
         })
     }
 
@@ -307,16 +255,9 @@ impl Stack {
         let t = x.dims3()?.1;
         let max = self.embed_positions.dims()[0] - POSITION_OFFSET;
         if past + t > max {
-            bail!(
-                "BART {}: {} positions exceed max_position_embeddings {max}",
-                label,
-                past + t
-            )
+            bail!("BART {}: {} positions exceed max_position_embeddings {max}", label, past + t)
         }
-        let pos = self
-            .embed_positions
-            .narrow(0, past + POSITION_OFFSET, t)?
-            .unsqueeze(0)?;
+        let pos = self.embed_positions.narrow(0, past + POSITION_OFFSET, t)?.unsqueeze(0)?;
         self.layernorm_embedding.forward(&x.broadcast_add(&pos)?)
     }
 }
@@ -336,29 +277,11 @@ impl Bart {
         let lm_head = match w.get_opt((v, d), "lm_head.weight")? {
             Some(h) => Linear::new(h, None),
             None if cfg.tie_word_embeddings => Linear::new(shared.clone(), None),
-            None => bail!(
-                "{}: tensor `lm_head.weight` not found (and tie_word_embeddings is false)",
-                w.label()
-            ),
+            None => bail!("{}: tensor `lm_head.weight` not found (and tie_word_embeddings is false)", w.label()),
         };
-        let final_logits_bias = w
-            .get_opt((1, v), "final_logits_bias")?
-            .map(|b| b.reshape(v))
-            .transpose()?;
-        let embed_scale = if cfg.scale_embedding {
-            (d as f64).sqrt()
-        } else {
-            1.0
-        };
-        Ok(Self {
-            shared,
-            embed_scale,
-            encoder,
-            decoder,
-            lm_head,
-            final_logits_bias,
-            cfg,
-        })
+        let final_logits_bias = w.get_opt((1, v), "final_logits_bias")?.map(|b| b.reshape(v)).transpose()?;
+        let embed_scale = if cfg.scale_embedding { (d as f64).sqrt() } else { 1.0 };
+        Ok(Self { shared, embed_scale, encoder, decoder, lm_head, final_logits_bias, cfg })
     }
 
     pub fn n_encoder_layers(&self) -> usize {
@@ -384,42 +307,19 @@ impl Bart {
     /// Scaled token embeddings `[b, t, d]` of ids `[b, t]` (`BartScaledWordEmbedding`).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let e =
-            self.shared
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, self.cfg.d_model))?;
-        Ok(if self.embed_scale == 1.0 {
-            e
-        } else {
-            (e * self.embed_scale)?
-        })
+        let e = self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
+        Ok(if self.embed_scale == 1.0 { e } else { (e * self.embed_scale)? })
     }
 
     /// Encoder on ids `[b, t]` with an optional key mask `[b, t]` (1 token, 0 padding).
-    pub fn encode(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
+    pub fn encode(&self, ids: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         self.encode_embeds(&self.embed(ids)?, mask, hooks)
     }
 
     /// Encoder on (scaled) token embeddings `[b, t, d]`; positions are added here.
-    pub fn encode_embeds(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
+    pub fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         let mut h = self.encoder.embed_in(x, 0, "encoder")?;
-        let p = Pass {
-            causal: None,
-            mask,
-            enc: None,
-            hooks,
-            act: self.cfg.activation_function,
-        };
+        let p = Pass { causal: None, mask, enc: None, hooks };
         for (l, blk) in self.encoder.blocks.iter().enumerate() {
             h = blk.forward(&h, l, self.encoder.site, &p, None)?;
         }
@@ -450,13 +350,7 @@ impl Bart {
     ) -> Result<Tensor> {
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let mut h = self.decoder.embed_in(x, past, "decoder")?;
-        let p = Pass {
-            causal: Some(past),
-            mask: None,
-            enc: Some((enc, enc_mask)),
-            hooks,
-            act: self.cfg.activation_function,
-        };
+        let p = Pass { causal: Some(past), mask: None, enc: Some((enc, enc_mask)), hooks };
         for (l, blk) in self.decoder.blocks.iter().enumerate() {
             h = blk.forward(&h, l, self.decoder.site, &p, cache.as_deref_mut())?;
         }
@@ -502,12 +396,7 @@ impl EncoderDecoder for Bart {
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         Bart::embed(self, ids)
     }
-    fn encode_embeds(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
+    fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         Bart::encode_embeds(self, x, mask, hooks)
     }
     fn decode(

@@ -22,10 +22,7 @@ pub struct EncDecCache {
 
 impl EncDecCache {
     pub fn new(n_layers: usize) -> Self {
-        Self {
-            self_attn: KvCache::new(n_layers),
-            cross: vec![None; n_layers],
-        }
+        Self { self_attn: KvCache::new(n_layers), cross: vec![None; n_layers] }
     }
 
     /// Number of decoder positions already cached.
@@ -86,12 +83,7 @@ pub trait EncoderDecoder {
     /// Token embeddings `[b, t, d]` as the stacks consume them (BART: already scaled).
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
     /// Runs the encoder on embeddings (`Site::Encoder` hooks); returns its last hidden state.
-    fn encode_embeds(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor>;
+    fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor>;
     /// Runs the decoder on token ids `[b, t]` placed after the `cache.len()` cached positions
     /// (`Site::Decoder` hooks); returns the hidden states that [`Self::logits`] takes. The
     /// decoder has no key mask: right-padded decoder inputs only affect the padded positions
@@ -119,9 +111,7 @@ pub trait EncoderDecoder {
 /// Decoder inputs for teacher forcing, as transformers' `shift_tokens_right`: the start token
 /// followed by the labels without their last token.
 pub fn shift_tokens_right(labels: &[u32], decoder_start: u32) -> Vec<u32> {
-    std::iter::once(decoder_start)
-        .chain(labels.iter().copied().take(labels.len().saturating_sub(1)))
-        .collect()
+    std::iter::once(decoder_start).chain(labels.iter().copied().take(labels.len().saturating_sub(1))).collect()
 }
 
 /// Right-pads `rows` with `pad`; returns ids `[b, t]` and the key mask (`None` when no row is
@@ -138,20 +128,11 @@ pub fn right_pad(rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<(Tensor, O
     let mut ids = Vec::with_capacity(b * t);
     let mut mask = Vec::with_capacity(b * t);
     for r in rows {
-        ids.extend(
-            r.iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, t - r.len())),
-        );
+        ids.extend(r.iter().copied().chain(std::iter::repeat_n(pad, t - r.len())));
         mask.extend((0..t).map(|j| if j < r.len() { 1f32 } else { 0.0 }));
     }
     let padded = rows.iter().any(|r| r.len() < t);
-    Ok((
-        Tensor::from_vec(ids, (b, t), dev)?,
-        padded
-            .then(|| Tensor::from_vec(mask, (b, t), dev))
-            .transpose()?,
-    ))
+    Ok((Tensor::from_vec(ids, (b, t), dev)?, padded.then(|| Tensor::from_vec(mask, (b, t), dev)).transpose()?))
 }
 
 /// An encoder-decoder model mid-generation: the encoder output is fixed, the decoder takes one
@@ -198,10 +179,7 @@ impl<'a> EncDecStepper<'a> {
         if let Some((p, keep)) = prefix {
             let (pb, n, _) = p.dims3()?;
             if pb != b || keep.len() != b {
-                bail!(
-                    "prefix has {pb} rows and {} flags for {b} encoder inputs",
-                    keep.len()
-                )
+                bail!("prefix has {pb} rows and {} flags for {b} encoder inputs", keep.len())
             }
             x = Tensor::cat(&[&p.to_dtype(x.dtype())?, &x], 1)?;
             let text = match &mask {
@@ -211,21 +189,10 @@ impl<'a> EncDecStepper<'a> {
             let pm = Tensor::from_vec(keep.to_vec(), (b, 1), &dev)?.broadcast_as((b, n))?;
             let full = Tensor::cat(&[&pm, &text], 1)?;
             let all_kept = keep.iter().all(|&k| k == 1.0);
-            mask = if all_kept && mask.is_none() {
-                None
-            } else {
-                Some(full)
-            };
+            mask = if all_kept && mask.is_none() { None } else { Some(full) };
         }
         let enc = model.encode_embeds(&x, mask.as_ref(), hooks)?;
-        let mut s = Self {
-            model,
-            hooks,
-            enc,
-            enc_mask: mask,
-            cache: model.new_cache(),
-            same_source: b == 1,
-        };
+        let mut s = Self { model, hooks, enc, enc_mask: mask, cache: model.new_cache(), same_source: b == 1 };
         let logits = s.step(&vec![decoder_start; b])?;
         Ok((s, logits))
     }
@@ -245,19 +212,10 @@ impl Stepper for EncDecStepper<'_> {
     fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let b = tokens.len();
         if b != self.rows() {
-            bail!(
-                "decoder step with {b} tokens for {} encoder rows",
-                self.rows()
-            )
+            bail!("decoder step with {b} tokens for {} encoder rows", self.rows())
         }
         let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), self.model.device())?;
-        let h = self.model.decode(
-            &ids,
-            &self.enc,
-            self.enc_mask.as_ref(),
-            Some(&mut self.cache),
-            self.hooks,
-        )?;
+        let h = self.model.decode(&ids, &self.enc, self.enc_mask.as_ref(), Some(&mut self.cache), self.hooks)?;
         self.model.logits(&h.squeeze(1)?)
     }
 }

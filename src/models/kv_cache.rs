@@ -66,9 +66,7 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self {
-            layers: vec![LayerCache::default(); n_layers],
-        }
+        Self { layers: vec![LayerCache::default(); n_layers] }
     }
 
     pub fn len(&self) -> usize {

@@ -6,7 +6,7 @@
 
 use super::{KvCache, LmHooks, Proj, Site, add_opt};
 use crate::checkpoint::{Cfg, GgufFile, Weights};
-use crate::ops::{self, Activation, AttentionOpts, Linear, RopeTable};
+use crate::ops::{self, Activation, AttentionOpts, FrozenMlp, Linear, RopeTable};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -54,8 +54,7 @@ impl LlamaConfig {
     pub fn from_hf(c: &Cfg) -> Result<Self> {
         let hidden_size = c.usize("hidden_size")?;
         let num_attention_heads = c.usize("num_attention_heads")?;
-        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 && !c.has("head_dim")
-        {
+        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 && !c.has("head_dim") {
             return Err(c.err(
                 "num_attention_heads",
                 format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
@@ -72,10 +71,7 @@ impl LlamaConfig {
         // transformers 5 moved rope settings into `rope_parameters`; older files have
         // `rope_theta` at top level and `rope_scaling` beside it.
         let rp = c.sub("rope_parameters");
-        let rope_theta = match rp
-            .as_ref()
-            .and_then(|r| r.opt_f64("rope_theta").transpose())
-        {
+        let rope_theta = match rp.as_ref().and_then(|r| r.opt_f64("rope_theta").transpose()) {
             Some(t) => t?,
             None => c.f64_or("rope_theta", 10000.0)?,
         };
@@ -83,31 +79,28 @@ impl LlamaConfig {
         let rope_scaling = match scaling_cfg {
             None => None,
             Some(s) => {
-                let ty = s
-                    .opt_str("rope_type")?
-                    .or(s.opt_str("type")?)
-                    .unwrap_or_else(|| "default".into());
+                let ty = s.opt_str("rope_type")?.or(s.opt_str("type")?).unwrap_or_else(|| "default".into());
                 match ty.as_str() {
                     "default" => None,
-                    "linear" => Some(RopeScaling::Linear {
-                        factor: s.f64("factor")?,
-                    }),
+                    "linear" => Some(RopeScaling::Linear { factor: s.f64("factor")? }),
                     "llama3" => Some(RopeScaling::Llama3 {
                         factor: s.f64("factor")?,
                         low_freq_factor: s.f64("low_freq_factor")?,
                         high_freq_factor: s.f64("high_freq_factor")?,
-                        original_max_position_embeddings: s
-                            .usize("original_max_position_embeddings")?,
+                        original_max_position_embeddings: s.usize("original_max_position_embeddings")?,
                     }),
                     other => {
-                        return Err(s.err("rope_type", format!("unsupported rope scaling `{other}` (supported: default, linear, llama3)")));
+                        return Err(s.err(
+                            "rope_type",
+                            format!("unsupported rope scaling `{other}` (supported: default, linear, llama3)"),
+                        ));
                     }
                 }
             }
         };
         let act = c.opt_str("hidden_act")?.unwrap_or_else(|| "silu".into());
-        let hidden_act = Activation::from_hf(&act)
-            .ok_or_else(|| c.err("hidden_act", format!("unsupported activation `{act}`")))?;
+        let hidden_act =
+            Activation::from_hf(&act).ok_or_else(|| c.err("hidden_act", format!("unsupported activation `{act}`")))?;
         Ok(Self {
             vocab_size: c.usize("vocab_size")?,
             hidden_size,
@@ -139,22 +132,14 @@ impl LlamaConfig {
             .unwrap_or(hidden_size / heads);
         let mut rope_scaling = None;
         if g.content.tensor_infos.contains_key("rope_freqs.weight") {
-            let f = g
-                .load_raw("rope_freqs.weight", &Device::Cpu)?
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?;
+            let f = g.load_raw("rope_freqs.weight", &Device::Cpu)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             rope_scaling = Some(RopeScaling::Factors { factors: f });
-        } else if let Some(candle_core::quantized::gguf_file::Value::String(t)) =
-            g.meta("llama.rope.scaling.type")
-        {
+        } else if let Some(candle_core::quantized::gguf_file::Value::String(t)) = g.meta("llama.rope.scaling.type") {
             if t == "linear" {
                 let factor = g.arch_f64("rope.scaling.factor")?.unwrap_or(1.0);
                 rope_scaling = Some(RopeScaling::Linear { factor });
             } else if t != "none" {
-                bail!(
-                    "{}: unsupported rope scaling `{t}` (metadata field llama.rope.scaling.type)",
-                    g.path.display()
-                )
+                bail!("{}: unsupported rope scaling `{t}` (metadata field llama.rope.scaling.type)", g.path.display())
             }
         }
         let meta_id = |k: &str| g.meta(k).and_then(|v| v.to_u32().ok());
@@ -166,9 +151,7 @@ impl LlamaConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
-            rms_norm_eps: g
-                .arch_f64("attention.layer_norm_rms_epsilon")?
-                .unwrap_or(1e-5),
+            rms_norm_eps: g.arch_f64("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
             rope_theta: g.arch_f64("rope.freq_base")?.unwrap_or(10000.0),
             rope_scaling,
             max_position_embeddings: g.arch_usize("context_length")?.unwrap_or(2048),
@@ -185,30 +168,18 @@ impl LlamaConfig {
     pub fn inv_freq(&self) -> Vec<f64> {
         let dim = self.head_dim;
         let base = self.rope_theta as f32;
-        let inv: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
-            .collect();
+        let inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
         let out: Vec<f32> = match &self.rope_scaling {
             None => inv,
-            Some(RopeScaling::Linear { factor }) => {
-                inv.iter().map(|f| f / *factor as f32).collect()
-            }
-            Some(RopeScaling::Factors { factors }) => inv
-                .iter()
-                .zip(factors)
-                .map(|(f, d)| f / *d as f32)
-                .collect(),
+            Some(RopeScaling::Linear { factor }) => inv.iter().map(|f| f / *factor as f32).collect(),
+            Some(RopeScaling::Factors { factors }) => inv.iter().zip(factors).map(|(f, d)| f / *d as f32).collect(),
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
             }) => {
-                let (factor, lo, hi) = (
-                    *factor as f32,
-                    *low_freq_factor as f32,
-                    *high_freq_factor as f32,
-                );
+                let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
                 let old = *original_max_position_embeddings as f32;
                 let (lo_wl, hi_wl) = (old / lo, old / hi);
                 inv.iter()
@@ -241,18 +212,12 @@ struct Attention {
     head_dim: usize,
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-    act: Activation,
-}
-
 struct Block {
     input_layernorm: Tensor,
     self_attn: Attention,
     post_attention_layernorm: Tensor,
-    mlp: Mlp,
+    /// gate_proj, up_proj, down_proj as one fused op.
+    mlp: FrozenMlp,
 }
 
 /// Positions of the tokens fed to a forward pass.
@@ -275,22 +240,14 @@ pub struct Llama {
 
 fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let weight = w.get((out, inp), &format!("{name}.weight"))?;
-    let bias = if bias {
-        Some(w.get(out, &format!("{name}.bias"))?)
-    } else {
-        None
-    };
+    let bias = if bias { Some(w.get(out, &format!("{name}.bias"))?) } else { None };
     Ok(Linear::new(weight, bias))
 }
 
 impl Llama {
     pub fn load(w: &Weights, cfg: LlamaConfig) -> Result<Self> {
         let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (h, kv, hd) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let m = w.pp("model");
         let embed_tokens = m.get((v, d), "embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -310,10 +267,10 @@ impl Llama {
                     head_dim: hd,
                 },
                 post_attention_layernorm: b.get(d, "post_attention_layernorm.weight")?,
-                mlp: Mlp {
-                    gate_proj: linear(&f, "gate_proj", i, d, cfg.mlp_bias)?,
-                    up_proj: linear(&f, "up_proj", i, d, cfg.mlp_bias)?,
-                    down_proj: linear(&f, "down_proj", d, i, cfg.mlp_bias)?,
+                mlp: FrozenMlp {
+                    w1: linear(&f, "gate_proj", i, d, cfg.mlp_bias)?,
+                    w2: Some(linear(&f, "up_proj", i, d, cfg.mlp_bias)?),
+                    down: linear(&f, "down_proj", d, i, cfg.mlp_bias)?,
                     act: cfg.hidden_act,
                 },
             });
@@ -324,26 +281,11 @@ impl Llama {
         } else if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None)
         } else {
-            bail!(
-                "{}: tensor `lm_head.weight` not found (and tie_word_embeddings is false)",
-                w.label()
-            )
+            bail!("{}: tensor `lm_head.weight` not found (and tie_word_embeddings is false)", w.label())
         };
-        let rope = RopeTable::new(
-            &cfg.inv_freq(),
-            cfg.max_position_embeddings.max(1),
-            w.dtype,
-            &w.device,
-        )
-        .context("building the rope table")?;
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            cfg,
-        })
+        let rope = RopeTable::new(&cfg.inv_freq(), cfg.max_position_embeddings.max(1), w.dtype, &w.device)
+            .context("building the rope table")?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg })
     }
 
     pub fn n_layers(&self) -> usize {
@@ -365,10 +307,7 @@ impl Llama {
     /// Token embeddings `[b, t, d]` of ids `[b, t]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?)
+        Ok(self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Runs every block on embeddings `x: [b, t, d]` and applies the final norm.
@@ -389,17 +328,7 @@ impl Llama {
         let mut h = x.clone();
         for (l, blk) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            h = blk.forward(
-                &h,
-                l,
-                &cos,
-                &sin,
-                past,
-                lc,
-                key_mask,
-                hooks,
-                self.cfg.rms_norm_eps,
-            )?;
+            h = blk.forward(&h, l, &cos, &sin, past, lc, key_mask, hooks, self.cfg.rms_norm_eps)?;
         }
         Ok(ops::rms_norm(&h, &self.norm, self.cfg.rms_norm_eps)?)
     }
@@ -417,8 +346,7 @@ impl Llama {
         cache: Option<&mut KvCache>,
         hooks: &dyn LmHooks,
     ) -> Result<Tensor> {
-        let h =
-            self.forward_embeds(&self.embed(ids)?, &Positions::From(pos), cache, None, hooks)?;
+        let h = self.forward_embeds(&self.embed(ids)?, &Positions::From(pos), cache, None, hooks)?;
         self.logits(&h)
     }
 
@@ -431,17 +359,7 @@ impl Llama {
         let mut out = vec![x.clone()];
         let mut h = x;
         for (l, blk) in self.layers.iter().enumerate() {
-            h = blk.forward(
-                &h,
-                l,
-                &cos,
-                &sin,
-                0,
-                None,
-                None,
-                &super::NoHooks,
-                self.cfg.rms_norm_eps,
-            )?;
+            h = blk.forward(&h, l, &cos, &sin, 0, None, None, &super::NoHooks, self.cfg.rms_norm_eps)?;
             out.push(h.clone());
         }
         let last = out.pop().unwrap();
@@ -472,10 +390,7 @@ impl Block {
         let (b, t, _) = x.dims3()?;
         let n = ops::rms_norm(x, &self.input_layernorm, eps)?;
         let proj = |p: &Linear, which: Proj| -> Result<Tensor> {
-            add_opt(
-                p.forward(&n)?,
-                hooks.proj_delta(Site::Decoder, layer, which, &n)?,
-            )
+            add_opt(p.forward(&n)?, hooks.proj_delta(Site::Decoder, layer, which, &n)?)
         };
         let q = proj(&a.q_proj, Proj::Q)?.reshape((b, t, a.n_heads, a.head_dim))?;
         let k = proj(&a.k_proj, Proj::K)?.reshape((b, t, a.n_kv, a.head_dim))?;
@@ -490,26 +405,13 @@ impl Block {
             &q,
             &k,
             &v,
-            AttentionOpts {
-                scale: 1.0 / (a.head_dim as f64).sqrt(),
-                causal_offset: Some(past),
-                bias: None,
-                key_mask,
-            },
+            AttentionOpts { scale: 1.0 / (a.head_dim as f64).sqrt(), causal_offset: Some(past), bias: None, key_mask },
         )?;
         let o = o.reshape((b, t, a.n_heads * a.head_dim))?;
-        let o = add_opt(
-            a.o_proj.forward(&o)?,
-            hooks.proj_delta(Site::Decoder, layer, Proj::O, &o)?,
-        )?;
+        let o = add_opt(a.o_proj.forward(&o)?, hooks.proj_delta(Site::Decoder, layer, Proj::O, &o)?)?;
         let h = (x + o)?;
         let u = ops::rms_norm(&h, &self.post_attention_layernorm, eps)?;
-        let m = &self.mlp;
-        let f = m.down_proj.forward(&ops::gated(
-            &m.gate_proj.forward(&u)?,
-            &m.up_proj.forward(&u)?,
-            m.act,
-        )?)?;
+        let f = self.mlp.forward(&u)?;
         let f = add_opt(f, hooks.ffn_branch(Site::Decoder, layer, &u)?)?;
         Ok((h + f)?)
     }

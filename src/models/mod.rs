@@ -71,13 +71,7 @@ pub trait LmHooks {
         Ok(None)
     }
     /// Added to the output of self-attention projection `proj` of block `layer` (LoRA).
-    fn proj_delta(
-        &self,
-        _site: Site,
-        _layer: usize,
-        _proj: Proj,
-        _x: &Tensor,
-    ) -> Result<Option<Tensor>> {
+    fn proj_delta(&self, _site: Site, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

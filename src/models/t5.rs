@@ -14,7 +14,7 @@ use super::encdec::{EncDecCache, EncoderDecoder, SpecialTokens, cross_kv};
 use super::kv_cache::LayerCache;
 use super::{LmHooks, Proj, Site, add_opt};
 use crate::checkpoint::{Cfg, Weights};
-use crate::ops::{self, Activation, AttentionOpts, Linear};
+use crate::ops::{self, Activation, AttentionOpts, FrozenMlp, Linear};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -52,9 +52,7 @@ impl T5Config {
             return Err(c.err("num_heads", "must be positive"));
         }
         let num_layers = c.usize_or("num_layers", 6)?;
-        let feed_forward_proj = c
-            .opt_str("feed_forward_proj")?
-            .unwrap_or_else(|| "relu".into());
+        let feed_forward_proj = c.opt_str("feed_forward_proj")?.unwrap_or_else(|| "relu".into());
         // As T5Config.__post_init__: `gated-{act}` or `{act}`; `gated-gelu` means gelu_new.
         let parts: Vec<&str> = feed_forward_proj.split('-').collect();
         let (is_gated_act, act) = match parts.as_slice() {
@@ -63,17 +61,11 @@ impl T5Config {
             _ => {
                 return Err(c.err(
                     "feed_forward_proj",
-                    format!(
-                        "`{feed_forward_proj}` is not of the form `gated-{{ACT}}` or `{{ACT}}`"
-                    ),
+                    format!("`{feed_forward_proj}` is not of the form `gated-{{ACT}}` or `{{ACT}}`"),
                 ));
             }
         };
-        let act = if feed_forward_proj == "gated-gelu" {
-            "gelu_new"
-        } else {
-            act
-        };
+        let act = if feed_forward_proj == "gated-gelu" { "gelu_new" } else { act };
         let dense_act_fn = Activation::from_hf(act).ok_or_else(|| {
             c.err(
                 "feed_forward_proj",
@@ -85,16 +77,8 @@ impl T5Config {
         // `tie_word_embeddings` (default true).
         let scale_decoder_outputs = c.bool_or("scale_decoder_outputs", tie_word_embeddings)?;
         let pad_token_id = c.ids("pad_token_id")?.first().copied().unwrap_or(0);
-        let decoder_start_token_id = c
-            .ids("decoder_start_token_id")?
-            .first()
-            .copied()
-            .unwrap_or(pad_token_id);
-        let eos = if c.has("eos_token_id") {
-            c.ids("eos_token_id")?
-        } else {
-            vec![1]
-        };
+        let decoder_start_token_id = c.ids("decoder_start_token_id")?.first().copied().unwrap_or(pad_token_id);
+        let eos = if c.has("eos_token_id") { c.ids("eos_token_id")? } else { vec![1] };
         let cfg = Self {
             vocab_size: c.usize_or("vocab_size", 32128)?,
             d_model,
@@ -118,10 +102,7 @@ impl T5Config {
         if cfg.relative_attention_num_buckets < 4 {
             return Err(c.err(
                 "relative_attention_num_buckets",
-                format!(
-                    "{} is too small (at least 4)",
-                    cfg.relative_attention_num_buckets
-                ),
+                format!("{} is too small (at least 4)", cfg.relative_attention_num_buckets),
             ));
         }
         Ok(cfg)
@@ -188,25 +169,13 @@ impl Attn {
     }
 }
 
-enum Ffn {
-    Dense {
-        wi: Linear,
-        wo: Linear,
-    },
-    Gated {
-        wi_0: Linear,
-        wi_1: Linear,
-        wo: Linear,
-    },
-}
-
 struct Block {
     self_ln: Tensor,
     self_attn: Attn,
     /// Decoder blocks: the cross-attention's norm and projections.
     cross: Option<(Tensor, Attn)>,
     ff_ln: Tensor,
-    ff: Ffn,
+    ff: FrozenMlp,
 }
 
 struct Stack {
@@ -235,7 +204,6 @@ struct Pass<'a> {
     enc: Option<(&'a Tensor, Option<&'a Tensor>)>,
     hooks: &'a dyn LmHooks,
     eps: f64,
-    act: Activation,
 }
 
 impl Block {
@@ -256,8 +224,7 @@ impl Block {
         let q = a.split(&proj(&a.q, Proj::Q)?)?;
         let k = a.split(&proj(&a.k, Proj::K)?)?;
         let v = a.split(&proj(&a.v, Proj::V)?)?;
-        let lc: Option<&mut LayerCache> =
-            cache.as_deref_mut().map(|c| &mut c.self_attn.layers[layer]);
+        let lc: Option<&mut LayerCache> = cache.as_deref_mut().map(|c| &mut c.self_attn.layers[layer]);
         let (k, v) = match lc {
             Some(c) => c.append(&k, &v)?,
             None => (k, v),
@@ -266,47 +233,27 @@ impl Block {
             &q,
             &k,
             &v,
-            AttentionOpts {
-                scale: 1.0,
-                causal_offset: p.causal,
-                bias: Some(p.bias),
-                key_mask: p.mask,
-            },
+            AttentionOpts { scale: 1.0, causal_offset: p.causal, bias: Some(p.bias), key_mask: p.mask },
         )?;
         let o = o.flatten_from(2)?;
-        let o = add_opt(
-            a.o.forward(&o)?,
-            p.hooks.proj_delta(site, layer, Proj::O, &o)?,
-        )?;
+        let o = add_opt(a.o.forward(&o)?, p.hooks.proj_delta(site, layer, Proj::O, &o)?)?;
         let mut h = (x + o)?;
         // Cross-attention (decoder).
         if let (Some((ln, c)), Some((enc, enc_mask))) = (&self.cross, p.enc) {
             let n = ops::rms_norm(&h, ln, p.eps)?;
             let q = c.split(&c.q.forward(&n)?)?;
-            let (k, v) = cross_kv(cache, layer, || {
-                Ok((c.split(&c.k.forward(enc)?)?, c.split(&c.v.forward(enc)?)?))
-            })?;
+            let (k, v) = cross_kv(cache, layer, || Ok((c.split(&c.k.forward(enc)?)?, c.split(&c.v.forward(enc)?)?)))?;
             let o = ops::attention(
                 &q,
                 &k,
                 &v,
-                AttentionOpts {
-                    scale: 1.0,
-                    causal_offset: None,
-                    bias: None,
-                    key_mask: enc_mask,
-                },
+                AttentionOpts { scale: 1.0, causal_offset: None, bias: None, key_mask: enc_mask },
             )?;
             h = (h + c.o.forward(&o.flatten_from(2)?)?)?;
         }
         // Feed-forward, with the hooks' parallel branch on the same normalised input.
         let u = ops::rms_norm(&h, &self.ff_ln, p.eps)?;
-        let f = match &self.ff {
-            Ffn::Dense { wi, wo } => wo.forward(&ops::activation(&wi.forward(&u)?, p.act)?)?,
-            Ffn::Gated { wi_0, wi_1, wo } => {
-                wo.forward(&ops::gated(&wi_0.forward(&u)?, &wi_1.forward(&u)?, p.act)?)?
-            }
-        };
+        let f = self.ff.forward(&u)?;
         let f = add_opt(f, p.hooks.ffn_branch(site, layer, &u)?)?;
         Ok((h + f)?)
     }
@@ -315,24 +262,14 @@ impl Block {
 impl Stack {
     fn load(w: &Weights, cfg: &T5Config, decoder: bool) -> Result<Self> {
         let (d, h, dkv, dff) = (cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff);
-        let n = if decoder {
-            cfg.num_decoder_layers
-        } else {
-            cfg.num_layers
-        };
+        let n = if decoder { cfg.num_decoder_layers } else { cfg.num_layers };
         let mut blocks = Vec::with_capacity(n);
         for i in 0..n {
             let b = w.pp(format!("block.{i}"));
             let l0 = b.pp("layer.0");
             let (cross, ff_idx) = if decoder {
                 let l1 = b.pp("layer.1");
-                (
-                    Some((
-                        l1.get(d, "layer_norm.weight")?,
-                        Attn::load(&l1.pp("EncDecAttention"), d, h, dkv)?,
-                    )),
-                    2,
-                )
+                (Some((l1.get(d, "layer_norm.weight")?, Attn::load(&l1.pp("EncDecAttention"), d, h, dkv)?)), 2)
             } else {
                 (None, 1)
             };
@@ -342,16 +279,14 @@ impl Stack {
                 Ok(Linear::new(dr.get((o, i), &format!("{n}.weight"))?, None))
             };
             let ff = if cfg.is_gated_act {
-                Ffn::Gated {
-                    wi_0: lin("wi_0", dff, d)?,
-                    wi_1: lin("wi_1", dff, d)?,
-                    wo: lin("wo", d, dff)?,
+                FrozenMlp {
+                    w1: lin("wi_0", dff, d)?,
+                    w2: Some(lin("wi_1", dff, d)?),
+                    down: lin("wo", d, dff)?,
+                    act: cfg.dense_act_fn,
                 }
             } else {
-                Ffn::Dense {
-                    wi: lin("wi", dff, d)?,
-                    wo: lin("wo", d, dff)?,
-                }
+                FrozenMlp { w1: lin("wi", dff, d)?, w2: None, down: lin("wo", d, dff)?, act: cfg.dense_act_fn }
             };
             blocks.push(Block {
                 self_ln: l0.get(d, "layer_norm.weight")?,
@@ -368,11 +303,7 @@ impl Stack {
                 "block.0.layer.0.SelfAttention.relative_attention_bias.weight",
             )?,
             final_ln: w.get(d, "final_layer_norm.weight")?,
-            site: if decoder {
-                Site::Decoder
-            } else {
-                Site::Encoder
-            },
+            site: if decoder { Site::Decoder } else { Site::Encoder },
         })
     }
 }
@@ -392,13 +323,7 @@ impl T5 {
             Some(h) => Linear::new(h, None),
             None => Linear::new(shared.clone(), None),
         };
-        Ok(Self {
-            shared,
-            encoder,
-            decoder,
-            lm_head,
-            cfg,
-        })
+        Ok(Self { shared, encoder, decoder, lm_head, cfg })
     }
 
     pub fn n_encoder_layers(&self) -> usize {
@@ -424,20 +349,14 @@ impl T5 {
     /// Token embeddings `[b, t, d]` of ids `[b, t]` (no scaling in T5).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self
-            .shared
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.d_model))?)
+        Ok(self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?)
     }
 
     /// The relative position bias `[1, heads, tq, tk]` of `stack` for queries at positions
     /// `past..past + tq` and keys at `0..tk`.
     fn position_bias(&self, stack: &Stack, tq: usize, tk: usize, past: usize) -> Result<Tensor> {
         let bidirectional = stack.site == Site::Encoder;
-        let (nb, md) = (
-            self.cfg.relative_attention_num_buckets,
-            self.cfg.relative_attention_max_distance,
-        );
+        let (nb, md) = (self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance);
         let mut idx = Vec::with_capacity(tq * tk);
         for i in 0..tq {
             for j in 0..tk {
@@ -458,33 +377,15 @@ impl T5 {
 
     /// Encoder on ids `[b, t]` with an optional key mask `[b, t]` (1 token, 0 padding);
     /// returns the last hidden state `[b, t, d]` (after the final norm).
-    pub fn encode(
-        &self,
-        ids: &Tensor,
-        mask: Option<&Tensor>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
+    pub fn encode(&self, ids: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         self.encode_embeds(&self.embed(ids)?, mask, hooks)
     }
 
     /// Encoder on embeddings `[b, t, d]`.
-    pub fn encode_embeds(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
+    pub fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         let t = x.dims3()?.1;
         let bias = self.position_bias(&self.encoder, t, t, 0)?;
-        let p = Pass {
-            bias: &bias,
-            causal: None,
-            mask,
-            enc: None,
-            hooks,
-            eps: self.cfg.layer_norm_epsilon,
-            act: self.cfg.dense_act_fn,
-        };
+        let p = Pass { bias: &bias, causal: None, mask, enc: None, hooks, eps: self.cfg.layer_norm_epsilon };
         let mut h = x.clone();
         for (l, blk) in self.encoder.blocks.iter().enumerate() {
             h = blk.forward(&h, l, Site::Encoder, &p, None)?;
@@ -525,7 +426,6 @@ impl T5 {
             enc: Some((enc, enc_mask)),
             hooks,
             eps: self.cfg.layer_norm_epsilon,
-            act: self.cfg.dense_act_fn,
         };
         let mut h = x.clone();
         for (l, blk) in self.decoder.blocks.iter().enumerate() {
@@ -574,12 +474,7 @@ impl EncoderDecoder for T5 {
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         T5::embed(self, ids)
     }
-    fn encode_embeds(
-        &self,
-        x: &Tensor,
-        mask: Option<&Tensor>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
+    fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         T5::encode_embeds(self, x, mask, hooks)
     }
     fn decode(

@@ -2,9 +2,7 @@
 
 use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +33,7 @@ impl Activation {
     }
 
     #[inline]
-    fn f<T: Real>(self, x: T) -> T {
+    pub(crate) fn f<T: Real>(self, x: T) -> T {
         let one = T::one();
         let half = T::from(0.5).unwrap();
         match self {
@@ -52,7 +50,7 @@ impl Activation {
     }
 
     #[inline]
-    fn df<T: Real>(self, x: T) -> T {
+    pub(crate) fn df<T: Real>(self, x: T) -> T {
         let one = T::one();
         let half = T::from(0.5).unwrap();
         match self {
@@ -69,8 +67,7 @@ impl Activation {
                 let c = T::from(0.7978845608028654).unwrap();
                 let k = T::from(0.044715).unwrap();
                 let t = (c * (x + k * x * x * x)).tanh();
-                half * (one + t)
-                    + half * x * (one - t * t) * c * (one + T::from(3.0).unwrap() * k * x * x)
+                half * (one + t) + half * x * (one - t * t) * c * (one + T::from(3.0).unwrap() * k * x * x)
             }
             Self::QuickGelu => {
                 let a = T::from(1.702).unwrap();
@@ -88,7 +85,7 @@ impl Activation {
     }
 
     /// Composite candle version, for devices without the custom kernels.
-    fn candle(self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn candle(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Silu => x.silu(),
             Self::Gelu => x.gelu_erf(),
@@ -110,14 +107,13 @@ impl CustomOp1 for Act {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn go<T: Real>(a: Activation, x: &[T]) -> Vec<T> {
             let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .with_min_len(super::min_rows(CHUNK))
-                .for_each(|(yc, xc)| {
+            y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).with_min_len(super::min_rows(CHUNK)).for_each(
+                |(yc, xc)| {
                     for (o, &v) in yc.iter_mut().zip(xc) {
                         *o = a.f(v);
                     }
-                });
+                },
+            );
             y
         }
         let out = match s.dtype() {
@@ -154,11 +150,7 @@ impl CustomOp1 for Act {
 
 /// `act(x)`, differentiable.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
-    if fast_path(x) {
-        x.contiguous()?.apply_op1(Act(act))
-    } else {
-        act.candle(x)
-    }
+    if fast_path(x) { x.contiguous()?.apply_op1(Act(act)) } else { act.candle(x) }
 }
 
 struct Gated(Activation);
@@ -167,13 +159,7 @@ impl CustomOp2 for Gated {
     fn name(&self) -> &'static str {
         "memvp-gated-activation"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         fn go<T: Real>(a: Activation, g: &[T], u: &[T]) -> Vec<T> {
             let mut y = vec![T::zero(); g.len()];
             y.par_chunks_mut(CHUNK)
@@ -187,40 +173,17 @@ impl CustomOp2 for Gated {
             y
         }
         if l1.shape() != l2.shape() {
-            bail!(
-                "gated activation: shapes {:?} and {:?} differ",
-                l1.dims(),
-                l2.dims()
-            )
+            bail!("gated activation: shapes {:?} and {:?} differ", l1.dims(), l2.dims())
         }
         let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(go(
-                self.0,
-                cpu_slice::<f32>(s1, l1)?,
-                cpu_slice::<f32>(s2, l2)?,
-            )),
-            DType::F64 => f64::to_cpu_storage_owned(go(
-                self.0,
-                cpu_slice::<f64>(s1, l1)?,
-                cpu_slice::<f64>(s2, l2)?,
-            )),
+            DType::F32 => f32::to_cpu_storage_owned(go(self.0, cpu_slice::<f32>(s1, l1)?, cpu_slice::<f32>(s2, l2)?)),
+            DType::F64 => f64::to_cpu_storage_owned(go(self.0, cpu_slice::<f64>(s1, l1)?, cpu_slice::<f64>(s2, l2)?)),
             dt => bail!("gated activation: unsupported dtype {dt:?}"),
         };
         Ok((out, l1.shape().clone()))
     }
-    fn bwd(
-        &self,
-        g: &Tensor,
-        u: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        fn go<T: Real>(
-            a: Activation,
-            g: &Tensor,
-            u: &Tensor,
-            dy: &Tensor,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn go<T: Real>(a: Activation, g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
             with_slice::<T, _>(g, |gs| {
                 with_slice::<T, _>(u, |us| {
                     with_slice::<T, _>(dy, |dys| {
@@ -238,10 +201,7 @@ impl CustomOp2 for Gated {
                                     duc[i] = d * a.f(gv);
                                 }
                             });
-                        Ok((
-                            Some(tensor_from_vec(dg, g.dims(), g)?),
-                            Some(tensor_from_vec(du, u.dims(), u)?),
-                        ))
+                        Ok((Some(tensor_from_vec(dg, g.dims(), g)?), Some(tensor_from_vec(du, u.dims(), u)?)))
                     })
                 })
             })

@@ -6,9 +6,7 @@
 
 use super::{Real, fast_path, gemm_strided};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -50,11 +48,7 @@ fn view<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<View<'a, T>> {
     let st = l.stride();
     let dims = l.dims();
     if dims.len() != 4 || st[3] != 1 {
-        bail!(
-            "attention: expected [b, t, h, d] with a contiguous last dim, got {:?} / {:?}",
-            dims,
-            st
-        )
+        bail!("attention: expected [b, t, h, d] with a contiguous last dim, got {:?} / {:?}", dims, st)
     }
     Ok(View {
         data: s.as_slice::<T>()?,
@@ -72,10 +66,7 @@ fn with_view<T: Real, R>(t: &Tensor, f: impl FnOnce(View<'_, T>) -> Result<R>) -
     }
 }
 
-fn with_contig<T: Real, R>(
-    t: Option<&Tensor>,
-    f: impl FnOnce(Option<&[T]>) -> Result<R>,
-) -> Result<R> {
+fn with_contig<T: Real, R>(t: Option<&Tensor>, f: impl FnOnce(Option<&[T]>) -> Result<R>) -> Result<R> {
     match t {
         None => f(None),
         Some(t) => super::with_slice::<T, R>(t, |s| f(Some(s))),
@@ -96,35 +87,14 @@ fn geometry<T>(q: &View<T>, k: &View<T>, v: &View<T>, bias: Option<&Tensor>) -> 
     let [b, tq, h, d] = q.dims;
     let [bk, tk, kvh, dk] = k.dims;
     if bk != b || dk != d || v.dims != k.dims || kvh == 0 || h % kvh != 0 {
-        bail!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit together",
-            q.dims,
-            k.dims,
-            v.dims
-        )
+        bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims, k.dims, v.dims)
     }
     let bias_b = match bias.map(|t| t.dims().to_vec()) {
         None => 1,
-        Some(bd)
-            if bd.len() == 4
-                && (bd[0] == 1 || bd[0] == b)
-                && bd[1] == h
-                && bd[2] == tq
-                && bd[3] == tk =>
-        {
-            bd[0]
-        }
+        Some(bd) if bd.len() == 4 && (bd[0] == 1 || bd[0] == b) && bd[1] == h && bd[2] == tq && bd[3] == tk => bd[0],
         Some(bd) => bail!("attention: bias {bd:?} does not fit [1|{b}, {h}, {tq}, {tk}]"),
     };
-    Ok(Geometry {
-        b,
-        tq,
-        tk,
-        h,
-        kvh,
-        d,
-        bias_b,
-    })
+    Ok(Geometry { b, tq, tk, h, kvh, d, bias_b })
 }
 
 /// Forward for all heads; returns the output `[b, tq, h, d]` and, if asked, the probabilities.
@@ -138,241 +108,202 @@ fn attn_fwd<T: Real>(
     keep: bool,
 ) -> Result<(Vec<T>, Option<Vec<T>>)> {
     let g = geometry(q, k, v, op.bias.as_ref())?;
-    let Geometry {
-        b,
-        tq,
-        tk,
-        h,
-        kvh,
-        d,
-        bias_b,
-    } = g;
+    let Geometry { b, tq, tk, h, kvh, d, bias_b } = g;
     let group = h / kvh;
     let mut out = vec![T::zero(); b * tq * h * d];
-    let mut probs = if keep {
-        vec![T::zero(); b * h * tq * tk]
-    } else {
-        Vec::new()
-    };
+    let mut probs = if keep { vec![T::zero(); b * h * tq * tk] } else { Vec::new() };
     let out_p = super::SendPtr(out.as_mut_ptr());
     let probs_p = super::SendPtr(probs.as_mut_ptr());
     let scale = T::from(op.scale).unwrap();
-    (0..b * h)
-        .into_par_iter()
-        .with_min_len(super::min_rows(tq * tk + tq * d + tk * d))
-        .for_each(|bh| {
-            let (bi, hi) = (bh / h, bh % h);
-            let gi = hi / group;
-            let mut local = Vec::new();
-            let p: *mut T = if keep {
-                unsafe { probs_p.get().add(bh * tq * tk) }
-            } else {
-                local.resize(tq * tk, T::zero());
-                local.as_mut_ptr()
-            };
-            unsafe {
-                // S = Q_h K_gᵀ
-                gemm_strided(
-                    tq,
-                    tk,
-                    d,
-                    p,
-                    tk as isize,
-                    1,
-                    false,
-                    q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]),
-                    q.st[1] as isize,
-                    1,
-                    k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]),
-                    1,
-                    k.st[1] as isize,
-                    1,
-                );
-                let s = std::slice::from_raw_parts_mut(p, tq * tk);
-                let brow = bias.map(|bs| &bs[((bi % bias_b) * h + hi) * tq * tk..][..tq * tk]);
-                let mrow = mask.map(|m| &m[bi * tk..(bi + 1) * tk]);
-                for i in 0..tq {
-                    let row = &mut s[i * tk..(i + 1) * tk];
-                    let lim = match op.causal {
-                        Some(off) => (i + off + 1).min(tk),
-                        None => tk,
-                    };
-                    let mut max = T::neg_infinity();
-                    for j in 0..tk {
-                        let mut x = row[j] * scale;
-                        if let Some(br) = brow {
-                            x += br[i * tk + j];
-                        }
-                        if j >= lim || mrow.is_some_and(|m| m[j] == T::zero()) {
-                            x = T::neg_infinity();
-                        }
-                        row[j] = x;
-                        max = super::fmax(max, x);
+    (0..b * h).into_par_iter().with_min_len(super::min_rows(tq * tk + tq * d + tk * d)).for_each(|bh| {
+        let (bi, hi) = (bh / h, bh % h);
+        let gi = hi / group;
+        let mut local = Vec::new();
+        let p: *mut T = if keep {
+            unsafe { probs_p.get().add(bh * tq * tk) }
+        } else {
+            local.resize(tq * tk, T::zero());
+            local.as_mut_ptr()
+        };
+        unsafe {
+            // S = Q_h K_gᵀ
+            gemm_strided(
+                tq,
+                tk,
+                d,
+                p,
+                tk as isize,
+                1,
+                false,
+                q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]),
+                q.st[1] as isize,
+                1,
+                k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]),
+                1,
+                k.st[1] as isize,
+                1,
+            );
+            let s = std::slice::from_raw_parts_mut(p, tq * tk);
+            let brow = bias.map(|bs| &bs[((bi % bias_b) * h + hi) * tq * tk..][..tq * tk]);
+            let mrow = mask.map(|m| &m[bi * tk..(bi + 1) * tk]);
+            for i in 0..tq {
+                let row = &mut s[i * tk..(i + 1) * tk];
+                let lim = match op.causal {
+                    Some(off) => (i + off + 1).min(tk),
+                    None => tk,
+                };
+                let mut max = T::neg_infinity();
+                for j in 0..tk {
+                    let mut x = row[j] * scale;
+                    if let Some(br) = brow {
+                        x += br[i * tk + j];
                     }
-                    if max == T::neg_infinity() {
-                        row.fill(T::zero());
-                        continue;
+                    if j >= lim || mrow.is_some_and(|m| m[j] == T::zero()) {
+                        x = T::neg_infinity();
                     }
-                    let mut sum = T::zero();
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = T::one() / sum;
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
+                    row[j] = x;
+                    max = super::fmax(max, x);
                 }
-                // O_h = P V_g
-                gemm_strided(
-                    tq,
-                    d,
-                    tk,
-                    out_p.get().add(bi * tq * h * d + hi * d),
-                    (h * d) as isize,
-                    1,
-                    false,
-                    p,
-                    tk as isize,
-                    1,
-                    v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]),
-                    v.st[1] as isize,
-                    1,
-                    1,
-                );
+                if max == T::neg_infinity() {
+                    row.fill(T::zero());
+                    continue;
+                }
+                let mut sum = T::zero();
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = T::one() / sum;
+                for x in row.iter_mut() {
+                    *x *= inv;
+                }
             }
-        });
+            // O_h = P V_g
+            gemm_strided(
+                tq,
+                d,
+                tk,
+                out_p.get().add(bi * tq * h * d + hi * d),
+                (h * d) as isize,
+                1,
+                false,
+                p,
+                tk as isize,
+                1,
+                v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]),
+                v.st[1] as isize,
+                1,
+                1,
+            );
+        }
+    });
     Ok((out, keep.then_some(probs)))
 }
 
 type Grads3<T> = (Vec<T>, Vec<T>, Vec<T>);
 
-fn attn_bwd<T: Real>(
-    op: &AttnOp,
-    q: &View<T>,
-    k: &View<T>,
-    v: &View<T>,
-    probs: &[T],
-    dout: &[T],
-) -> Result<Grads3<T>> {
-    let Geometry {
-        b,
-        tq,
-        tk,
-        h,
-        kvh,
-        d,
-        ..
-    } = geometry(q, k, v, op.bias.as_ref())?;
+fn attn_bwd<T: Real>(op: &AttnOp, q: &View<T>, k: &View<T>, v: &View<T>, probs: &[T], dout: &[T]) -> Result<Grads3<T>> {
+    let Geometry { b, tq, tk, h, kvh, d, .. } = geometry(q, k, v, op.bias.as_ref())?;
     let group = h / kvh;
     let mut dq = vec![T::zero(); b * tq * h * d];
     let mut dk = vec![T::zero(); b * tk * kvh * d];
     let mut dv = vec![T::zero(); b * tk * kvh * d];
-    let (dqp, dkp, dvp) = (
-        super::SendPtr(dq.as_mut_ptr()),
-        super::SendPtr(dk.as_mut_ptr()),
-        super::SendPtr(dv.as_mut_ptr()),
-    );
+    let (dqp, dkp, dvp) =
+        (super::SendPtr(dq.as_mut_ptr()), super::SendPtr(dk.as_mut_ptr()), super::SendPtr(dv.as_mut_ptr()));
     let scale = T::from(op.scale).unwrap();
-    (0..b * kvh)
-        .into_par_iter()
-        .with_min_len(super::min_rows(group * (tq * tk + tq * d) + tk * d))
-        .for_each(|bg| {
-            let (bi, gi) = (bg / kvh, bg % kvh);
-            let mut ds = vec![T::zero(); tq * tk];
-            let kbase = unsafe { k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]) };
-            let vbase = unsafe { v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]) };
-            let dkb = unsafe { dkp.get().add((bi * tk * kvh + gi) * d) };
-            let dvb = unsafe { dvp.get().add((bi * tk * kvh + gi) * d) };
-            for hi in gi * group..(gi + 1) * group {
-                let p = &probs[(bi * h + hi) * tq * tk..][..tq * tk];
-                let dob = unsafe { dout.as_ptr().add(bi * tq * h * d + hi * d) };
-                let qb = unsafe { q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]) };
-                unsafe {
-                    // dV_g += Pᵀ dO_h
-                    gemm_strided(
-                        tk,
-                        d,
-                        tq,
-                        dvb,
-                        (kvh * d) as isize,
-                        1,
-                        true,
-                        p.as_ptr(),
-                        1,
-                        tk as isize,
-                        dob,
-                        (h * d) as isize,
-                        1,
-                        1,
-                    );
-                    // dP = dO_h V_gᵀ
-                    gemm_strided(
-                        tq,
-                        tk,
-                        d,
-                        ds.as_mut_ptr(),
-                        tk as isize,
-                        1,
-                        false,
-                        dob,
-                        (h * d) as isize,
-                        1,
-                        vbase,
-                        1,
-                        v.st[1] as isize,
-                        1,
-                    );
-                }
-                // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
-                for i in 0..tq {
-                    let (pr, dr) = (&p[i * tk..(i + 1) * tk], &mut ds[i * tk..(i + 1) * tk]);
-                    let dot = pr
-                        .iter()
-                        .zip(dr.iter())
-                        .fold(T::zero(), |a, (&x, &y)| a + x * y);
-                    for (o, &x) in dr.iter_mut().zip(pr) {
-                        *o = scale * x * (*o - dot);
-                    }
-                }
-                unsafe {
-                    // dQ_h = dS K_g
-                    gemm_strided(
-                        tq,
-                        d,
-                        tk,
-                        dqp.get().add(bi * tq * h * d + hi * d),
-                        (h * d) as isize,
-                        1,
-                        false,
-                        ds.as_ptr(),
-                        tk as isize,
-                        1,
-                        kbase,
-                        k.st[1] as isize,
-                        1,
-                        1,
-                    );
-                    // dK_g += dSᵀ Q_h
-                    gemm_strided(
-                        tk,
-                        d,
-                        tq,
-                        dkb,
-                        (kvh * d) as isize,
-                        1,
-                        true,
-                        ds.as_ptr(),
-                        1,
-                        tk as isize,
-                        qb,
-                        q.st[1] as isize,
-                        1,
-                        1,
-                    );
+    (0..b * kvh).into_par_iter().with_min_len(super::min_rows(group * (tq * tk + tq * d) + tk * d)).for_each(|bg| {
+        let (bi, gi) = (bg / kvh, bg % kvh);
+        let mut ds = vec![T::zero(); tq * tk];
+        let kbase = unsafe { k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]) };
+        let vbase = unsafe { v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]) };
+        let dkb = unsafe { dkp.get().add((bi * tk * kvh + gi) * d) };
+        let dvb = unsafe { dvp.get().add((bi * tk * kvh + gi) * d) };
+        for hi in gi * group..(gi + 1) * group {
+            let p = &probs[(bi * h + hi) * tq * tk..][..tq * tk];
+            let dob = unsafe { dout.as_ptr().add(bi * tq * h * d + hi * d) };
+            let qb = unsafe { q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]) };
+            unsafe {
+                // dV_g += Pᵀ dO_h
+                gemm_strided(
+                    tk,
+                    d,
+                    tq,
+                    dvb,
+                    (kvh * d) as isize,
+                    1,
+                    true,
+                    p.as_ptr(),
+                    1,
+                    tk as isize,
+                    dob,
+                    (h * d) as isize,
+                    1,
+                    1,
+                );
+                // dP = dO_h V_gᵀ
+                gemm_strided(
+                    tq,
+                    tk,
+                    d,
+                    ds.as_mut_ptr(),
+                    tk as isize,
+                    1,
+                    false,
+                    dob,
+                    (h * d) as isize,
+                    1,
+                    vbase,
+                    1,
+                    v.st[1] as isize,
+                    1,
+                );
+            }
+            // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
+            for i in 0..tq {
+                let (pr, dr) = (&p[i * tk..(i + 1) * tk], &mut ds[i * tk..(i + 1) * tk]);
+                let dot = pr.iter().zip(dr.iter()).fold(T::zero(), |a, (&x, &y)| a + x * y);
+                for (o, &x) in dr.iter_mut().zip(pr) {
+                    *o = scale * x * (*o - dot);
                 }
             }
-        });
+            unsafe {
+                // dQ_h = dS K_g
+                gemm_strided(
+                    tq,
+                    d,
+                    tk,
+                    dqp.get().add(bi * tq * h * d + hi * d),
+                    (h * d) as isize,
+                    1,
+                    false,
+                    ds.as_ptr(),
+                    tk as isize,
+                    1,
+                    kbase,
+                    k.st[1] as isize,
+                    1,
+                    1,
+                );
+                // dK_g += dSᵀ Q_h
+                gemm_strided(
+                    tk,
+                    d,
+                    tq,
+                    dkb,
+                    (kvh * d) as isize,
+                    1,
+                    true,
+                    ds.as_ptr(),
+                    1,
+                    tk as isize,
+                    qb,
+                    q.st[1] as isize,
+                    1,
+                    1,
+                );
+            }
+        }
+    });
     Ok((dq, dk, dv))
 }
 
@@ -390,19 +321,10 @@ impl CustomOp3 for AttnOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.dims().to_vec();
-        fn go<T: Real>(
-            op: &AttnOp,
-            s: [(&CpuStorage, &Layout); 3],
-        ) -> Result<(Vec<T>, Option<Vec<T>>)> {
-            let (q, k, v) = (
-                view::<T>(s[0].0, s[0].1)?,
-                view::<T>(s[1].0, s[1].1)?,
-                view::<T>(s[2].0, s[2].1)?,
-            );
+        fn go<T: Real>(op: &AttnOp, s: [(&CpuStorage, &Layout); 3]) -> Result<(Vec<T>, Option<Vec<T>>)> {
+            let (q, k, v) = (view::<T>(s[0].0, s[0].1)?, view::<T>(s[1].0, s[1].1)?, view::<T>(s[2].0, s[2].1)?);
             with_contig::<T, _>(op.bias.as_ref(), |bias| {
-                with_contig::<T, _>(op.mask.as_ref(), |mask| {
-                    attn_fwd(op, &q, &k, &v, bias, mask, op.keep)
-                })
+                with_contig::<T, _>(op.mask.as_ref(), |mask| attn_fwd(op, &q, &k, &v, bias, mask, op.keep))
             })
         }
         let st = [(s1, l1), (s2, l2), (s3, l3)];
@@ -454,9 +376,7 @@ impl CustomOp3 for AttnOp {
                                 })
                             })?,
                         };
-                        super::with_slice::<T, _>(dout, |dy| {
-                            attn_bwd(op, &qv, &kv, &vv, &probs, dy)
-                        })
+                        super::with_slice::<T, _>(dout, |dy| attn_bwd(op, &qv, &kv, &vv, &probs, dy))
                     })
                 })
             })
@@ -493,11 +413,7 @@ impl CustomOp3 for AttnOp {
 }
 
 fn inner_contiguous(t: &Tensor) -> Result<Tensor> {
-    if t.stride().last() == Some(&1) {
-        Ok(t.clone())
-    } else {
-        t.contiguous()
-    }
+    if t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() }
 }
 
 /// `softmax(scale · q kᵀ + bias + masks) v` per head. `q: [b, tq, h, d]`, `k, v: [b, tk, kvh, d]`
@@ -513,16 +429,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, o: AttentionOpts) -> Result
             keep: track,
             probs: Mutex::new(None),
         };
-        let (q, k, v) = (
-            inner_contiguous(q)?,
-            inner_contiguous(k)?,
-            inner_contiguous(v)?,
-        );
-        if track {
-            q.apply_op3(&k, &v, op)
-        } else {
-            q.apply_op3_no_bwd(&k, &v, &op)
-        }
+        let (q, k, v) = (inner_contiguous(q)?, inner_contiguous(k)?, inner_contiguous(v)?);
+        if track { q.apply_op3(&k, &v, op) } else { q.apply_op3_no_bwd(&k, &v, &op) }
     } else {
         attention_reference(q, k, v, o)
     }
@@ -536,10 +444,7 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, o: AttentionOpts)
     let q = q.transpose(1, 2)?.contiguous()?; // b h tq d
     let expand = |t: &Tensor| -> Result<Tensor> {
         let t = t.transpose(1, 2)?; // b kvh tk d
-        let t = t
-            .unsqueeze(2)?
-            .broadcast_as((b, kvh, group, tk, d))?
-            .reshape((b, h, tk, d))?;
+        let t = t.unsqueeze(2)?.broadcast_as((b, kvh, group, tk, d))?.reshape((b, h, tk, d))?;
         t.contiguous()
     };
     let (k, v) = (expand(k)?, expand(v)?);

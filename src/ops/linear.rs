@@ -4,9 +4,7 @@
 
 use super::{Real, cpu_slice, fast_path, gemm_strided, num_threads};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail,
-};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -20,7 +18,7 @@ struct LinearOp {
     bias: Option<Tensor>,
 }
 
-fn storage_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+pub(crate) fn storage_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (st, l) = t.storage_and_layout();
     match &*st {
         Storage::Cpu(c) => f(cpu_slice::<T>(c, l)?),
@@ -28,7 +26,7 @@ fn storage_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> R
     }
 }
 
-fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
+pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
     let mut dst = match b {
         Some(b) => {
             let mut d = Vec::with_capacity(m * n);
@@ -69,22 +67,12 @@ impl CustomOp1 for LinearOp {
         let (n, k) = self.weight.dims2()?;
         let dims = l.dims();
         if dims.last() != Some(&k) {
-            bail!(
-                "linear: input {:?} does not end in the weight's in-features {k}",
-                dims
-            )
+            bail!("linear: input {:?} does not end in the weight's in-features {k}", dims)
         }
         let m = l.shape().elem_count() / k;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = n;
-        fn go<T: Real>(
-            op: &LinearOp,
-            s: &CpuStorage,
-            l: &Layout,
-            m: usize,
-            k: usize,
-            n: usize,
-        ) -> Result<Vec<T>> {
+        fn go<T: Real>(op: &LinearOp, s: &CpuStorage, l: &Layout, m: usize, k: usize, n: usize) -> Result<Vec<T>> {
             let x = cpu_slice::<T>(s, l)?;
             storage_slice::<T, _>(&op.weight, |w| match &op.bias {
                 Some(b) => storage_slice::<T, _>(b, |b| Ok(linear_fwd(x, w, Some(b), m, k, n))),
@@ -108,6 +96,18 @@ impl CustomOp1 for LinearOp {
     }
 }
 
+static CANDLE_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every frozen linear use candle's own matmul (whose backward also forms the weight
+/// gradient): only for benchmarks that show what the custom op saves.
+pub fn use_candle_matmul(on: bool) {
+    CANDLE_MATMUL.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub(crate) fn candle_matmul_on() -> bool {
+    CANDLE_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
@@ -126,18 +126,12 @@ impl Linear {
         // whose backward forms the weight gradient.
         if fast_path(x)
             && !self.weight.is_variable()
+            && !CANDLE_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
             && self.weight.is_contiguous()
             && x.dtype() == self.weight.dtype()
         {
-            let op = LinearOp {
-                weight: self.weight.clone(),
-                bias: self.bias.clone(),
-            };
-            if x.track_op() {
-                x.contiguous()?.apply_op1(op)
-            } else {
-                x.contiguous()?.apply_op1_no_bwd(&op)
-            }
+            let op = LinearOp { weight: self.weight.clone(), bias: self.bias.clone() };
+            if x.track_op() { x.contiguous()?.apply_op1(op) } else { x.contiguous()?.apply_op1_no_bwd(&op) }
         } else {
             let y = x.broadcast_matmul(&self.weight.t()?)?;
             match &self.bias {

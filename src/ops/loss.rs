@@ -39,12 +39,8 @@ impl CustomOp1 for CrossEntropy {
             <T as WithDType>::from_f64(total / t.len().max(1) as f64)
         }
         let out = match s.dtype() {
-            DType::F32 => {
-                f32::to_cpu_storage_owned(vec![go(cpu_slice::<f32>(s, l)?, &self.targets, v)])
-            }
-            DType::F64 => {
-                f64::to_cpu_storage_owned(vec![go(cpu_slice::<f64>(s, l)?, &self.targets, v)])
-            }
+            DType::F32 => f32::to_cpu_storage_owned(vec![go(cpu_slice::<f32>(s, l)?, &self.targets, v)]),
+            DType::F64 => f64::to_cpu_storage_owned(vec![go(cpu_slice::<f64>(s, l)?, &self.targets, v)]),
             dt => bail!("cross_entropy: unsupported dtype {dt:?}"),
         };
         Ok((out, Shape::from(())))
@@ -80,9 +76,7 @@ impl CustomOp1 for CrossEntropy {
 /// Mean over rows of `-log softmax(logits)[target]`; `logits: [rows, vocab]`.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     if fast_path(logits) {
-        logits.contiguous()?.apply_op1(CrossEntropy {
-            targets: targets.to_vec(),
-        })
+        logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })
     } else {
         let t = Tensor::from_slice(targets, targets.len(), logits.device())?;
         candle_nn::loss::cross_entropy(logits, &t)

@@ -10,14 +10,18 @@ mod act;
 mod attention;
 mod linear;
 mod loss;
+mod memory;
+mod mlp;
 mod norm;
 mod rope;
 mod softmax;
 
 pub use act::{Activation, activation, gated};
 pub use attention::{AttentionOpts, attention, attention_reference};
-pub use linear::Linear;
+pub use linear::{Linear, use_candle_matmul};
 pub use loss::cross_entropy;
+pub use memory::memory_branch;
+pub use mlp::FrozenMlp;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{RopeTable, rope};
 pub use softmax::softmax_last_dim;
@@ -44,18 +48,12 @@ pub(crate) fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Resu
     let data = s.as_slice::<T>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
-        None => bail!(
-            "memvp kernel: expected a contiguous tensor, got strides {:?}",
-            l.stride()
-        ),
+        None => bail!("memvp kernel: expected a contiguous tensor, got strides {:?}", l.stride()),
     }
 }
 
 /// Runs `f` on the contiguous CPU data of `t`.
-pub(crate) fn with_slice<T: WithDType, R>(
-    t: &Tensor,
-    f: impl FnOnce(&[T]) -> Result<R>,
-) -> Result<R> {
+pub(crate) fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
     match &*st {
@@ -64,11 +62,7 @@ pub(crate) fn with_slice<T: WithDType, R>(
     }
 }
 
-pub(crate) fn tensor_from_vec<T: WithDType>(
-    v: Vec<T>,
-    shape: &[usize],
-    like: &Tensor,
-) -> Result<Tensor> {
+pub(crate) fn tensor_from_vec<T: WithDType>(v: Vec<T>, shape: &[usize], like: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(v, shape, like.device())
 }
 
@@ -115,11 +109,7 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
     rhs_cs: isize,
     threads: usize,
 ) {
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     unsafe {
         gemm::gemm(
             m,

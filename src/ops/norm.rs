@@ -3,9 +3,7 @@
 
 use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 
 struct RmsNorm {
@@ -16,16 +14,13 @@ fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let n = w.len();
     let mut y = vec![T::zero(); x.len()];
     let nf = T::from(n).unwrap();
-    y.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .with_min_len(super::min_rows(n))
-        .for_each(|(yr, xr)| {
-            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
-            let r = T::one() / (ms + eps).sqrt();
-            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = v * r * g;
-            }
-        });
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(super::min_rows(n)).for_each(|(yr, xr)| {
+        let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
+        let r = T::one() / (ms + eps).sqrt();
+        for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+            *o = v * r * g;
+        }
+    });
     y
 }
 
@@ -34,10 +29,8 @@ fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool) -> (Vec<T
     let n = w.len();
     let nf = T::from(n).unwrap();
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(n)
-        .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
-        .with_min_len(super::min_rows(n))
-        .for_each(|(dxr, (xr, dyr))| {
+    dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).with_min_len(super::min_rows(n)).for_each(
+        |(dxr, (xr, dyr))| {
             let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
             let r = T::one() / (ms + eps).sqrt();
             let mut dot = T::zero();
@@ -48,7 +41,8 @@ fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool) -> (Vec<T
             for i in 0..n {
                 dxr[i] = r * (dyr[i] * w[i] - xr[i] * r * c);
             }
-        });
+        },
+    );
     let dw = want_dw.then(|| {
         let mut dw = vec![T::zero(); n];
         for (xr, dyr) in x.chunks(n).zip(dy.chunks(n)) {
@@ -67,39 +61,16 @@ impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "memvp-rms-norm"
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(rms_fwd(
-                cpu_slice(s1, l1)?,
-                cpu_slice(s2, l2)?,
-                self.eps as f32,
-            )),
-            DType::F64 => {
-                f64::to_cpu_storage_owned(rms_fwd(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, self.eps))
-            }
+            DType::F32 => f32::to_cpu_storage_owned(rms_fwd(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, self.eps as f32)),
+            DType::F64 => f64::to_cpu_storage_owned(rms_fwd(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, self.eps)),
             dt => bail!("rms_norm: unsupported dtype {dt:?}"),
         };
         Ok((out, l1.shape().clone()))
     }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        fn go<T: Real>(
-            x: &Tensor,
-            w: &Tensor,
-            dy: &Tensor,
-            eps: f64,
-        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn go<T: Real>(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Option<Tensor>, Option<Tensor>)> {
             with_slice::<T, _>(x, |xs| {
                 with_slice::<T, _>(w, |ws| {
                     with_slice::<T, _>(dy, |dys| {
@@ -136,25 +107,19 @@ struct LayerNorm {
 fn ln_stats<T: Real>(xr: &[T], eps: T) -> (T, T) {
     let nf = T::from(xr.len()).unwrap();
     let mean = xr.iter().fold(T::zero(), |a, &v| a + v) / nf;
-    let var = xr
-        .iter()
-        .fold(T::zero(), |a, &v| a + (v - mean) * (v - mean))
-        / nf;
+    let var = xr.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / nf;
     (mean, T::one() / (var + eps).sqrt())
 }
 
 fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     let n = w.len();
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .with_min_len(super::min_rows(n))
-        .for_each(|(yr, xr)| {
-            let (mean, r) = ln_stats(xr, eps);
-            for i in 0..n {
-                yr[i] = (xr[i] - mean) * r * w[i] + b[i];
-            }
-        });
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(super::min_rows(n)).for_each(|(yr, xr)| {
+        let (mean, r) = ln_stats(xr, eps);
+        for i in 0..n {
+            yr[i] = (xr[i] - mean) * r * w[i] + b[i];
+        }
+    });
     y
 }
 
@@ -165,10 +130,8 @@ fn ln_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool, want_db: b
     let n = w.len();
     let nf = T::from(n).unwrap();
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(n)
-        .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
-        .with_min_len(super::min_rows(n))
-        .for_each(|(dxr, (xr, dyr))| {
+    dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).with_min_len(super::min_rows(n)).for_each(
+        |(dxr, (xr, dyr))| {
             let (mean, r) = ln_stats(xr, eps);
             let (mut sg, mut sgx) = (T::zero(), T::zero());
             for i in 0..n {
@@ -181,7 +144,8 @@ fn ln_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool, want_db: b
                 let xh = (xr[i] - mean) * r;
                 dxr[i] = r * (dyr[i] * w[i] - mg - xh * mgx);
             }
-        });
+        },
+    );
     let mut dw = want_dw.then(|| vec![T::zero(); n]);
     let mut db = want_db.then(|| vec![T::zero(); n]);
     if want_dw || want_db {
@@ -220,12 +184,9 @@ impl CustomOp3 for LayerNorm {
                 cpu_slice(s3, l3)?,
                 self.eps as f32,
             )),
-            DType::F64 => f64::to_cpu_storage_owned(ln_fwd(
-                cpu_slice(s1, l1)?,
-                cpu_slice(s2, l2)?,
-                cpu_slice(s3, l3)?,
-                self.eps,
-            )),
+            DType::F64 => {
+                f64::to_cpu_storage_owned(ln_fwd(cpu_slice(s1, l1)?, cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, self.eps))
+            }
             dt => bail!("layer_norm: unsupported dtype {dt:?}"),
         };
         Ok((out, l1.shape().clone()))
@@ -243,14 +204,7 @@ impl CustomOp3 for LayerNorm {
             with_slice::<T, _>(x, |xs| {
                 with_slice::<T, _>(w, |ws| {
                     with_slice::<T, _>(dy, |dys| {
-                        let (dx, dw, db) = ln_bwd(
-                            xs,
-                            ws,
-                            dys,
-                            T::from(eps).unwrap(),
-                            w.track_op(),
-                            b.track_op(),
-                        );
+                        let (dx, dw, db) = ln_bwd(xs, ws, dys, T::from(eps).unwrap(), w.track_op(), b.track_op());
                         let dx = tensor_from_vec(dx, x.dims(), x)?;
                         let dw = dw.map(|d| tensor_from_vec(d, w.dims(), w)).transpose()?;
                         let db = db.map(|d| tensor_from_vec(d, b.dims(), b)).transpose()?;
@@ -270,14 +224,11 @@ impl CustomOp3 for LayerNorm {
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if fast_path(x) {
-        x.contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
+        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
     } else {
         let mean = x.mean_keepdim(candle_core::D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        xc.broadcast_div(&(var + eps)?.sqrt()?)?
-            .broadcast_mul(w)?
-            .broadcast_add(b)
+        xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
     }
 }

@@ -4,9 +4,7 @@
 
 use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
 
 /// Precomputed cos/sin of `position * inv_freq` for positions `0..max_pos`.
@@ -41,16 +39,9 @@ impl RopeTable {
     /// cos/sin for positions `start..start+len`, shared by the whole batch: `[len, half]`.
     pub fn range(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
         if start + len > self.max_pos() {
-            bail!(
-                "position {} beyond the rope table of {} positions",
-                start + len,
-                self.max_pos()
-            )
+            bail!("position {} beyond the rope table of {} positions", start + len, self.max_pos())
         }
-        Ok((
-            self.cos.narrow(0, start, len)?,
-            self.sin.narrow(0, start, len)?,
-        ))
+        Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
     }
 
     /// cos/sin for per-sample positions `[b, t]` (u32): `[b, t, half]`.
@@ -79,17 +70,10 @@ fn rope_kernel<T: Real>(
     let (b, t, h, d) = dims;
     let half = d / 2;
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(h * d)
-        .zip(x.par_chunks(h * d))
-        .with_min_len(super::min_rows(h * d))
-        .enumerate()
-        .for_each(|(row, (or, xr))| {
+    out.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).with_min_len(super::min_rows(h * d)).enumerate().for_each(
+        |(row, (or, xr))| {
             let (bi, ti) = (row / t, row % t);
-            let base = if batched {
-                (bi * t + ti) * half
-            } else {
-                ti * half
-            };
+            let base = if batched { (bi * t + ti) * half } else { ti * half };
             let (c, s) = (&cos[base..base + half], &sin[base..base + half]);
             for hi in 0..h {
                 let xo = &xr[hi * d..(hi + 1) * d];
@@ -101,7 +85,8 @@ fn rope_kernel<T: Real>(
                     oo[i + half] = x2 * c[i] + x1 * si;
                 }
             }
-        });
+        },
+    );
     let _ = b;
     out
 }
@@ -114,10 +99,7 @@ fn rope_dims(l: &Layout, lc: &Layout) -> Result<((usize, usize, usize, usize), b
     let batched = match lc.dims() {
         [tt, hh] if *tt == t && *hh == d / 2 => false,
         [bb, tt, hh] if *bb == b && *tt == t && *hh == d / 2 => true,
-        other => bail!(
-            "rope: cos/sin shape {other:?} does not fit x {:?}",
-            l.dims()
-        ),
+        other => bail!("rope: cos/sin shape {other:?} does not fit x {:?}", l.dims()),
     };
     Ok(((b, t, h, d), batched))
 }
@@ -188,8 +170,7 @@ impl CustomOp3 for Rope {
 /// (shared positions) or `[b, t, head_dim/2]` (per-sample positions).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fast_path(x) {
-        x.contiguous()?
-            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
+        x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
     } else {
         let (b, t, _h, d) = x.dims4()?;
         let half = d / 2;

@@ -8,33 +8,28 @@ use rayon::prelude::*;
 struct Softmax;
 
 pub(crate) fn softmax_rows<T: Real>(x: &[T], y: &mut [T], n: usize) {
-    y.par_chunks_mut(n)
-        .zip(x.par_chunks(n))
-        .with_min_len(super::min_rows(n))
-        .for_each(|(yr, xr)| {
-            let mut max = T::neg_infinity();
-            for &v in xr {
-                max = super::fmax(max, v);
-            }
-            let mut sum = T::zero();
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                let e = (v - max).exp();
-                *o = e;
-                sum += e;
-            }
-            let inv = T::one() / sum;
-            for o in yr.iter_mut() {
-                *o *= inv;
-            }
-        });
+    y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(super::min_rows(n)).for_each(|(yr, xr)| {
+        let mut max = T::neg_infinity();
+        for &v in xr {
+            max = super::fmax(max, v);
+        }
+        let mut sum = T::zero();
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            let e = (v - max).exp();
+            *o = e;
+            sum += e;
+        }
+        let inv = T::one() / sum;
+        for o in yr.iter_mut() {
+            *o *= inv;
+        }
+    });
 }
 
 /// dx = y * (dy - <dy, y>) row by row.
 pub(crate) fn softmax_rows_bwd<T: Real>(y: &[T], dy: &[T], dx: &mut [T], n: usize, scale: T) {
-    dx.par_chunks_mut(n)
-        .zip(y.par_chunks(n).zip(dy.par_chunks(n)))
-        .with_min_len(super::min_rows(n))
-        .for_each(|(dxr, (yr, dyr))| {
+    dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).with_min_len(super::min_rows(n)).for_each(
+        |(dxr, (yr, dyr))| {
             let mut dot = T::zero();
             for (&a, &b) in yr.iter().zip(dyr) {
                 dot += a * b;
@@ -42,7 +37,8 @@ pub(crate) fn softmax_rows_bwd<T: Real>(y: &[T], dy: &[T], dx: &mut [T], n: usiz
             for ((o, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
                 *o = scale * a * (b - dot);
             }
-        });
+        },
+    );
 }
 
 impl CustomOp1 for Softmax {
@@ -86,9 +82,5 @@ impl CustomOp1 for Softmax {
 
 /// Softmax over the last dimension, differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if fast_path(x) {
-        x.contiguous()?.apply_op1(Softmax)
-    } else {
-        candle_nn::ops::softmax(x, candle_core::D::Minus1)
-    }
+    if fast_path(x) { x.contiguous()?.apply_op1(Softmax) } else { candle_nn::ops::softmax(x, candle_core::D::Minus1) }
 }

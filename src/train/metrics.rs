@@ -35,10 +35,7 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
         return Ok(vec![]);
     }
     let text = std::fs::read_to_string(path)?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| Ok(serde_json::from_str(l)?))
-        .collect()
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| Ok(serde_json::from_str(l)?)).collect()
 }
 
 /// Keeps only the records up to `step` (when resuming from a checkpoint).
@@ -74,19 +71,10 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
         root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (top, bottom) = root.split_vertically(400);
         let xmax = records.last().unwrap().step.max(1) as f64;
-        let losses: Vec<(f64, f64)> = records
-            .iter()
-            .filter(|r| r.loss.is_finite())
-            .map(|r| (r.step as f64, r.loss))
-            .collect();
+        let losses: Vec<(f64, f64)> =
+            records.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss)).collect();
         let ymax = losses.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-6) * 1.05;
-        let ymin = losses
-            .iter()
-            .map(|p| p.1)
-            .fold(f64::INFINITY, f64::min)
-            .min(ymax)
-            .max(0.0)
-            * 0.95;
+        let ymin = losses.iter().map(|p| p.1).fold(f64::INFINITY, f64::min).min(ymax).max(0.0) * 0.95;
         let mut c = ChartBuilder::on(&top)
             .caption(title, ("sans-serif", 20))
             .margin(10)
@@ -94,18 +82,11 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..xmax, ymin..ymax)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        c.configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        c.draw_series(LineSeries::new(
-            losses.iter().cloned(),
-            RGBColor(170, 190, 230),
-        ))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .label("loss")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(170, 190, 230)));
+        c.configure_mesh().x_desc("step").y_desc("loss").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.draw_series(LineSeries::new(losses.iter().cloned(), RGBColor(170, 190, 230)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label("loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(170, 190, 230)));
         let alpha = 2.0 / (1.0 + (losses.len() as f64 / 20.0).max(1.0));
         let mut ema = losses.first().map(|p| p.1).unwrap_or(0.0);
         let smooth: Vec<(f64, f64)> = losses
@@ -124,12 +105,7 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
             .border_style(BLACK)
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let lrmax = records
-            .iter()
-            .map(|r| r.lr)
-            .fold(0.0f64, f64::max)
-            .max(1e-12)
-            * 1.05;
+        let lrmax = records.iter().map(|r| r.lr).fold(0.0f64, f64::max).max(1e-12) * 1.05;
         let mut c2 = ChartBuilder::on(&bottom)
             .margin(10)
             .x_label_area_size(30)
@@ -142,11 +118,8 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
             .y_label_formatter(&|v| format!("{v:.1e}"))
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        c2.draw_series(LineSeries::new(
-            records.iter().map(|r| (r.step as f64, r.lr)),
-            RED.stroke_width(2),
-        ))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        c2.draw_series(LineSeries::new(records.iter().map(|r| (r.step as f64, r.lr)), RED.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;

@@ -95,19 +95,12 @@ impl Default for TrainSettings {
 
 impl TrainSettings {
     pub fn effective_lr(&self) -> f64 {
-        self.lr
-            .unwrap_or(self.blr * (self.batch_size * self.accum_steps) as f64 / 256.0)
+        self.lr.unwrap_or(self.blr * (self.batch_size * self.accum_steps) as f64 / 256.0)
     }
 
     /// The settings that change what a run computes (a resumed run must not change them).
     fn identity(&self) -> TrainSettings {
-        TrainSettings {
-            max_steps: None,
-            save_every: None,
-            keep_checkpoints: 0,
-            log_every: 0,
-            ..self.clone()
-        }
+        TrainSettings { max_steps: None, save_every: None, keep_checkpoints: 0, log_every: 0, ..self.clone() }
     }
 }
 
@@ -140,9 +133,7 @@ fn checkpoint_dirs(run: &Path) -> Vec<(u64, PathBuf)> {
     if let Ok(rd) = std::fs::read_dir(run.join("checkpoints")) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = name
-                .strip_prefix("step-")
-                .and_then(|s| s.parse::<u64>().ok())
+            if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
                 && e.path().join("state.json").is_file()
             {
                 v.push((n, e.path()));
@@ -153,37 +144,22 @@ fn checkpoint_dirs(run: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
-fn write_checkpoint<T: Task>(
-    task: &T,
-    opt: &AdamW,
-    state: &State,
-    run: &Path,
-    keep: usize,
-) -> Result<PathBuf> {
+fn write_checkpoint<T: Task>(task: &T, opt: &AdamW, state: &State, run: &Path, keep: usize) -> Result<PathBuf> {
     let dir = run.join("checkpoints");
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let final_dir = dir.join(format!("step-{:08}", state.opt_step));
-    let tmp = dir.join(format!(
-        ".step-{:08}.tmp-{}",
-        state.opt_step,
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".step-{:08}.tmp-{}", state.opt_step, std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
     task.save_adapter(&tmp)?;
-    crate::checkpoint::save_safetensors_atomic(
-        &opt.state_tensors(),
-        None,
-        &tmp.join("optimizer.safetensors"),
-    )?;
+    crate::checkpoint::save_safetensors_atomic(&opt.state_tensors(), None, &tmp.join("optimizer.safetensors"))?;
     crate::util::write_json_atomic(&tmp.join("state.json"), state)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
-    std::fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
     // The run directory's top level always holds the newest adapter.
     task.save_adapter(run)?;
     let all = checkpoint_dirs(run);
@@ -198,11 +174,7 @@ fn write_checkpoint<T: Task>(
 fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut s = 0f64;
     for g in grads {
-        s += g
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        s += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(s.sqrt())
 }
@@ -228,8 +200,7 @@ pub fn train<T: Task>(
     resume: bool,
     title: &str,
 ) -> Result<Summary> {
-    std::fs::create_dir_all(run)
-        .with_context(|| format!("{}: cannot create run directory", run.display()))?;
+    std::fs::create_dir_all(run).with_context(|| format!("{}: cannot create run directory", run.display()))?;
     let spe = data.steps_per_epoch();
     if spe == 0 {
         bail!("the training split has fewer samples than one batch")
@@ -240,23 +211,12 @@ pub fn train<T: Task>(
     if let Some(m) = s.max_steps {
         total = total.min(m);
     }
-    let sched = Schedule {
-        lr: s.effective_lr(),
-        min_lr: s.min_lr,
-        warmup_epochs: s.warmup_epochs,
-        epochs: s.epochs as f64,
-    };
+    let sched =
+        Schedule { lr: s.effective_lr(), min_lr: s.min_lr, warmup_epochs: s.warmup_epochs, epochs: s.epochs as f64 };
     let named = task.params();
     let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(
-        named,
-        AdamWConfig {
-            beta1: s.beta1,
-            beta2: s.beta2,
-            eps: s.eps,
-            weight_decay: s.weight_decay,
-        },
-    )?;
+    let mut opt =
+        AdamW::new(named, AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: s.eps, weight_decay: s.weight_decay })?;
     let metrics_path = run.join("metrics.jsonl");
     let mut st = State {
         opt_step: 0,
@@ -271,16 +231,10 @@ pub fn train<T: Task>(
     let mut resumed_from = None;
     if resume {
         let Some((step, dir)) = checkpoint_dirs(run).pop() else {
-            bail!(
-                "{}: --resume given but no checkpoint found in checkpoints/",
-                run.display()
-            )
+            bail!("{}: --resume given but no checkpoint found in checkpoints/", run.display())
         };
-        let saved: State =
-            serde_json::from_value(crate::checkpoint::read_json(&dir.join("state.json"))?)
-                .with_context(|| {
-                    format!("{}: malformed state", dir.join("state.json").display())
-                })?;
+        let saved: State = serde_json::from_value(crate::checkpoint::read_json(&dir.join("state.json"))?)
+            .with_context(|| format!("{}: malformed state", dir.join("state.json").display()))?;
         if saved.settings != s.identity() {
             bail!(
                 "{}: the checkpoint was made with other settings; resume with the same ones.\n saved: {:?}\n given: {:?}",
@@ -289,16 +243,12 @@ pub fn train<T: Task>(
                 s.identity()
             )
         }
-        let ad =
-            candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
-                .with_context(|| format!("{}: cannot read the adapter", dir.display()))?;
+        let ad = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .with_context(|| format!("{}: cannot read the adapter", dir.display()))?;
         for (name, v) in task.params() {
-            let t = ad.get(&name).with_context(|| {
-                format!(
-                    "{}: tensor `{name}` missing from the checkpoint",
-                    dir.display()
-                )
-            })?;
+            let t = ad
+                .get(&name)
+                .with_context(|| format!("{}: tensor `{name}` missing from the checkpoint", dir.display()))?;
             v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
         }
         let os = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
@@ -307,12 +257,7 @@ pub fn train<T: Task>(
         metrics::truncate(&metrics_path, step)?;
         st = saved;
         resumed_from = Some(step);
-        eprintln!(
-            "resuming from {} (step {step}, epoch {}, batch {})",
-            dir.display(),
-            st.epoch,
-            st.next_batch
-        );
+        eprintln!("resuming from {} (step {step}, epoch {}, batch {})", dir.display(), st.epoch, st.next_batch);
     } else if metrics_path.exists() {
         std::fs::remove_file(&metrics_path)?;
     }
@@ -376,10 +321,7 @@ pub fn train<T: Task>(
                 if let Some(c) = s.clip_grad {
                     let coef = c / (norm + 1e-6);
                     if coef < 1.0 {
-                        g = g
-                            .into_iter()
-                            .map(|t| t * coef)
-                            .collect::<candle_core::Result<_>>()?;
+                        g = g.into_iter().map(|t| t * coef).collect::<candle_core::Result<_>>()?;
                     }
                 }
                 opt.step(&g, lr)?;
@@ -393,9 +335,7 @@ pub fn train<T: Task>(
             if window.len() > 20 {
                 window.pop_front();
             }
-            let (ws, wt) = window
-                .iter()
-                .fold((0usize, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
+            let (ws, wt) = window.iter().fold((0usize, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
             let sps = ws as f64 / wt.max(1e-9);
             samples_total += acc_samples as u64;
             last_loss = loss_mean;
@@ -411,13 +351,8 @@ pub fn train<T: Task>(
             };
             metrics::append(&metrics_path, &rec)?;
             pb.set_position(st.opt_step);
-            pb.set_message(format!(
-                "loss {loss_mean:.4} lr {lr:.2e} {sps:.1} samples/s"
-            ));
-            if !tty
-                && s.log_every > 0
-                && (st.opt_step.is_multiple_of(s.log_every) || st.opt_step == total)
-            {
+            pb.set_message(format!("loss {loss_mean:.4} lr {lr:.2e} {sps:.1} samples/s"));
+            if !tty && s.log_every > 0 && (st.opt_step.is_multiple_of(s.log_every) || st.opt_step == total) {
                 let el = start.elapsed().as_secs_f64();
                 let left = total - st.opt_step;
                 let eta = if st.opt_step > resumed_from.unwrap_or(0) {
@@ -438,10 +373,7 @@ pub fn train<T: Task>(
                 st.next_batch = 0;
             }
             let end = st.opt_step >= total;
-            if s.save_every
-                .is_some_and(|k| k > 0 && st.opt_step.is_multiple_of(k))
-                || end
-            {
+            if s.save_every.is_some_and(|k| k > 0 && st.opt_step.is_multiple_of(k)) || end {
                 write_checkpoint(task, &opt, &st, run, s.keep_checkpoints)?;
             }
             if end {

@@ -39,13 +39,7 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let z = var.zeros_like()?;
-                Ok(Param {
-                    decay: decays(&name, &var),
-                    m: z.clone(),
-                    v: z,
-                    name,
-                    var,
-                })
+                Ok(Param { decay: decays(&name, &var), m: z.clone(), v: z, name, var })
             })
             .collect::<Result<_>>()?;
         Ok(Self { cfg, params, t: 0 })
@@ -85,15 +79,9 @@ impl AdamW {
         for p in &mut self.params {
             for (k, slot) in [("m", &mut p.m), ("v", &mut p.v)] {
                 let key = format!("{k}.{}", p.name);
-                let Some(x) = tensors.get(&key) else {
-                    bail!("optimizer state: `{key}` missing")
-                };
+                let Some(x) = tensors.get(&key) else { bail!("optimizer state: `{key}` missing") };
                 if x.dims() != slot.dims() {
-                    bail!(
-                        "optimizer state: `{key}` has shape {:?}, expected {:?}",
-                        x.dims(),
-                        slot.dims()
-                    )
+                    bail!("optimizer state: `{key}` has shape {:?}, expected {:?}", x.dims(), slot.dims())
                 }
                 *slot = x.to_dtype(slot.dtype())?;
             }

@@ -52,12 +52,7 @@ fn cook(test: &str, refs: &[&str]) -> Cooked {
     for (k, g) in guess.iter_mut().enumerate() {
         *g = (testlen + 1).saturating_sub(k + 1);
     }
-    Cooked {
-        testlen,
-        reflens: ref_words.iter().map(Vec::len).collect(),
-        guess,
-        correct,
-    }
+    Cooked { testlen, reflens: ref_words.iter().map(Vec::len).collect(), guess, correct }
 }
 
 /// Corpus BLEU-1..4 plus the per-image BLEU lists (as pycocoevalcap returns them).

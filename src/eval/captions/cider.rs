@@ -70,12 +70,7 @@ fn counts2vec<'a>(c: &Counts<'a>, df: &HashMap<&[&str], f64>, ref_len: f64) -> V
     for x in norm.iter_mut() {
         *x = x.sqrt();
     }
-    Vecs {
-        vec,
-        map,
-        norm,
-        length,
-    }
+    Vecs { vec, map, norm, length }
 }
 
 #[allow(clippy::needless_range_loop)] // mirrors the reference loops
@@ -100,15 +95,9 @@ fn sim(h: &Vecs, r: &Vecs, sigma: f64) -> [f64; 4] {
 pub fn cider(pairs: &[(&str, Vec<&str>)]) -> (f64, Vec<f64>) {
     let sigma = 6.0f64;
     let test_words: Vec<Vec<&str>> = pairs.iter().map(|(t, _)| py_split(t)).collect();
-    let ref_words: Vec<Vec<Vec<&str>>> = pairs
-        .iter()
-        .map(|(_, rs)| rs.iter().map(|r| py_split(r)).collect())
-        .collect();
+    let ref_words: Vec<Vec<Vec<&str>>> = pairs.iter().map(|(_, rs)| rs.iter().map(|r| py_split(r)).collect()).collect();
     let test_counts: Vec<Counts> = test_words.iter().map(|w| counts(w)).collect();
-    let ref_counts: Vec<Vec<Counts>> = ref_words
-        .iter()
-        .map(|rs| rs.iter().map(|w| counts(w)).collect())
-        .collect();
+    let ref_counts: Vec<Vec<Counts>> = ref_words.iter().map(|rs| rs.iter().map(|w| counts(w)).collect()).collect();
     // document frequency over the references of the evaluated images
     let mut df: HashMap<&[&str], f64> = HashMap::new();
     for refs in &ref_counts {

@@ -88,11 +88,7 @@ fn key_of(v: &Value) -> Key {
                 Key::Int(u as i128)
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                if f.fract() == 0.0 && f.abs() < 1e18 {
-                    Key::Int(f as i128)
-                } else {
-                    Key::Other(n.to_string())
-                }
+                if f.fract() == 0.0 && f.abs() < 1e18 { Key::Int(f as i128) } else { Key::Other(n.to_string()) }
             }
         }
         Value::String(s) => Key::Str(s.clone()),
@@ -110,16 +106,10 @@ pub fn score_captions(gt_json: &Value, preds_json: &Value) -> Result<Value> {
 }
 
 /// Typed variant of [`score_captions`], also returning per-image scores.
-pub fn score_captions_typed(
-    gt_json: &Value,
-    preds_json: &Value,
-) -> Result<(CaptionScores, Vec<PerImage>)> {
+pub fn score_captions_typed(gt_json: &Value, preds_json: &Value) -> Result<(CaptionScores, Vec<PerImage>)> {
     let (ids, refs, hyps) = collect(gt_json, preds_json)?;
     // tokenisation: references as one stream, predictions as another
-    let flat_refs: Vec<&str> = refs
-        .iter()
-        .flat_map(|r| r.iter().map(String::as_str))
-        .collect();
+    let flat_refs: Vec<&str> = refs.iter().flat_map(|r| r.iter().map(String::as_str)).collect();
     let tok_refs = ptb::tokenize_captions(&flat_refs);
     let flat_hyps: Vec<&str> = hyps.iter().map(String::as_str).collect();
     let tok_hyps = ptb::tokenize_captions(&flat_hyps);
@@ -144,10 +134,7 @@ pub fn score_captions_typed(
             )
         })?;
         if g.is_empty() {
-            bail!(
-                "image {}: no reference caption left after tokenisation",
-                ids[idx]
-            );
+            bail!("image {}: no reference caption left after tokenisation", ids[idx]);
         }
         pairs.push((hyp, g.iter().map(String::as_str).collect()));
     }
@@ -157,12 +144,7 @@ pub fn score_captions_typed(
     let per_image = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| PerImage {
-            image_id: id.clone(),
-            bleu: b_img[i],
-            rouge_l: r_img[i],
-            cider: c_img[i],
-        })
+        .map(|(i, id)| PerImage { image_id: id.clone(), bleu: b_img[i], rouge_l: r_img[i], cider: c_img[i] })
         .collect();
     Ok((
         CaptionScores {
@@ -192,14 +174,10 @@ fn collect(gt_json: &Value, preds_json: &Value) -> Result<Collected> {
     let mut img_to_refs: HashMap<Key, Vec<String>> = HashMap::new();
     let mut ann_order: Vec<(Key, Value)> = Vec::new();
     for (i, a) in anns.iter().enumerate() {
-        let id = a
-            .get("image_id")
-            .ok_or_else(|| anyhow!("GT file: annotations[{i}] has no 'image_id'"))?;
+        let id = a.get("image_id").ok_or_else(|| anyhow!("GT file: annotations[{i}] has no 'image_id'"))?;
         let cap = match a.get("caption") {
             Some(Value::String(s)) => s.clone(),
-            Some(other) => bail!(
-                "GT file: annotations[{i}] (image {id}): 'caption' must be a string, got {other}"
-            ),
+            Some(other) => bail!("GT file: annotations[{i}] (image {id}): 'caption' must be a string, got {other}"),
             None => bail!("GT file: annotations[{i}] (image {id}): missing field 'caption'"),
         };
         let k = key_of(id);
@@ -214,9 +192,7 @@ fn collect(gt_json: &Value, preds_json: &Value) -> Result<Collected> {
         Some(Value::Array(imgs)) => {
             let mut seen = std::collections::HashSet::new();
             for (i, img) in imgs.iter().enumerate() {
-                let id = img
-                    .get("id")
-                    .ok_or_else(|| anyhow!("GT file: images[{i}] has no 'id'"))?;
+                let id = img.get("id").ok_or_else(|| anyhow!("GT file: images[{i}] has no 'id'"))?;
                 let k = key_of(id);
                 if seen.insert(k.clone()) {
                     gt_images.push((k, id.clone()));
@@ -226,18 +202,14 @@ fn collect(gt_json: &Value, preds_json: &Value) -> Result<Collected> {
         Some(_) => bail!("GT file: 'images' must be an array"),
         None => gt_images = ann_order,
     }
-    let preds = preds_json
-        .as_array()
-        .ok_or_else(|| anyhow!("predictions: results is not an array of objects"))?;
+    let preds = preds_json.as_array().ok_or_else(|| anyhow!("predictions: results is not an array of objects"))?;
     if preds.is_empty() {
         bail!("predictions: empty result list");
     }
     let gt_set: std::collections::HashSet<&Key> = gt_images.iter().map(|(k, _)| k).collect();
     let mut pred_by_img: HashMap<Key, Vec<String>> = HashMap::new();
     for (i, p) in preds.iter().enumerate() {
-        let id = p
-            .get("image_id")
-            .ok_or_else(|| anyhow!("predictions[{i}] has no 'image_id'"))?;
+        let id = p.get("image_id").ok_or_else(|| anyhow!("predictions[{i}] has no 'image_id'"))?;
         let cap = match p.get("caption") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => {
@@ -247,9 +219,7 @@ fn collect(gt_json: &Value, preds_json: &Value) -> Result<Collected> {
         };
         let k = key_of(id);
         if !gt_set.contains(&k) {
-            bail!(
-                "predictions[{i}]: image {id} is not in the GT file (Results do not correspond to current coco set)"
-            );
+            bail!("predictions[{i}]: image {id} is not in the GT file (Results do not correspond to current coco set)");
         }
         pred_by_img.entry(k).or_default().push(cap);
     }
@@ -261,10 +231,7 @@ fn collect(gt_json: &Value, preds_json: &Value) -> Result<Collected> {
             continue;
         };
         if p.len() != 1 {
-            bail!(
-                "image {id}: {} predictions; pycocoevalcap requires exactly one caption per image",
-                p.len()
-            );
+            bail!("image {id}: {} predictions; pycocoevalcap requires exactly one caption per image", p.len());
         }
         let r = img_to_refs
             .get(k)

@@ -35,10 +35,8 @@
 //!   split such a token in two (Python `str.split()`), ROUGE-L does not (`split(" ")`).
 
 /// pycocoevalcap's `PUNCTUATIONS` (case-sensitive, compared after lower-casing!).
-pub const PUNCTUATIONS: &[&str] = &[
-    "''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
-    "...", ";",
-];
+pub const PUNCTUATIONS: &[&str] =
+    &["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"];
 
 // ---------------------------------------------------------------------------------------------
 // character classes
@@ -98,10 +96,7 @@ fn is_ascii_alnum(c: char) -> bool {
 
 /// SPACE: `[ \t\u00A0\u2000-\u200A\u3000]`
 fn is_space(c: char) -> bool {
-    matches!(
-        c,
-        ' ' | '\t' | '\u{a0}' | '\u{2000}'..='\u{200a}' | '\u{3000}'
-    )
+    matches!(c, ' ' | '\t' | '\u{a0}' | '\u{2000}'..='\u{200a}' | '\u{3000}')
 }
 
 /// Single-character line breaks (`\r\n` is handled as one break).
@@ -277,9 +272,7 @@ fn lits(s: &[char], i: usize, pats: &[&str]) -> Option<usize> {
 
 /// Every end position reachable by a literal from `pats` (case-insensitive).
 fn lit_ends(s: &[char], i: usize, pats: &[&str]) -> Vec<usize> {
-    pats.iter()
-        .filter_map(|p| lit(s, i, p).map(|n| i + n))
-        .collect()
+    pats.iter().filter_map(|p| lit(s, i, p).map(|n| i + n)).collect()
 }
 
 impl<'a> Lexer<'a> {
@@ -295,19 +288,11 @@ impl<'a> Lexer<'a> {
 
     /// APOS, including the `&apos;` entity; returns its length.
     fn apos(&self, i: usize) -> Option<usize> {
-        if self.is(i, is_apos) {
-            Some(1)
-        } else {
-            lit(self.s, i, "&apos;")
-        }
+        if self.is(i, is_apos) { Some(1) } else { lit(self.s, i, "&apos;") }
     }
 
     fn apos_etc(&self, i: usize) -> Option<usize> {
-        if self.is(i, is_apos_etc) {
-            Some(1)
-        } else {
-            lit(self.s, i, "&apos;")
-        }
+        if self.is(i, is_apos_etc) { Some(1) } else { lit(self.s, i, "&apos;") }
     }
 
     /// One LETTER of the WORD macro at `k`: a word character or an accented-vowel entity such
@@ -318,9 +303,7 @@ impl<'a> Lexer<'a> {
             return Some(1);
         }
         if c == '&'
-            && self.is(k + 1, |v| {
-                matches!(v, 'a' | 'e' | 'i' | 'o' | 'u' | 'A' | 'E' | 'I' | 'O' | 'U')
-            })
+            && self.is(k + 1, |v| matches!(v, 'a' | 'e' | 'i' | 'o' | 'u' | 'A' | 'E' | 'I' | 'O' | 'U'))
             && let Some(n) = lits(self.s, k + 2, &["acute;", "grave;", "uml;"])
         {
             return Some(2 + n);
@@ -329,11 +312,7 @@ impl<'a> Lexer<'a> {
     }
 
     fn wletter_or_digit_len(&self, k: usize) -> Option<usize> {
-        if self.is(k, is_digit) {
-            Some(1)
-        } else {
-            self.wletter_len(k)
-        }
+        if self.is(k, is_digit) { Some(1) } else { self.wletter_len(k) }
     }
 
     /// WORD: LETTER (LETTER|DIGIT)* ([.!?] LETTER (LETTER|DIGIT)*)*  -> longest end
@@ -388,11 +367,7 @@ impl<'a> Lexer<'a> {
             return None;
         }
         let a = self.apos_etc(i + 1)?;
-        if self.is(i + 1 + a, |c| c == 't' || c == 'T') {
-            Some(2 + a)
-        } else {
-            None
-        }
+        if self.is(i + 1 + a, |c| c == 't' || c == 'T') { Some(2 + a) } else { None }
     }
 
     /// DIGIT+ with optional groups -> NUM end positions (longest).
@@ -402,9 +377,7 @@ impl<'a> Lexer<'a> {
         let mut k = i + d;
         let mut best = if d > 0 { Some(d) } else { None };
         loop {
-            if self.is(k, |c| {
-                matches!(c, '.' | ':' | ',' | '\u{ad}' | '\u{66b}' | '\u{66c}')
-            }) {
+            if self.is(k, |c| matches!(c, '.' | ':' | ',' | '\u{ad}' | '\u{66b}' | '\u{66c}')) {
                 let e = count_while(self.s, k + 1, is_digit);
                 if e > 0 {
                     k = k + 1 + e;
@@ -436,16 +409,8 @@ impl<'a> Lexer<'a> {
             ends.push(k);
         }
         // special multi-word acronyms
-        for p in [
-            "canada-u.s",
-            "sino-u.s",
-            "korean-u.s",
-            "eu-u.s",
-            "japan-u.s",
-            "non-u.s",
-            "u.s.-u.k",
-            "u.s.-u.s.s.r",
-        ] {
+        for p in ["canada-u.s", "sino-u.s", "korean-u.s", "eu-u.s", "japan-u.s", "non-u.s", "u.s.-u.k", "u.s.-u.s.s.r"]
+        {
             if let Some(n) = lit(self.s, i, p) {
                 ends.push(i + n);
             }
@@ -466,12 +431,7 @@ impl<'a> Lexer<'a> {
         if !self.is(k, |c| c.is_ascii_alphabetic()) {
             return None;
         }
-        Some(
-            k + 1
-                + count_while(self.s, k + 1, |c| {
-                    c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.' | '-')
-                }),
-        )
+        Some(k + 1 + count_while(self.s, k + 1, |c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '.' | '-')))
     }
 
     /// A simple SGML/XML tag: `<!...>`, `<?...>`, `</name>`, or `<name attr attr=value ... /?>`
@@ -484,11 +444,7 @@ impl<'a> Lexer<'a> {
         let sp = |k: usize| k + count_while(s, k, |c| c == ' ');
         let close = |k: usize| -> Option<usize> {
             let k = sp(k);
-            if s.get(k) == Some(&'>') {
-                Some(k + 1 - i)
-            } else {
-                None
-            }
+            if s.get(k) == Some(&'>') { Some(k + 1 - i) } else { None }
         };
         let k = i + 1;
         match s.get(k) {
@@ -580,23 +536,14 @@ impl<'a> Lexer<'a> {
         if let Some(n) = lits(s, i, &["&md;", "&mdash;", "&ndash;"]) {
             add(Rule::SpMdash, n, n);
         }
-        if matches!(
-            c0,
-            '\u{96}' | '\u{97}' | '\u{2013}' | '\u{2014}' | '\u{2015}'
-        ) {
+        if matches!(c0, '\u{96}' | '\u{97}' | '\u{2013}' | '\u{2014}' | '\u{2015}') {
             add(Rule::SpMdash, 1, 1);
         }
         if let Some(n) = lit(s, i, "&amp;") {
             add(Rule::SpAmp, n, n);
         }
         if c0 == '&' {
-            if let Some(n) = lits(
-                s,
-                i,
-                &[
-                    "&ht;", "&tl;", "&ur;", "&lr;", "&qc;", "&ql;", "&qr;", "&odq;", "&cdq;",
-                ],
-            ) {
+            if let Some(n) = lits(s, i, &["&ht;", "&tl;", "&ur;", "&lr;", "&qc;", "&ql;", "&qr;", "&odq;", "&cdq;"]) {
                 add(Rule::SpPunc, n, n);
             }
             if s.get(i + 1) == Some(&'#') {
@@ -755,11 +702,7 @@ impl<'a> Lexer<'a> {
             add(Rule::Phone, n, n);
         }
         // DBLQUOT
-        let dq = if c0 == '"' {
-            Some(1)
-        } else {
-            lit(s, i, "&quot;")
-        };
+        let dq = if c0 == '"' { Some(1) } else { lit(s, i, "&quot;") };
         if let Some(q) = dq {
             if self.is(i + q, |c| c.is_ascii_alphanumeric() || c == '$') {
                 add(Rule::DblQuotLeft, q + 1, q);
@@ -795,11 +738,7 @@ impl<'a> Lexer<'a> {
             add(Rule::AsianSmiley, n, n);
         }
         if c0 == '-' {
-            add(
-                Rule::Hyphens,
-                count_while(s, i, |c| c == '-'),
-                count_while(s, i, |c| c == '-'),
-            );
+            add(Rule::Hyphens, count_while(s, i, |c| c == '-'), count_while(s, i, |c| c == '-'));
         }
         if let Some(n) = self.ldots(i) {
             add(Rule::Ldots, n, n);
@@ -955,16 +894,11 @@ impl<'a> Lexer<'a> {
             let l = count_while(s, i, is_letter);
             // the vowel must be the last letter before the apostrophe
             for e in (i + 2..=i + l).rev() {
-                if !matches!(
-                    s[e - 1],
-                    'a' | 'e' | 'i' | 'o' | 'u' | 'y' | 'A' | 'E' | 'I' | 'O' | 'U' | 'Y'
-                ) {
+                if !matches!(s[e - 1], 'a' | 'e' | 'i' | 'o' | 'u' | 'y' | 'A' | 'E' | 'I' | 'O' | 'U' | 'Y') {
                     continue;
                 }
                 if let Some(a) = self.apos_etc(e)
-                    && self.is(e + a, |c| {
-                        matches!(c, 'a' | 'e' | 'i' | 'o' | 'u' | 'A'..='Z')
-                    })
+                    && self.is(e + a, |c| matches!(c, 'a' | 'e' | 'i' | 'o' | 'u' | 'A'..='Z'))
                 {
                     let rest = count_while(s, e + a + 1, is_letter);
                     upd(e - i + a + 1 + rest);
@@ -979,17 +913,7 @@ impl<'a> Lexer<'a> {
         {
             upd(2 + a);
         }
-        for w in [
-            "cont'd.",
-            "cont'd",
-            "nor'easter",
-            "c'mon",
-            "e'er",
-            "s'mores",
-            "ev'ry",
-            "li'l",
-            "nat'l",
-        ] {
+        for w in ["cont'd.", "cont'd", "nor'easter", "c'mon", "e'er", "s'mores", "ev'ry", "li'l", "nat'l"] {
             if let Some(n) = lit(s, i, w) {
                 upd(n);
             }
@@ -1000,12 +924,7 @@ impl<'a> Lexer<'a> {
     fn full_url(&self, i: usize) -> Option<usize> {
         let s = self.s;
         let scheme = lits(s, i, &["https://", "http://", "ftp://"])?;
-        let body_ok = |c: char| {
-            !matches!(
-                c,
-                ' ' | '\t' | '\n' | '\u{c}' | '\r' | '"' | '<' | '>' | '|' | '(' | ')'
-            )
-        };
+        let body_ok = |c: char| !matches!(c, ' ' | '\t' | '\n' | '\u{c}' | '\r' | '"' | '<' | '>' | '|' | '(' | ')');
         let last_ok = |c: char| body_ok(c) && !matches!(c, '.' | '!' | '?' | '{' | '}' | ',' | '-');
         let n = count_while(s, i + scheme, body_ok);
         // [^...]+ followed by one [^...] (last) character: longest such match
@@ -1098,12 +1017,7 @@ impl<'a> Lexer<'a> {
                 k = after;
             }
         }
-        let body_ok = |c: char| {
-            !matches!(
-                c,
-                ' ' | '\t' | '\n' | '\u{c}' | '\r' | '"' | '<' | '>' | '|' | '(' | ')'
-            )
-        };
+        let body_ok = |c: char| !matches!(c, ' ' | '\t' | '\n' | '\u{c}' | '\r' | '"' | '<' | '>' | '|' | '(' | ')');
         let last_ok = |c: char| body_ok(c) && !matches!(c, '.' | '!' | '?' | '{' | '}' | ',' | '-');
         let mut best: Option<usize> = None;
         for e in ends {
@@ -1149,41 +1063,13 @@ impl<'a> Lexer<'a> {
             return None;
         }
         let local_ok = |c: char| {
-            !matches!(
-                c,
-                ' ' | '\t'
-                    | '\n'
-                    | '\u{c}'
-                    | '\r'
-                    | '"'
-                    | '<'
-                    | '>'
-                    | '|'
-                    | '('
-                    | ')'
-                    | '\u{a0}'
-                    | '{'
-                    | '}'
-            )
+            !matches!(c, ' ' | '\t' | '\n' | '\u{c}' | '\r' | '"' | '<' | '>' | '|' | '(' | ')' | '\u{a0}' | '{' | '}')
         };
         let n = count_while(s, i + 1, local_ok);
         let dom_ok = |c: char| {
             !matches!(
                 c,
-                ' ' | '\t'
-                    | '\n'
-                    | '\u{c}'
-                    | '\r'
-                    | '"'
-                    | '<'
-                    | '>'
-                    | '|'
-                    | '('
-                    | ')'
-                    | '{'
-                    | '}'
-                    | '.'
-                    | '\u{a0}'
+                ' ' | '\t' | '\n' | '\u{c}' | '\r' | '"' | '<' | '>' | '|' | '(' | ')' | '{' | '}' | '.' | '\u{a0}'
             )
         };
         let last_ok = dom_ok;
@@ -1241,15 +1127,8 @@ impl<'a> Lexer<'a> {
 
     fn subsupnum(&self, i: usize) -> Option<usize> {
         let s = self.s;
-        let sign = usize::from(self.is(i, |c| {
-            matches!(c, '\u{207a}' | '\u{207b}' | '\u{208a}' | '\u{208b}')
-        }));
-        let sup = |c: char| {
-            matches!(
-                c,
-                '\u{2070}' | '\u{b9}' | '\u{b2}' | '\u{b3}' | '\u{2074}'..='\u{2079}'
-            )
-        };
+        let sign = usize::from(self.is(i, |c| matches!(c, '\u{207a}' | '\u{207b}' | '\u{208a}' | '\u{208b}')));
+        let sup = |c: char| matches!(c, '\u{2070}' | '\u{b9}' | '\u{b2}' | '\u{b3}' | '\u{2074}'..='\u{2079}');
         let sub = |c: char| matches!(c, '\u{2080}'..='\u{2089}');
         let n = count_while(s, i + sign, sup).max(count_while(s, i + sign, sub));
         if n > 0 { Some(sign + n) } else { None }
@@ -1463,8 +1342,8 @@ impl<'a> Lexer<'a> {
             s,
             i,
             &[
-                "ca.", "fig.", "figs.", "prop.", "no.", "nos.", "sec.", "sect.", "secs.", "sects.",
-                "art.", "arts.", "para.", "paras.", "bldg.", "pp.", "op.", "approx.", "rs.",
+                "ca.", "fig.", "figs.", "prop.", "no.", "nos.", "sec.", "sect.", "secs.", "sects.", "art.", "arts.",
+                "para.", "paras.", "bldg.", "pp.", "op.", "approx.", "rs.",
             ],
         ) {
             let sp = usize::from(self.is(i + n, is_spacenl));
@@ -1490,11 +1369,7 @@ impl<'a> Lexer<'a> {
             // /SENTEND: SPACENL (SPACENL | [A-Z] | SGML)
             if self.is(i + n, is_spacenl) {
                 let j = i + n + 1;
-                let j = if s.get(i + n) == Some(&'\r') && s.get(j) == Some(&'\n') {
-                    j + 1
-                } else {
-                    j
-                };
+                let j = if s.get(i + n) == Some(&'\r') && s.get(j) == Some(&'\n') { j + 1 } else { j };
                 let mut t = 0;
                 if self.is(j, |c| is_spacenl(c) || c.is_uppercase()) {
                     t = 1;
@@ -1529,14 +1404,12 @@ impl<'a> Lexer<'a> {
     fn abbrev1(&self, i: usize) -> Option<usize> {
         let s = self.s;
         let words = [
-            "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec",
-            "mon", "tue", "tues", "wed", "thu", "thurs", "fri", "ala", "ariz", "calif", "colo",
-            "conn", "ct", "dak", "fla", "ga", "ind", "kan", "kans", "ky", "md", "mich", "minn",
-            "mo", "mont", "neb", "nev", "okla", "penn", "tenn", "va", "vt", "wis", "wisc", "wyo",
-            "inc", "co", "cos", "corp", "pty", "ptys", "pte", "ptes", "ppty", "pptys", "ppte",
-            "pptes", "ltd", "plc", "rt", "bancorp", "bhd", "assn", "univ", "intl", "sys", "tel",
-            "est", "ext", "sq", "jr", "sr", "bros", "ed.d", "ph.d", "esq", "blvd", "rd", "etc",
-            "al", "seq", "bldg",
+            "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "mon", "tue", "tues",
+            "wed", "thu", "thurs", "fri", "ala", "ariz", "calif", "colo", "conn", "ct", "dak", "fla", "ga", "ind",
+            "kan", "kans", "ky", "md", "mich", "minn", "mo", "mont", "neb", "nev", "okla", "penn", "tenn", "va", "vt",
+            "wis", "wisc", "wyo", "inc", "co", "cos", "corp", "pty", "ptys", "pte", "ptes", "ppty", "pptys", "ppte",
+            "pptes", "ltd", "plc", "rt", "bancorp", "bhd", "assn", "univ", "intl", "sys", "tel", "est", "ext", "sq",
+            "jr", "sr", "bros", "ed.d", "ph.d", "esq", "blvd", "rd", "etc", "al", "seq", "bldg",
         ];
         let mut best: Option<usize> = None;
         for w in words {
@@ -1547,9 +1420,7 @@ impl<'a> Lexer<'a> {
             }
         }
         // case-sensitive first letters: [A]rk [D]el? [I]ll [M]ass [M]iss [O]re [W]ash La Tex
-        for w in [
-            "Az", "Ark", "Del", "Ill", "La", "Mass", "Miss", "Ore", "Pa", "Tex", "Wash",
-        ] {
+        for w in ["Az", "Ark", "Del", "Ill", "La", "Mass", "Miss", "Ore", "Pa", "Tex", "Wash"] {
             let first = w.chars().next().unwrap();
             if s.get(i) == Some(&first)
                 && let Some(n) = lit(s, i + 1, &w[1..])
@@ -1565,11 +1436,11 @@ impl<'a> Lexer<'a> {
         let s = self.s;
         let mut ends = self.acro_ends(i);
         let titles = [
-            "mr", "mrs", "ms", "dr", "drs", "prof", "profs", "sen", "sens", "rep", "reps", "atty",
-            "attys", "lt", "col", "gen", "messrs", "gov", "govs", "adm", "rev", "maj", "sgt",
-            "cpl", "pvt", "capt", "st", "ste", "ave", "pres", "lieut", "hon", "brig", "cmdr",
-            "comdr", "pfc", "spc", "supt", "supts", "det", "mt", "ft", "vs", "alex", "wm", "jos",
-            "cie", "a.k.a", "cf", "treas", "ph", "invt", "elec", "natl", "mfg", "mtg", "dept",
+            "mr", "mrs", "ms", "dr", "drs", "prof", "profs", "sen", "sens", "rep", "reps", "atty", "attys", "lt",
+            "col", "gen", "messrs", "gov", "govs", "adm", "rev", "maj", "sgt", "cpl", "pvt", "capt", "st", "ste",
+            "ave", "pres", "lieut", "hon", "brig", "cmdr", "comdr", "pfc", "spc", "supt", "supts", "det", "mt", "ft",
+            "vs", "alex", "wm", "jos", "cie", "a.k.a", "cf", "treas", "ph", "invt", "elec", "natl", "mfg", "mtg",
+            "dept",
         ];
         for t in titles {
             if let Some(n) = lit(s, i, t) {
@@ -1691,12 +1562,7 @@ impl<'a> Lexer<'a> {
             return None;
         }
         k += 1;
-        let tail = |c: char| {
-            matches!(
-                c,
-                '(' | ')' | 'D' | 'P' | 'd' | 'p' | 'O' | '\\' | '{' | '@' | '|' | '[' | ']'
-            )
-        };
+        let tail = |c: char| matches!(c, '(' | ')' | 'D' | 'P' | 'd' | 'p' | 'O' | '\\' | '{' | '@' | '|' | '[' | ']');
         let mut best = None;
         for opt in [0usize, 1] {
             let j = k + opt;
@@ -1766,19 +1632,12 @@ impl<'a> Lexer<'a> {
             return None;
         }
         const EXTS: &[&str] = &[
-            "bat", "bmp", "c", "class", "cgi", "cpp", "dll", "doc", "docx", "exe", "gif", "gz",
-            "h", "htm", "html", "jar", "java", "jpeg", "jpg", "mov", "mp3", "pdf", "php", "pl",
-            "png", "ppt", "ps", "py", "sql", "tar", "txt", "wav", "x", "xml", "zip",
+            "bat", "bmp", "c", "class", "cgi", "cpp", "dll", "doc", "docx", "exe", "gif", "gz", "h", "htm", "html",
+            "jar", "java", "jpeg", "jpg", "mov", "mp3", "pdf", "php", "pl", "png", "ppt", "ps", "py", "sql", "tar",
+            "txt", "wav", "x", "xml", "zip",
         ];
-        let ext: String = s[last_part_start..k]
-            .iter()
-            .collect::<String>()
-            .to_ascii_lowercase();
-        if EXTS.contains(&ext.as_str()) {
-            Some(k - i)
-        } else {
-            None
-        }
+        let ext: String = s[last_part_start..k].iter().collect::<String>().to_ascii_lowercase();
+        if EXTS.contains(&ext.as_str()) { Some(k - i) } else { None }
     }
 
     fn ldots(&self, i: usize) -> Option<usize> {
@@ -1795,10 +1654,7 @@ impl<'a> Lexer<'a> {
         // (\.[ \u00A0]){2,4}\.
         let mut k = i;
         let mut pairs = 0;
-        while pairs < 4
-            && s.get(k) == Some(&'.')
-            && matches!(s.get(k + 1), Some(' ') | Some('\u{a0}'))
-        {
+        while pairs < 4 && s.get(k) == Some(&'.') && matches!(s.get(k + 1), Some(' ') | Some('\u{a0}')) {
             k += 2;
             pairs += 1;
             if pairs >= 2 && s.get(k) == Some(&'.') {
@@ -1814,9 +1670,7 @@ impl<'a> Lexer<'a> {
         if !self.is(i, is_ascii_alnum) {
             return None;
         }
-        let head = 1 + count_while(s, i + 1, |c| {
-            c.is_ascii_alphanumeric() || matches!(c, '.' | ',' | '\u{ad}')
-        });
+        let head = 1 + count_while(s, i + 1, |c| c.is_ascii_alphanumeric() || matches!(c, '.' | ',' | '\u{ad}'));
         let mut best: Option<usize> = None;
         // the head may end anywhere a hyphen follows
         for h in (i + 1..=i + head).rev() {
@@ -1909,20 +1763,8 @@ impl<'a> Lexer<'a> {
         let q = |c: char| {
             matches!(
                 c,
-                '`' | '\u{2018}'
-                    | '\u{2019}'
-                    | '\u{201a}'
-                    | '\u{201b}'
-                    | '\u{201c}'
-                    | '\u{201d}'
-                    | '\u{91}'
-                    ..='\u{94}'
-                        | '\u{201e}'
-                        | '\u{201f}'
-                        | '\u{2039}'
-                        | '\u{203a}'
-                        | '\u{ab}'
-                        | '\u{bb}'
+                '`' | '\u{2018}' | '\u{2019}' | '\u{201a}' | '\u{201b}' | '\u{201c}' | '\u{201d}' | '\u{91}'
+                    ..='\u{94}' | '\u{201e}' | '\u{201f}' | '\u{2039}' | '\u{203a}' | '\u{ab}' | '\u{bb}'
             )
         };
         let mut best = self.apos(i);
@@ -1945,14 +1787,8 @@ impl<'a> Lexer<'a> {
         let text: String = self.s[i..i + best.len].iter().collect();
         let word = |t: String| (best.len, Some(Tok::Word(t)));
         match best.rule {
-            Rule::Assim3 => (
-                best.len - 3,
-                Some(Tok::Word(self.s[i..i + best.len - 3].iter().collect())),
-            ),
-            Rule::Assim2 => (
-                best.len - 2,
-                Some(Tok::Word(self.s[i..i + best.len - 2].iter().collect())),
-            ),
+            Rule::Assim3 => (best.len - 3, Some(Tok::Word(self.s[i..i + best.len - 3].iter().collect()))),
+            Rule::Assim2 => (best.len - 2, Some(Tok::Word(self.s[i..i + best.len - 2].iter().collect()))),
             Rule::Sgml => word(text.replace([' ', '\r', '\n'], "\u{a0}")),
             Rule::SpMdash => word("--".to_string()),
             Rule::SpAmp => word("&".to_string()),
@@ -1979,9 +1815,7 @@ impl<'a> Lexer<'a> {
                 }
                 .to_string(),
             ),
-            Rule::TbSpec | Rule::ThingaDot | Rule::Thinga => {
-                word(text.replace("&amp;", "&").replace("&AMP;", "&"))
-            }
+            Rule::TbSpec | Rule::ThingaDot | Rule::Thinga => word(text.replace("&amp;", "&").replace("&AMP;", "&")),
             Rule::DolSign2 => word(match text.as_str() {
                 "\u{a2}" => "cents".to_string(),
                 "\u{a3}" => "#".to_string(),
@@ -1997,14 +1831,8 @@ impl<'a> Lexer<'a> {
                 }
             }
             Rule::Abbrev1SentEnd | Rule::Abbrev1Eof => (best.len - 1, Some(Tok::Word(text))),
-            Rule::Smiley | Rule::AsianSmiley => {
-                word(text.replace('(', "-LRB-").replace(')', "-RRB-"))
-            }
-            Rule::Phone => word(
-                text.replace(' ', "\u{a0}")
-                    .replace('(', "-LRB-")
-                    .replace(')', "-RRB-"),
-            ),
+            Rule::Smiley | Rule::AsianSmiley => word(text.replace('(', "-LRB-").replace(')', "-RRB-")),
+            Rule::Phone => word(text.replace(' ', "\u{a0}").replace('(', "-LRB-").replace(')', "-RRB-")),
             Rule::Pipe | Rule::Plus | Rule::Percent | Rule::TildeCaret => word(text),
             Rule::Del | Rule::Space | Rule::Nbsp | Rule::Untokenizable => (best.len, None),
             Rule::LessThan => word("<".to_string()),
@@ -2029,24 +1857,15 @@ impl<'a> Lexer<'a> {
 /// Drops soft hyphens (U+00AD); a token made only of soft hyphens becomes `-`.
 fn remove_soft_hyphens(s: &str) -> String {
     let out: String = s.chars().filter(|&c| c != '\u{ad}').collect();
-    if out.is_empty() && !s.is_empty() {
-        "-".to_string()
-    } else {
-        out
-    }
+    if out.is_empty() && !s.is_empty() { "-".to_string() } else { out }
 }
 
 /// `latexQuotes` normalisation of quote characters inside a token.
 fn latex_quotes(s: &str, probably_left: bool) -> String {
     let s = if probably_left {
-        s.replace("&apos;", "`")
-            .replace('\'', "`")
-            .replace("&quot;", "``")
-            .replace('"', "``")
+        s.replace("&apos;", "`").replace('\'', "`").replace("&quot;", "``").replace('"', "``")
     } else {
-        s.replace("&apos;", "'")
-            .replace("&quot;", "''")
-            .replace('"', "''")
+        s.replace("&apos;", "'").replace("&quot;", "''").replace('"', "''")
     };
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -2122,10 +1941,7 @@ fn java_lower_english(s: &str) -> String {
                 None => true,
                 Some(n) if ideo(n) => true,
                 Some(n) if is_letter(n) => false,
-                Some(n) if is_digit(n) => !chars[k + 1..]
-                    .iter()
-                    .take_while(|&&x| word(x))
-                    .any(|&x| cased(x)),
+                Some(n) if is_digit(n) => !chars[k + 1..].iter().take_while(|&&x| word(x)).any(|&x| cased(x)),
                 Some(_) => true,
             };
         out.push(if final_form { '\u{3c2}' } else { '\u{3c3}' });
@@ -2140,20 +1956,13 @@ fn java_lower_english(s: &str) -> String {
 /// An entry is `None` only if the output had fewer lines than there are captions, which the
 /// jar never produces for `\n`-joined input (the original would silently drop the caption).
 pub fn tokenize_captions(captions: &[&str]) -> Vec<Option<String>> {
-    let joined: String = captions
-        .iter()
-        .map(|c| c.replace('\n', " "))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let joined: String = captions.iter().map(|c| c.replace('\n', " ")).collect::<Vec<_>>().join("\n");
     let lines = ptb_output_lines(&joined);
     (0..captions.len())
         .map(|k| {
             lines.get(k).map(|line| {
                 let line = line.trim_end_matches(super::py::py_is_space);
-                line.split(' ')
-                    .filter(|w| !PUNCTUATIONS.contains(w))
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                line.split(' ').filter(|w| !PUNCTUATIONS.contains(w)).collect::<Vec<_>>().join(" ")
             })
         })
         .collect()

@@ -1,0 +1,525 @@
+//! `memvp bench`: MemVP against the input-space baseline on the same backbones, batch and
+//! machine, interleaved after a warm-up; plus this CPU's best large matrix-product throughput,
+//! and the backward/forward ratio of a frozen LM with one small trained tensor inside.
+
+use crate::checkpoint::{Tok, Weights};
+use crate::data::batch::Batch;
+use crate::generate::Sampling;
+use crate::lm::{LanguageModel, LoadedLm, load_lm};
+use crate::models::llama::{Llama, LlamaConfig, Positions};
+use crate::models::{LmHooks, Site};
+use crate::ops::{self, Activation};
+use crate::rng::Rng;
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::vision::load_vision;
+use crate::vlm::{Method, MethodSettings, Vlm};
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Serialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Clone, Debug, Serialize)]
+pub struct BenchArgs {
+    /// A real LM (GGUF or Hugging Face directory); default: random weights shaped like SmolLM2-135M.
+    #[arg(long)]
+    pub lm: Option<PathBuf>,
+    /// Vision tower (default: a small random ViT giving 256 visual tokens).
+    #[arg(long, default_value = "random:bench")]
+    pub vision: String,
+    /// Text tokens per sample (the last `answer_tokens` of them are supervised).
+    #[arg(long, default_value_t = 64)]
+    pub text_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub answer_tokens: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Untimed rounds before measuring.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed rounds (each round runs MemVP then the baseline: A B A B ...).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Tokens generated after the prefill to time decoding.
+    #[arg(long, default_value_t = 16)]
+    pub decode_tokens: usize,
+    /// Random LM shape (ignored with --lm).
+    #[arg(long, default_value_t = 30)]
+    pub lm_layers: usize,
+    #[arg(long, default_value_t = 576)]
+    pub lm_hidden: usize,
+    #[arg(long, default_value_t = 1536)]
+    pub lm_intermediate: usize,
+    #[arg(long, default_value_t = 9)]
+    pub lm_heads: usize,
+    #[arg(long, default_value_t = 3)]
+    pub lm_kv_heads: usize,
+    #[arg(long, default_value_t = 49152)]
+    pub vocab: usize,
+    /// Skip the backward/forward-ratio measurement.
+    #[arg(long)]
+    pub skip_fwd_bwd: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+fn stat(v: &[f64]) -> Stat {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    };
+    Stat { median, min: *s.first().unwrap_or(&f64::NAN), max: *s.last().unwrap_or(&f64::NAN) }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct MethodResult {
+    pub train_step_ms: f64,
+    pub train_step_spread_ms: (f64, f64),
+    pub prefill_ms: f64,
+    pub prefill_spread_ms: (f64, f64),
+    pub decode_ms_per_token: f64,
+    pub decode_spread_ms: (f64, f64),
+    pub peak_rss_mb: f64,
+    pub train_gflop: f64,
+    pub train_gflops: f64,
+    pub prefill_gflop: f64,
+    pub trainable_parameters: usize,
+    pub lm_sequence_length: usize,
+}
+
+/// The peak resident set (VmHWM) since the last reset.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Resets the peak (Linux: writing 5 to clear_refs resets VmHWM to the current RSS).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A random SmolLM2-shaped LM (frozen, plain tensors) with a byte-level stand-in tokenizer.
+pub fn random_lm(a: &BenchArgs) -> Result<LoadedLm> {
+    let cfg = LlamaConfig {
+        vocab_size: a.vocab,
+        hidden_size: a.lm_hidden,
+        intermediate_size: a.lm_intermediate,
+        num_hidden_layers: a.lm_layers,
+        num_attention_heads: a.lm_heads,
+        num_key_value_heads: a.lm_kv_heads,
+        head_dim: a.lm_hidden / a.lm_heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 100000.0,
+        rope_scaling: None,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: true,
+        hidden_act: Activation::Silu,
+        attention_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+    };
+    let w = Weights::random("random SmolLM2-shaped LM", 0, 0.02, DType::F32, &Device::Cpu);
+    Llama::load(&w, cfg.clone())?;
+    let frozen: HashMap<String, Tensor> = w.made().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+    let model = Llama::load(&Weights::from_tensors("random SmolLM2-shaped LM", frozen, DType::F32, &Device::Cpu), cfg)?;
+    let tok = Tok::from_json(&json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": {}, "merges": []}
+    }))?;
+    Ok(LoadedLm {
+        model: LanguageModel::Llama(model),
+        tok,
+        eos: vec![2],
+        path: "random".into(),
+        fingerprint: "random".into(),
+        family: "llama",
+    })
+}
+
+/// The best throughput of large f32 matrix products on this machine (GFLOP/s).
+pub fn matmul_peak_gflops() -> Result<f64> {
+    let mut rng = Rng::new(7);
+    let mut best = 0f64;
+    for n in [1024usize, 2048] {
+        let a = Tensor::from_vec((0..n * n).map(|_| rng.uniform_f32()).collect::<Vec<_>>(), (n, n), &Device::Cpu)?;
+        let b = Tensor::from_vec((0..n * n).map(|_| rng.uniform_f32()).collect::<Vec<_>>(), (n, n), &Device::Cpu)?;
+        let _ = a.matmul(&b)?;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let c = a.matmul(&b)?;
+            let dt = t.elapsed().as_secs_f64();
+            drop(c);
+            best = best.max(2.0 * (n as f64).powi(3) / dt / 1e9);
+        }
+    }
+    Ok(best)
+}
+
+/// FLOPs of one training step and one prefill, counted from the shapes (multiply-add = 2).
+/// Backward counts what the implementation computes: input gradients through frozen layers
+/// from the first trained tensor on, both operand gradients for trained or activation products.
+fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
+    let LanguageModel::Llama(m) = &vlm.lm.model else { return (f64::NAN, f64::NAN) };
+    let c = &m.cfg;
+    let (d, i, h, kv, hd, l, v) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.num_attention_heads as f64,
+        c.num_key_value_heads as f64,
+        c.head_dim as f64,
+        c.num_hidden_layers as f64,
+        c.vocab_size as f64,
+    );
+    let vc = &vlm.vision.model.cfg;
+    let (cw, iv, p) = (vc.hidden_size as f64, vc.intermediate_size as f64, vc.patch_size as f64);
+    let n = vc.num_patches() as f64;
+    let nt = n + 1.0;
+    let vl = vlm.vision.model.resolve_layer(-2).unwrap_or(vc.num_hidden_layers) as f64;
+    let bf = b as f64;
+    let proj = 2.0 * d * h * hd + 2.0 * 2.0 * d * kv * hd + 2.0 * h * hd * d;
+    let ffn = 3.0 * 2.0 * d * i;
+    let attn = |tt: f64| 2.0 * 2.0 * h * hd * tt * (tt + 1.0) / 2.0;
+    let lm_layer = |tt: f64| tt * (proj + ffn) + attn(tt);
+    let vis_layer = nt * (4.0 * 2.0 * cw * cw + 2.0 * 2.0 * cw * iv) + 2.0 * 2.0 * nt * nt * cw;
+    let patch = n * 2.0 * 3.0 * p * p * cw;
+    let head_train = 2.0 * d * v * answer as f64;
+    match &vlm.params {
+        crate::vlm::Params::Memvp(mv) => {
+            let tt = t as f64;
+            let mm = mv.cfg.slots as f64;
+            let r = mv.cfg.vision_adapter_dim as f64;
+            let hp = mv.cfg.hidden_proj as f64;
+            let branch = 2.0 * 2.0 * tt * mm * d;
+            let adapters = vl * nt * 2.0 * 2.0 * cw * r;
+            let projector = n * 2.0 * (cw * hp + hp * d);
+            let vis_fwd = patch + vl * vis_layer + adapters + projector;
+            let lm_fwd = l * (lm_layer(tt) + branch) + head_train;
+            // Backward: layers 1.. fully (input grads, attention 2x), every branch 2x,
+            // the head's input grad; vision blocks' input grads, adapters and projector 2x.
+            let lm_bwd = (l - 1.0) * (tt * (proj + ffn) + 2.0 * attn(tt)) + l * 2.0 * branch + head_train;
+            let vis_bwd = (vl - 1.0)
+                * (nt * (4.0 * 2.0 * cw * cw + 2.0 * 2.0 * cw * iv) + 2.0 * 2.0 * 2.0 * nt * nt * cw)
+                + 2.0 * adapters
+                + 2.0 * projector;
+            let train = bf * (lm_fwd + vis_fwd + lm_bwd + vis_bwd);
+            let prefill = bf * (l * (lm_layer(tt) + branch) + 2.0 * d * v + vis_fwd);
+            (train, prefill)
+        }
+        crate::vlm::Params::InputSpace { lora, .. } | crate::vlm::Params::Lora(lora) => {
+            let is_vis = matches!(vlm.params, crate::vlm::Params::InputSpace { .. });
+            let tt = t as f64 + if is_vis { n } else { 0.0 };
+            let r = lora.cfg.rank as f64;
+            let lora_tok: f64 = lora
+                .cfg
+                .targets
+                .iter()
+                .map(|pj| match pj {
+                    crate::models::Proj::Q => 2.0 * r * (d + h * hd),
+                    crate::models::Proj::K | crate::models::Proj::V => 2.0 * r * (d + kv * hd),
+                    crate::models::Proj::O => 2.0 * r * (h * hd + d),
+                })
+                .sum();
+            let hp = vlm.cfg.input_space.as_ref().map(|x| x.hidden_proj as f64).unwrap_or(0.0);
+            let projector = if is_vis { n * 2.0 * (cw * hp + hp * d) } else { 0.0 };
+            let vis_fwd = if is_vis { patch + vl * vis_layer + projector } else { 0.0 };
+            let lm_fwd = l * (lm_layer(tt) + tt * lora_tok) + head_train;
+            let lm_bwd = l * (tt * (proj + ffn) + 2.0 * attn(tt) + 2.0 * tt * lora_tok) + head_train;
+            let train = bf * (lm_fwd + vis_fwd + lm_bwd + 2.0 * projector);
+            let prefill = bf * (l * (lm_layer(tt) + tt * lora_tok) + 2.0 * d * v + vis_fwd);
+            (train, prefill)
+        }
+    }
+}
+
+pub fn synthetic_batch(vlm: &Vlm, a: &BenchArgs, rng: &mut Rng) -> Result<Batch> {
+    let (b, t) = (a.batch_size, a.text_tokens);
+    let vocab = match &vlm.lm.model {
+        LanguageModel::Llama(m) => m.cfg.vocab_size,
+        _ => bail!("bench supports decoder-only LMs"),
+    };
+    let ids: Vec<u32> = (0..b * t).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
+    let (mut pos, mut tgt) = (Vec::new(), Vec::new());
+    for r in 0..b {
+        for j in t - a.answer_tokens - 1..t - 1 {
+            pos.push((r * t + j) as u32);
+            tgt.push(ids[r * t + j + 1]);
+        }
+    }
+    let s = vlm.vision.model.cfg.image_size;
+    let px: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.normal() as f32).collect();
+    Ok(Batch {
+        input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+        input_lens: vec![t; b],
+        decoder_ids: None,
+        loss_positions: pos,
+        loss_targets: tgt,
+        pixels: Some(Tensor::from_vec(px, (b, 3, s, s), &Device::Cpu)?),
+        indicator: vec![1.0; b],
+        skipped: 0,
+        n: b,
+    })
+}
+
+struct Phase {
+    train: Vec<f64>,
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    peak: f64,
+}
+
+pub fn settings(method: Method) -> MethodSettings {
+    MethodSettings {
+        method,
+        memvp: Default::default(),
+        input_space: Default::default(),
+        lora: Default::default(),
+        prompt: Default::default(),
+        max_len: 4096,
+        image_blind: false,
+        seed: 0,
+    }
+}
+
+fn one_round(vlm: &Vlm, opt: &mut AdamW, batch: &Batch, a: &BenchArgs, rng: &mut Rng, ph: &mut Phase) -> Result<()> {
+    reset_peak_rss();
+    // Training step: forward, backward, optimizer.
+    let t0 = Instant::now();
+    let loss = vlm.loss(batch, rng, true)?;
+    let grads = loss.backward()?;
+    let vars: Vec<Var> = opt.params.iter().map(|p| p.var.clone()).collect();
+    let g: Vec<Tensor> = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).cloned().map(Ok).unwrap_or_else(|| v.zeros_like()))
+        .collect::<candle_core::Result<_>>()?;
+    opt.step(&g, 1e-4)?;
+    drop(grads);
+    ph.train.push(t0.elapsed().as_secs_f64() * 1e3);
+    // Prefill (vision tower, visual memory or visual tokens, LM over the prompt), then decode.
+    let ids = batch.input_ids.to_vec2::<u32>()?;
+    let prompts: Vec<Vec<u32>> = ids.iter().map(|r| r[..a.text_tokens - a.answer_tokens].to_vec()).collect();
+    let s1 = Sampling { max_new_tokens: 1, ..Default::default() };
+    let t1 = Instant::now();
+    vlm.generate(&prompts, batch.pixels.as_ref(), &batch.indicator, &s1)?;
+    let pre = t1.elapsed().as_secs_f64() * 1e3;
+    ph.prefill.push(pre);
+    let sn = Sampling { max_new_tokens: 1 + a.decode_tokens, ..Default::default() };
+    let t2 = Instant::now();
+    // No EOS: every row decodes all tokens.
+    vlm.generate_until(&prompts, batch.pixels.as_ref(), &batch.indicator, &sn, &[])?;
+    let total = t2.elapsed().as_secs_f64() * 1e3;
+    ph.decode.push((total - pre).max(0.0) / a.decode_tokens.max(1) as f64);
+    ph.peak = ph.peak.max(peak_rss_mb());
+    Ok(())
+}
+
+/// A small trained tensor inside a frozen LM: a bias added to one middle FFN's output.
+struct InnerBias {
+    layer: usize,
+    bias: Var,
+}
+
+impl LmHooks for InnerBias {
+    fn ffn_branch(&self, _s: Site, layer: usize, u: &Tensor) -> Result<Option<Tensor>> {
+        if layer == self.layer { Ok(Some(u.zeros_like()?.broadcast_add(self.bias.as_tensor())?)) } else { Ok(None) }
+    }
+}
+
+/// Forward and backward times (ms) of the LM on `b × t` tokens with one small trained tensor
+/// in its middle block; `candle_matmul` switches the frozen linears to candle's matmul.
+fn fwd_bwd(m: &Llama, b: usize, t: usize, reps: usize, candle_matmul: bool) -> Result<(f64, f64)> {
+    ops::use_candle_matmul(candle_matmul);
+    let mut rng = Rng::new(3);
+    let ids = Tensor::from_vec(
+        (0..b * t).map(|_| 3 + rng.below(m.cfg.vocab_size - 3) as u32).collect::<Vec<_>>(),
+        (b, t),
+        &Device::Cpu,
+    )?;
+    let hooks = InnerBias { layer: m.n_layers() / 2, bias: Var::zeros(m.cfg.hidden_size, DType::F32, &Device::Cpu)? };
+    let (mut f, mut bw) = (Vec::new(), Vec::new());
+    for rep in 0..reps + 1 {
+        let t0 = Instant::now();
+        let h = m.forward_embeds(&m.embed(&ids)?, &Positions::From(0), None, None, &hooks)?;
+        let loss = h.sqr()?.mean_all()?;
+        let tf = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        let g = loss.backward()?;
+        let tb = t1.elapsed().as_secs_f64() * 1e3;
+        drop(g);
+        if rep > 0 {
+            f.push(tf);
+            bw.push(tb);
+        }
+    }
+    ops::use_candle_matmul(false);
+    Ok((stat(&f).median, stat(&bw).median))
+}
+
+pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
+    let dev = Device::Cpu;
+    let lm = match &a.lm {
+        Some(p) => load_lm(p, DType::F32, &dev)?,
+        None => random_lm(a)?,
+    };
+    if lm.llama().is_none() {
+        bail!("memvp bench measures decoder-only LMs (LLaMA family)")
+    }
+    let vision = load_vision(&a.vision, DType::F32, &dev)?;
+    let n_vis = vision.model.cfg.num_patches();
+    let peak = matmul_peak_gflops()?;
+    let mut vlm = Vlm::new(vision, lm, &settings(Method::Memvp))?;
+    let _ = Var::zeros(1, DType::F32, &dev)?;
+    let mut rng = Rng::new(11);
+    let batch = synthetic_batch(&vlm, a, &mut rng)?;
+    let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.02 };
+    let mut phases = [
+        Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 },
+        Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 },
+    ];
+    let methods = [Method::Memvp, Method::InputSpace];
+    // Both methods' parameters live side by side on the same backbones; the inactive one is
+    // swapped out.
+    let mut other = vlm.make(&settings(Method::InputSpace))?;
+    let mut opts = [AdamW::new(vlm.params.named(), adam.clone())?, AdamW::new(other.0.named(), adam.clone())?];
+    let mut flops = [count_flops(&vlm, a.batch_size, a.text_tokens, a.answer_tokens), (0.0, 0.0)];
+    let mut params = [vlm.cfg.trainable_parameters, other.1.trainable_parameters];
+    let mut cur = 0usize;
+    for round in 0..a.warmup + a.iters {
+        for k in 0..methods.len() {
+            if cur != k {
+                std::mem::swap(&mut vlm.params, &mut other.0);
+                std::mem::swap(&mut vlm.cfg, &mut other.1);
+                cur = k;
+                if round == 0 {
+                    flops[k] = count_flops(&vlm, a.batch_size, a.text_tokens, a.answer_tokens);
+                    params[k] = vlm.cfg.trainable_parameters;
+                }
+            }
+            let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 };
+            let ph = if round < a.warmup { &mut tmp } else { &mut phases[k] };
+            one_round(&vlm, &mut opts[k], &batch, a, &mut rng, ph)?;
+        }
+    }
+    let mut results = Vec::new();
+    for (k, ph) in phases.iter().enumerate() {
+        let (tr, pf, dc) = (stat(&ph.train), stat(&ph.prefill), stat(&ph.decode));
+        results.push(MethodResult {
+            train_step_ms: tr.median,
+            train_step_spread_ms: (tr.min, tr.max),
+            prefill_ms: pf.median,
+            prefill_spread_ms: (pf.min, pf.max),
+            decode_ms_per_token: dc.median,
+            decode_spread_ms: (dc.min, dc.max),
+            peak_rss_mb: ph.peak,
+            train_gflop: flops[k].0 / 1e9,
+            train_gflops: flops[k].0 / 1e9 / (tr.median / 1e3),
+            prefill_gflop: flops[k].1 / 1e9,
+            trainable_parameters: params[k],
+            lm_sequence_length: a.text_tokens + if k == 1 { n_vis } else { 0 },
+        });
+    }
+    let fb = if a.skip_fwd_bwd {
+        serde_json::Value::Null
+    } else {
+        let m = vlm.lm.llama().unwrap();
+        let (f, b) = fwd_bwd(m, a.batch_size, a.text_tokens, a.iters.max(2), false)?;
+        let (fc, bc) = fwd_bwd(m, a.batch_size, a.text_tokens, a.iters.max(2), true)?;
+        json!({
+            "tokens": a.batch_size * a.text_tokens,
+            "trained": "one bias vector added in the middle block",
+            "memvp_kernels": {"forward_ms": f, "backward_ms": b, "backward_over_forward": b / f},
+            "candle_matmul_linears": {"forward_ms": fc, "backward_ms": bc, "backward_over_forward": bc / fc},
+        })
+    };
+    let (mv, is) = (&results[0], &results[1]);
+    Ok(json!({
+        "machine": machine(),
+        "settings": a,
+        "visual_tokens": n_vis,
+        "matmul_peak_gflops": peak,
+        "memvp": mv,
+        "input_space": is,
+        "ratios": {
+            "train_step": is.train_step_ms / mv.train_step_ms,
+            "prefill": is.prefill_ms / mv.prefill_ms,
+            "decode": is.decode_ms_per_token / mv.decode_ms_per_token,
+            "train_flops": is.train_gflop / mv.train_gflop,
+        },
+        "memvp_train_efficiency": mv.train_gflops / peak,
+        "backward_forward": fb,
+    }))
+}
+
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpu}, {} threads", candle_core::utils::get_num_threads())
+}
+
+pub fn print_table(v: &serde_json::Value) {
+    println!("memvp bench on {}", v["machine"].as_str().unwrap_or(""));
+    println!(
+        "matrix-product peak: {:.1} GFLOP/s (best of 1024^3 and 2048^3 f32 products)",
+        v["matmul_peak_gflops"].as_f64().unwrap_or(0.0)
+    );
+    println!("{:<26} {:>14} {:>14} {:>10}", "", "MemVP", "input-space", "ratio");
+    let row = |name: &str, key: &str, rkey: Option<&str>| {
+        let a = v["memvp"][key].as_f64().unwrap_or(f64::NAN);
+        let b = v["input_space"][key].as_f64().unwrap_or(f64::NAN);
+        let r =
+            rkey.map(|k| v["ratios"][k].as_f64().unwrap_or(f64::NAN)).map(|x| format!("{x:.2}x")).unwrap_or_default();
+        println!("{name:<26} {a:>14.2} {b:>14.2} {r:>10}");
+    };
+    row("LM sequence length", "lm_sequence_length", None);
+    row("trainable parameters", "trainable_parameters", None);
+    row("train step (ms)", "train_step_ms", Some("train_step"));
+    row("prefill (ms)", "prefill_ms", Some("prefill"));
+    row("decode (ms/token)", "decode_ms_per_token", Some("decode"));
+    row("peak RSS (MB)", "peak_rss_mb", None);
+    row("train GFLOP/step", "train_gflop", Some("train_flops"));
+    row("train GFLOP/s", "train_gflops", None);
+    println!(
+        "MemVP training step at {:.0}% of the matrix-product peak",
+        100.0 * v["memvp_train_efficiency"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(fb) = v.get("backward_forward").filter(|x| !x.is_null()) {
+        println!(
+            "backward/forward with one small trained tensor ({} tokens): {:.2} with memvp's kernels, {:.2} with candle's matmul linears",
+            fb["tokens"],
+            fb["memvp_kernels"]["backward_over_forward"].as_f64().unwrap_or(0.0),
+            fb["candle_matmul_linears"]["backward_over_forward"].as_f64().unwrap_or(0.0)
+        );
+    }
+}

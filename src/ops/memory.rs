@@ -1,0 +1,334 @@
+//! MemVP's memory branch as one op: `s · (act(u Kᵀ) ∘ mask) V` per sample, with
+//! `u: [b, t, d]`, `K, V: [b, M, d]` and an optional dropout mask `[b, t, M]`. Its backward
+//! returns gradients only for the inputs that can reach a trained tensor (in the first block
+//! `u` comes from frozen layers alone, so nothing is formed for it).
+
+use super::{Activation, Real, fast_path, gemm_strided, num_threads, with_slice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+struct MemoryOp {
+    act: Activation,
+    scale: f64,
+    mask: Option<Tensor>,
+    keep: bool,
+    /// Pre-activations `u Kᵀ`, kept for the backward pass.
+    saved: Mutex<Option<Vec<u8>>>,
+}
+
+fn as_bytes<T: Real>(v: Vec<T>) -> Vec<u8> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (p, l, c) = (v.as_mut_ptr(), v.len(), v.capacity());
+    let s = std::mem::size_of::<T>();
+    unsafe { Vec::from_raw_parts(p as *mut u8, l * s, c * s) }
+}
+
+fn from_bytes<T: Real>(v: Vec<u8>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    let (p, l, c) = (v.as_mut_ptr(), v.len(), v.capacity());
+    let s = std::mem::size_of::<T>();
+    unsafe { Vec::from_raw_parts(p as *mut T, l / s, c / s) }
+}
+
+/// Runs `f(bi)` for every sample: in parallel across samples when there are enough of them,
+/// else one after the other with multi-threaded products inside.
+fn per_sample(b: usize, f: impl Fn(usize, usize) + Sync) {
+    let th = num_threads();
+    if b >= th && th > 1 {
+        (0..b).into_par_iter().for_each(|i| f(i, 1));
+    } else {
+        (0..b).for_each(|i| f(i, th));
+    }
+}
+
+struct Dims {
+    b: usize,
+    t: usize,
+    m: usize,
+    d: usize,
+}
+
+fn dims(u: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
+    match (u, k, v) {
+        ([b, t, d], [bk, m, dk], [bv, mv, dv]) if b == bk && b == bv && d == dk && d == dv && m == mv => {
+            Ok(Dims { b: *b, t: *t, m: *m, d: *d })
+        }
+        _ => bail!("memory branch: u {u:?}, K {k:?}, V {v:?} do not fit together"),
+    }
+}
+
+fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g: &Dims) -> (Vec<T>, Vec<T>) {
+    let Dims { b, t, m, d } = *g;
+    let mut a = vec![T::zero(); b * t * m];
+    let mut y = vec![T::zero(); b * t * d];
+    let (ap, yp) = (super::SendPtr(a.as_mut_ptr()), super::SendPtr(y.as_mut_ptr()));
+    let s = T::from(op.scale).unwrap();
+    per_sample(b, |bi, th| unsafe {
+        let ab = ap.get().add(bi * t * m);
+        // A = u Kᵀ
+        gemm_strided(
+            t,
+            m,
+            d,
+            ab,
+            m as isize,
+            1,
+            false,
+            u.as_ptr().add(bi * t * d),
+            d as isize,
+            1,
+            k.as_ptr().add(bi * m * d),
+            1,
+            d as isize,
+            th,
+        );
+        let ar = std::slice::from_raw_parts(ab, t * m);
+        // Z = s · act(A) ∘ mask, then Y = Z V
+        let mut z = vec![T::zero(); t * m];
+        for j in 0..t * m {
+            let mk = mask.map(|mk| mk[bi * t * m + j]).unwrap_or(T::one());
+            z[j] = s * op.act.f(ar[j]) * mk;
+        }
+        gemm_strided(
+            t,
+            d,
+            m,
+            yp.get().add(bi * t * d),
+            d as isize,
+            1,
+            false,
+            z.as_ptr(),
+            m as isize,
+            1,
+            v.as_ptr().add(bi * m * d),
+            d as isize,
+            1,
+            th,
+        );
+    });
+    (a, y)
+}
+
+type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
+
+#[allow(clippy::too_many_arguments)]
+fn bwd<T: Real>(
+    op: &MemoryOp,
+    u: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<&[T]>,
+    a: &[T],
+    dy: &[T],
+    g: &Dims,
+    want: [bool; 3],
+) -> Grads<T> {
+    let Dims { b, t, m, d } = *g;
+    let mut du = want[0].then(|| vec![T::zero(); b * t * d]);
+    let mut dk = want[1].then(|| vec![T::zero(); b * m * d]);
+    let mut dv = want[2].then(|| vec![T::zero(); b * m * d]);
+    let ptr = |x: &mut Option<Vec<T>>| x.as_mut().map(|v| super::SendPtr(v.as_mut_ptr()));
+    let (dup, dkp, dvp) = (ptr(&mut du), ptr(&mut dk), ptr(&mut dv));
+    let s = T::from(op.scale).unwrap();
+    per_sample(b, |bi, th| unsafe {
+        let ar = &a[bi * t * m..(bi + 1) * t * m];
+        let dyb = dy.as_ptr().add(bi * t * d);
+        let (ub, kb, vb) = (u.as_ptr().add(bi * t * d), k.as_ptr().add(bi * m * d), v.as_ptr().add(bi * m * d));
+        // dV = Zᵀ dY with Z = s · act(A) ∘ mask
+        if let Some(p) = dvp {
+            let mut z = vec![T::zero(); t * m];
+            for j in 0..t * m {
+                let mk = mask.map(|mk| mk[bi * t * m + j]).unwrap_or(T::one());
+                z[j] = s * op.act.f(ar[j]) * mk;
+            }
+            gemm_strided(
+                m,
+                d,
+                t,
+                p.get().add(bi * m * d),
+                d as isize,
+                1,
+                false,
+                z.as_ptr(),
+                1,
+                m as isize,
+                dyb,
+                d as isize,
+                1,
+                th,
+            );
+        }
+        if dup.is_none() && dkp.is_none() {
+            return;
+        }
+        // dA = s · (dY Vᵀ) ∘ mask ∘ act'(A)
+        let mut da = vec![T::zero(); t * m];
+        gemm_strided(t, m, d, da.as_mut_ptr(), m as isize, 1, false, dyb, d as isize, 1, vb, 1, d as isize, th);
+        for j in 0..t * m {
+            let mk = mask.map(|mk| mk[bi * t * m + j]).unwrap_or(T::one());
+            da[j] = da[j] * s * mk * op.act.df(ar[j]);
+        }
+        // du = dA K, dK = dAᵀ u
+        if let Some(p) = dup {
+            gemm_strided(
+                t,
+                d,
+                m,
+                p.get().add(bi * t * d),
+                d as isize,
+                1,
+                false,
+                da.as_ptr(),
+                m as isize,
+                1,
+                kb,
+                d as isize,
+                1,
+                th,
+            );
+        }
+        if let Some(p) = dkp {
+            gemm_strided(
+                m,
+                d,
+                t,
+                p.get().add(bi * m * d),
+                d as isize,
+                1,
+                false,
+                da.as_ptr(),
+                1,
+                m as isize,
+                ub,
+                d as isize,
+                1,
+                th,
+            );
+        }
+    });
+    (du, dk, dv)
+}
+
+impl CustomOp3 for MemoryOp {
+    fn name(&self) -> &'static str {
+        "memvp-memory-branch"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = dims(l1.dims(), l2.dims(), l3.dims())?;
+        fn go<T: Real>(op: &MemoryOp, s: [(&CpuStorage, &Layout); 3], g: &Dims) -> Result<Vec<T>> {
+            let (u, k, v) = (
+                super::cpu_slice::<T>(s[0].0, s[0].1)?,
+                super::cpu_slice::<T>(s[1].0, s[1].1)?,
+                super::cpu_slice::<T>(s[2].0, s[2].1)?,
+            );
+            let run = |mask: Option<&[T]>| Ok(fwd(op, u, k, v, mask, g));
+            let (a, y) = match &op.mask {
+                Some(mk) => with_slice::<T, _>(mk, |mk| run(Some(mk)))?,
+                None => run(None)?,
+            };
+            if op.keep {
+                *op.saved.lock().unwrap() = Some(as_bytes(a));
+            }
+            Ok(y)
+        }
+        let st = [(s1, l1), (s2, l2), (s3, l3)];
+        let out = match s1.dtype() {
+            DType::F32 => f32::to_cpu_storage_owned(go::<f32>(self, st, &g)?),
+            DType::F64 => f64::to_cpu_storage_owned(go::<f64>(self, st, &g)?),
+            dt => bail!("memory branch: unsupported dtype {dt:?}"),
+        };
+        Ok((out, Shape::from((g.b, g.t, g.d))))
+    }
+
+    fn bwd(
+        &self,
+        u: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = dims(u.dims(), k.dims(), v.dims())?;
+        let want = [u.track_op(), k.track_op(), v.track_op()];
+        let Some(saved) = self.saved.lock().unwrap().take() else { bail!("memory branch: backward called twice") };
+        #[allow(clippy::too_many_arguments)]
+        fn go<T: Real>(
+            op: &MemoryOp,
+            u: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            dy: &Tensor,
+            a: Vec<T>,
+            g: &Dims,
+            want: [bool; 3],
+        ) -> Result<Grads<T>> {
+            with_slice::<T, _>(u, |us| {
+                with_slice::<T, _>(k, |ks| {
+                    with_slice::<T, _>(v, |vs| {
+                        with_slice::<T, _>(dy, |dys| match &op.mask {
+                            Some(mk) => {
+                                with_slice::<T, _>(mk, |mk| Ok(bwd(op, us, ks, vs, Some(mk), &a, dys, g, want)))
+                            }
+                            None => Ok(bwd(op, us, ks, vs, None, &a, dys, g, want)),
+                        })
+                    })
+                })
+            })
+        }
+        let dev = u.device();
+        let wrap = |x: Option<Vec<f64>>, like: &Tensor| x.map(|v| Tensor::from_vec(v, like.dims(), dev)).transpose();
+        match u.dtype() {
+            DType::F32 => {
+                let (a, b, c) = go::<f32>(self, u, k, v, dy, from_bytes(saved), &g, want)?;
+                let w =
+                    |x: Option<Vec<f32>>, like: &Tensor| x.map(|v| Tensor::from_vec(v, like.dims(), dev)).transpose();
+                Ok((w(a, u)?, w(b, k)?, w(c, v)?))
+            }
+            DType::F64 => {
+                let (a, b, c) = go::<f64>(self, u, k, v, dy, from_bytes(saved), &g, want)?;
+                Ok((wrap(a, u)?, wrap(b, k)?, wrap(c, v)?))
+            }
+            dt => bail!("memory branch: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+/// `scale · (act(u Kᵀ) ∘ mask) V`, differentiable in `u`, `K` and `V`.
+pub fn memory_branch(
+    u: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    act: Activation,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if fast_path(u) {
+        let keep = u.track_op() || k.track_op() || v.track_op();
+        let op = MemoryOp {
+            act,
+            scale,
+            mask: mask.map(|m| m.to_dtype(u.dtype())).transpose()?,
+            keep,
+            saved: Mutex::new(None),
+        };
+        let (u, k, v) = (u.contiguous()?, k.contiguous()?, v.contiguous()?);
+        if keep { u.apply_op3(&k, &v, op) } else { u.apply_op3_no_bwd(&k, &v, &op) }
+    } else {
+        let a = super::activation(&u.matmul(&k.transpose(1, 2)?)?, act)?;
+        let a = match mask {
+            Some(m) => a.mul(m)?,
+            None => a,
+        };
+        a.matmul(v)? * scale
+    }
+}

@@ -1,0 +1,238 @@
+//! A frozen feed-forward block as one op: `down(act(x W1ᵀ + b1) [∘ (x W2ᵀ + b2)]) + bd`
+//! (SwiGLU / GeGLU when gated, plain MLP otherwise). Forward and backward are a handful of
+//! matrix products and one elementwise sweep, with no graph nodes in between: the backward
+//! forms the input gradient only, and no intermediate gradient is accumulated through candle.
+
+use super::linear::{linear_fwd, storage_slice};
+use super::{Activation, Linear, Real, cpu_slice, fast_path, gemm_strided, num_threads, with_slice};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+#[derive(Clone, Debug)]
+pub struct FrozenMlp {
+    /// `[inter, d]`: gate (gated) or fc1.
+    pub w1: Linear,
+    /// `[inter, d]`: up projection of a gated FFN.
+    pub w2: Option<Linear>,
+    /// `[d, inter]`.
+    pub down: Linear,
+    pub act: Activation,
+}
+
+enum Saved {
+    F32(Vec<f32>, Vec<f32>),
+    F64(Vec<f64>, Vec<f64>),
+}
+
+struct MlpOp {
+    mlp: FrozenMlp,
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+fn bias<T: Real>(l: &Linear, f: impl FnOnce(Option<&[T]>) -> Result<Vec<T>>) -> Result<Vec<T>> {
+    match &l.bias {
+        Some(b) => storage_slice::<T, _>(b, |b| f(Some(b))),
+        None => f(None),
+    }
+}
+
+/// (h1, h2, y) for rows `x [m, d]`.
+fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let p = &op.mlp;
+    let (inter, d) = p.w1.weight.dims2()?;
+    let h1 = storage_slice::<T, _>(&p.w1.weight, |w| bias(&p.w1, |b| Ok(linear_fwd(x, w, b, m, d, inter))))?;
+    let h2 = match &p.w2 {
+        Some(l) => storage_slice::<T, _>(&l.weight, |w| bias(l, |b| Ok(linear_fwd(x, w, b, m, d, inter))))?,
+        None => Vec::new(),
+    };
+    let mut a = vec![T::zero(); m * inter];
+    let act = p.act;
+    let gated = !h2.is_empty();
+    a.par_chunks_mut(inter).enumerate().with_min_len(super::min_rows(inter)).for_each(|(r, ar)| {
+        let g = &h1[r * inter..(r + 1) * inter];
+        if gated {
+            let u = &h2[r * inter..(r + 1) * inter];
+            for j in 0..inter {
+                ar[j] = act.f(g[j]) * u[j];
+            }
+        } else {
+            for j in 0..inter {
+                ar[j] = act.f(g[j]);
+            }
+        }
+    });
+    let y = storage_slice::<T, _>(&p.down.weight, |w| bias(&p.down, |b| Ok(linear_fwd(&a, w, b, m, inter, d))))?;
+    Ok((h1, h2, y))
+}
+
+/// dx from dy, given the saved pre-activations.
+fn bwd<T: Real>(op: &MlpOp, h1: &[T], h2: &[T], dy: &[T], m: usize) -> Result<Vec<T>> {
+    let p = &op.mlp;
+    let (inter, d) = p.w1.weight.dims2()?;
+    let th = num_threads();
+    // da = dy · Wd   ([m, d] · [d, inter])
+    let mut da = vec![T::zero(); m * inter];
+    storage_slice::<T, _>(&p.down.weight, |wd| {
+        unsafe {
+            gemm_strided(
+                m,
+                inter,
+                d,
+                da.as_mut_ptr(),
+                inter as isize,
+                1,
+                false,
+                dy.as_ptr(),
+                d as isize,
+                1,
+                wd.as_ptr(),
+                inter as isize,
+                1,
+                th,
+            )
+        };
+        Ok(())
+    })?;
+    let gated = !h2.is_empty();
+    let act = p.act;
+    let mut dh2 = if gated { vec![T::zero(); m * inter] } else { Vec::new() };
+    // da becomes dh1 in place.
+    if gated {
+        da.par_chunks_mut(inter)
+            .zip(dh2.par_chunks_mut(inter))
+            .enumerate()
+            .with_min_len(super::min_rows(inter))
+            .for_each(|(r, (a, b))| {
+                let (g, u) = (&h1[r * inter..(r + 1) * inter], &h2[r * inter..(r + 1) * inter]);
+                for j in 0..inter {
+                    let dv = a[j];
+                    b[j] = dv * act.f(g[j]);
+                    a[j] = dv * u[j] * act.df(g[j]);
+                }
+            });
+    } else {
+        da.par_chunks_mut(inter).enumerate().with_min_len(super::min_rows(inter)).for_each(|(r, a)| {
+            let g = &h1[r * inter..(r + 1) * inter];
+            for j in 0..inter {
+                a[j] *= act.df(g[j]);
+            }
+        });
+    }
+    // dx = dh1 · W1 (+ dh2 · W2)   ([m, inter] · [inter, d])
+    let mut dx = vec![T::zero(); m * d];
+    storage_slice::<T, _>(&p.w1.weight, |w1| {
+        unsafe {
+            gemm_strided(
+                m,
+                d,
+                inter,
+                dx.as_mut_ptr(),
+                d as isize,
+                1,
+                false,
+                da.as_ptr(),
+                inter as isize,
+                1,
+                w1.as_ptr(),
+                d as isize,
+                1,
+                th,
+            )
+        };
+        Ok(())
+    })?;
+    if let Some(l) = &p.w2 {
+        storage_slice::<T, _>(&l.weight, |w2| {
+            unsafe {
+                gemm_strided(
+                    m,
+                    d,
+                    inter,
+                    dx.as_mut_ptr(),
+                    d as isize,
+                    1,
+                    true,
+                    dh2.as_ptr(),
+                    inter as isize,
+                    1,
+                    w2.as_ptr(),
+                    d as isize,
+                    1,
+                    th,
+                )
+            };
+            Ok(())
+        })?;
+    }
+    Ok(dx)
+}
+
+impl CustomOp1 for MlpOp {
+    fn name(&self) -> &'static str {
+        "memvp-frozen-mlp"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.mlp.w1.weight.dims()[1];
+        let m = l.shape().elem_count() / d;
+        let out = match s.dtype() {
+            DType::F32 => {
+                let (h1, h2, y) = fwd::<f32>(self, cpu_slice(s, l)?, m)?;
+                if self.keep {
+                    *self.saved.lock().unwrap() = Some(Saved::F32(h1, h2));
+                }
+                f32::to_cpu_storage_owned(y)
+            }
+            DType::F64 => {
+                let (h1, h2, y) = fwd::<f64>(self, cpu_slice(s, l)?, m)?;
+                if self.keep {
+                    *self.saved.lock().unwrap() = Some(Saved::F64(h1, h2));
+                }
+                f64::to_cpu_storage_owned(y)
+            }
+            dt => bail!("mlp: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let d = self.mlp.w1.weight.dims()[1];
+        let m = x.elem_count() / d;
+        let saved = self.saved.lock().unwrap().take();
+        let dx = match (x.dtype(), saved) {
+            (DType::F32, Some(Saved::F32(h1, h2))) => {
+                let v = with_slice::<f32, _>(dy, |g| bwd(self, &h1, &h2, g, m))?;
+                Tensor::from_vec(v, x.dims(), x.device())?
+            }
+            (DType::F64, Some(Saved::F64(h1, h2))) => {
+                let v = with_slice::<f64, _>(dy, |g| bwd(self, &h1, &h2, g, m))?;
+                Tensor::from_vec(v, x.dims(), x.device())?
+            }
+            (dt, _) => bail!("mlp backward: no saved activations for dtype {dt:?}"),
+        };
+        Ok(Some(dx))
+    }
+}
+
+impl FrozenMlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let plain = |l: &Linear| !l.weight.is_variable() && l.weight.dtype() == x.dtype() && l.weight.is_contiguous();
+        let fusable = fast_path(x)
+            && !super::linear::candle_matmul_on()
+            && plain(&self.w1)
+            && plain(&self.down)
+            && self.w2.as_ref().is_none_or(plain);
+        if !fusable {
+            let h1 = self.w1.forward(x)?;
+            let a = match &self.w2 {
+                Some(l) => super::gated(&h1, &l.forward(x)?, self.act)?,
+                None => super::activation(&h1, self.act)?,
+            };
+            return self.down.forward(&a);
+        }
+        let op = MlpOp { mlp: self.clone(), keep: x.track_op(), saved: Mutex::new(None) };
+        let x = x.contiguous()?;
+        if op.keep { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
+    }
+}
