@@ -234,7 +234,24 @@ impl Prefetcher {
     }
 
     pub fn next_batch(&mut self) -> Option<Result<Batch>> {
-        self.rx.recv().ok()
+        // The consumer may be a worker of the pool that the producer's parallel image decoding
+        // needs; while waiting, it runs pool jobs instead of blocking (with one thread, a plain
+        // `recv` would deadlock).
+        use std::sync::mpsc::RecvTimeoutError;
+        loop {
+            match rayon::yield_now() {
+                Some(rayon::Yield::Executed) => match self.rx.try_recv() {
+                    Ok(b) => return Some(b),
+                    Err(std::sync::mpsc::TryRecvError::Empty) => continue,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+                },
+                _ => match self.rx.recv_timeout(std::time::Duration::from_micros(500)) {
+                    Ok(b) => return Some(b),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return None,
+                },
+            }
+        }
     }
 }
 

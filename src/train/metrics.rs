@@ -6,12 +6,20 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 
+/// JSON has no NaN: serde_json writes it as `null`; read `null` back as NaN.
+fn nan_or_f64<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     pub step: u64,
     pub epoch: f64,
+    /// `null` in the file when the step's loss was not finite (the step was skipped).
+    #[serde(deserialize_with = "nan_or_f64")]
     pub loss: f64,
     pub lr: f64,
+    #[serde(deserialize_with = "nan_or_f64")]
     pub grad_norm: f64,
     pub samples_per_s: f64,
     /// Steps skipped so far because the loss or gradient was not finite.

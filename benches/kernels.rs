@@ -1,0 +1,95 @@
+//! Micro-benchmarks of memvp's kernels against candle's own ops, forward and backward:
+//! softmax, RMSNorm, RoPE, the frozen MLP, and MemVP's memory branch.
+//! Run with `cargo bench --bench kernels`.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use criterion::{Criterion, criterion_group, criterion_main};
+use memvp::ops::{self, Activation, FrozenMlp, Linear, RopeTable};
+use std::hint::black_box;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = memvp::rng::Rng::new(seed);
+    let n: usize = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+}
+
+/// Forward, and forward + backward of `sum(f(x) * r)` with `x` trainable.
+fn fwd_bwd(c: &mut Criterion, name: &str, x: &Tensor, f: &dyn Fn(&Tensor) -> Tensor) {
+    let r = randn(x.dims(), 99);
+    c.bench_function(&format!("{name}/forward"), |b| b.iter(|| black_box(f(x))));
+    let v = Var::from_tensor(x).unwrap();
+    c.bench_function(&format!("{name}/forward+backward"), |b| {
+        b.iter(|| {
+            let y = f(v.as_tensor());
+            let r = if y.dims() == r.dims() { r.clone() } else { randn(y.dims(), 98) };
+            black_box((y * r).unwrap().sum_all().unwrap().backward().unwrap())
+        })
+    });
+}
+
+fn softmax(c: &mut Criterion) {
+    // Attention probabilities: [batch * heads * queries, keys].
+    let x = randn(&[4 * 9 * 64, 320], 1);
+    fwd_bwd(c, "softmax/memvp", &x, &|t| ops::softmax_last_dim(t).unwrap());
+    c.bench_function("softmax/candle-fused/forward (no backward exists)", |b| {
+        b.iter(|| black_box(candle_nn::ops::softmax_last_dim(&x).unwrap()))
+    });
+    fwd_bwd(c, "softmax/candle-composite", &x, &|t| candle_nn::ops::softmax(t, D::Minus1).unwrap());
+}
+
+fn rms_norm(c: &mut Criterion) {
+    let x = randn(&[4 * 64, 576], 2);
+    let w = randn(&[576], 3).affine(0.1, 1.0).unwrap();
+    fwd_bwd(c, "rms_norm/memvp", &x, &|t| ops::rms_norm(t, &w, 1e-5).unwrap());
+    c.bench_function("rms_norm/candle-fused/forward (no backward exists)", |b| {
+        b.iter(|| black_box(candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap()))
+    });
+    fwd_bwd(c, "rms_norm/candle-composite", &x, &|t| candle_nn::ops::rms_norm_slow(t, &w, 1e-5).unwrap());
+}
+
+fn rope(c: &mut Criterion) {
+    let inv: Vec<f64> = (0..32).map(|i| 1.0 / 10000f64.powf(i as f64 / 32.0)).collect();
+    let table = RopeTable::new(&inv, 128, DType::F32, &Device::Cpu).unwrap();
+    let (cos, sin) = table.range(0, 64).unwrap();
+    // memvp: [b, t, h, d] as the projections produce it; candle: [b, h, t, d].
+    let x = randn(&[4, 64, 9, 64], 4);
+    fwd_bwd(c, "rope/memvp", &x, &|t| ops::rope(t, &cos, &sin).unwrap());
+    let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
+    c.bench_function("rope/candle-fused/forward (no backward exists)", |b| {
+        b.iter(|| black_box(candle_nn::rotary_emb::rope(&xt, &cos, &sin).unwrap()))
+    });
+    fwd_bwd(c, "rope/candle-composite", &xt, &|t| candle_nn::rotary_emb::rope_slow(t, &cos, &sin).unwrap());
+}
+
+fn mlp(c: &mut Criterion) {
+    let (d, i) = (576, 1536);
+    let lin = |o: usize, n: usize, s: u64| Linear::new((randn(&[o, n], s) * 0.02).unwrap(), None);
+    let m = FrozenMlp { w1: lin(i, d, 5), w2: Some(lin(i, d, 6)), down: lin(d, i, 7), act: Activation::Silu };
+    let x = randn(&[4 * 64, d], 8);
+    fwd_bwd(c, "swiglu_mlp/memvp-fused", &x, &|t| m.forward(t).unwrap());
+    fwd_bwd(c, "swiglu_mlp/candle-matmul", &x, &|t| {
+        let g = t.matmul(&m.w1.weight.t().unwrap()).unwrap();
+        let u = t.matmul(&m.w2.as_ref().unwrap().weight.t().unwrap()).unwrap();
+        (g.silu().unwrap() * u).unwrap().matmul(&m.down.weight.t().unwrap()).unwrap()
+    });
+}
+
+fn memory_branch(c: &mut Criterion) {
+    let (b, t, m, d) = (4, 64, 320, 576);
+    let u = randn(&[b, t, d], 9);
+    let k = (randn(&[b, m, d], 10) * 0.02).unwrap();
+    let v = (randn(&[b, m, d], 11) * 0.02).unwrap();
+    fwd_bwd(c, "memory_branch/memvp-fused", &u, &|x| {
+        ops::memory_branch(x, &k, &v, Activation::Silu, 0.1, None).unwrap()
+    });
+    fwd_bwd(c, "memory_branch/candle-ops", &u, &|x| {
+        (x.matmul(&k.transpose(1, 2).unwrap()).unwrap().silu().unwrap().matmul(&v).unwrap() * 0.1).unwrap()
+    });
+}
+
+criterion_group! {
+    name = kernels;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    targets = softmax, rms_norm, rope, mlp, memory_branch
+}
+criterion_main!(kernels);
