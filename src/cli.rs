@@ -160,7 +160,7 @@ pub struct TrainArgs {
     /// LM directory (Hugging Face) or .gguf file.
     #[arg(long)]
     pub lm: Option<String>,
-    /// KIND:PATH with KIND one of scienceqa, easyvqa, jsonl.
+    /// KIND:PATH with KIND one of scienceqa, easyvqa, jsonl, vqav2, gqa, coco-captions.
     #[arg(long)]
     pub data: Option<String>,
     #[arg(long)]
@@ -237,7 +237,8 @@ pub struct TrainArgs {
     pub vision_layer: Option<isize>,
     #[arg(long, value_enum)]
     pub norm: Option<Norm>,
-    /// LM blocks that get memory, e.g. 0,1,2 (default all).
+    /// LM blocks that get memory, e.g. 0,1,2 (default all; for encoder-decoder LMs the
+    /// indices count within each stack that --memory-sites selects).
     #[arg(long, value_delimiter = ',')]
     pub memory_layers: Option<Vec<usize>>,
     /// Encoder-decoder LMs: which stacks get memory.
@@ -251,6 +252,9 @@ pub struct TrainArgs {
     /// Template for open-ended questions, with {question}.
     #[arg(long)]
     pub vqa_template: Option<String>,
+    /// Prompt for captioning (coco-captions; default "caption:").
+    #[arg(long)]
+    pub caption_prompt: Option<String>,
     #[arg(long)]
     pub skip_bad_images: bool,
     #[arg(long)]
@@ -341,6 +345,9 @@ impl TrainArgs {
         }
         if self.vqa_template.is_some() {
             d.vqa_template = self.vqa_template.clone();
+        }
+        if self.caption_prompt.is_some() {
+            d.caption_prompt = self.caption_prompt.clone();
         }
         if self.skip_bad_images {
             d.skip_bad_images = true;

@@ -202,8 +202,13 @@ pub fn train_run(cfg: &RunConfig, out: &Path, resume: bool) -> Result<TrainRepor
             out.display()
         )
     }
-    let vlm = load_vlm(cfg)?;
     let ds = data::open(&cfg.data, &cfg.data_options)?;
+    let mut cfg = cfg.clone();
+    if cfg.data_options.vqa_template.is_none() {
+        cfg.data_options.vqa_template = ds.default_template().map(str::to_string);
+    }
+    let cfg = &cfg;
+    let vlm = load_vlm(cfg)?;
     let mut samples = ds.samples(&cfg.split)?;
     if let Some(n) = cfg.max_train_samples {
         samples.truncate(n);

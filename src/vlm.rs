@@ -220,6 +220,21 @@ impl Vlm {
                 }
             }
         };
+        if let (Method::Memvp, Some(layers)) = (s.method, &s.memvp.memory_layers) {
+            let per_stack = match &lm.model {
+                LanguageModel::Llama(m) => m.n_layers(),
+                LanguageModel::T5(m) => m.n_encoder_layers().max(m.n_decoder_layers()),
+                LanguageModel::Bart(m) => m.n_encoder_layers().max(m.n_decoder_layers()),
+            };
+            if let Some(bad) = layers.iter().find(|&&l| l >= per_stack) {
+                bail!(
+                    "memory layer {bad} does not exist: the LM has {per_stack} blocks per stack (valid: 0..{per_stack})"
+                )
+            }
+            if layers.is_empty() {
+                bail!("memory layers: the list is empty (leave it out to give every block memory)")
+            }
+        }
         if let Params::Memvp(m) = &params
             && vc.num_patches() > m.cfg.slots
         {

@@ -142,6 +142,10 @@ impl Gqa {
 }
 
 impl Dataset for Gqa {
+    fn default_template(&self) -> Option<&'static str> {
+        Some(DEFAULT_TEMPLATE)
+    }
+
     fn kind(&self) -> &'static str {
         "gqa"
     }

@@ -78,6 +78,11 @@ pub trait Dataset: Send + Sync {
     /// Scores generated texts (one per sample, after `eval_prefix`).
     fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored>;
     /// How many tokens evaluation needs to generate.
+    /// The template it builds open-ended prompts with when none is configured (written into
+    /// the run's settings, so that `generate --run` asks questions the way training did).
+    fn default_template(&self) -> Option<&'static str> {
+        None
+    }
     fn max_new_tokens(&self) -> usize {
         16
     }

@@ -317,6 +317,10 @@ impl VqaV2 {
 }
 
 impl Dataset for VqaV2 {
+    fn default_template(&self) -> Option<&'static str> {
+        Some(DEFAULT_TEMPLATE)
+    }
+
     fn kind(&self) -> &'static str {
         "vqav2"
     }
