@@ -510,8 +510,19 @@ impl Vlm {
         s: &Sampling,
         eos: &[u32],
     ) -> Result<Vec<Vec<u32>>> {
+        self.with_stepper(prompts, pixels, indicator, &mut |st, first| generate::continue_batch(st, first, s, eos))
+    }
+
+    /// Runs the vision side and the prompts (the prefill), then hands the decoding state and
+    /// the logits after each prompt to `f`.
+    pub fn with_stepper<R>(
+        &self,
+        prompts: &[Vec<u32>],
+        pixels: Option<&Tensor>,
+        indicator: &[f32],
+        f: &mut dyn FnMut(&mut dyn generate::Stepper, &Tensor) -> Result<R>,
+    ) -> Result<R> {
         let rng = RefCell::new(Rng::new(0));
-        let eos = eos.to_vec();
         let pixels = if self.uses_images() { pixels } else { None };
         let indicator: Vec<f32> = if self.uses_images() { indicator.to_vec() } else { vec![0.0; prompts.len()] };
         let (hooks, prefix) = self.hooks(pixels, &indicator, false, &rng)?;
@@ -519,13 +530,13 @@ impl Vlm {
         match &self.lm.model {
             LanguageModel::Llama(m) => {
                 let (mut st, first) = LlamaStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix)?;
-                generate::continue_batch(&mut st, &first, s, &eos)
+                f(&mut st, &first)
             }
             lm => {
                 let m = lm.encdec().unwrap();
                 let start = m.special_tokens().decoder_start;
                 let (mut st, first) = EncDecStepper::prefill_with_prefix(m, hooks.as_ref(), prompts, prefix, start)?;
-                generate::continue_batch(&mut st, &first, s, &eos)
+                f(&mut st, &first)
             }
         }
     }

@@ -265,3 +265,68 @@ fn memory_branch_grads_and_forward() {
     assert!(g.get(&u).is_none());
     assert!(g.get(kv.as_tensor()).is_some() && g.get(vv.as_tensor()).is_some());
 }
+
+#[test]
+fn frozen_attention_block_grads_and_forward() {
+    use memvp::ops::{BlockNorm, FrozenAttnBlock};
+    let mut rng = Rng::new(14);
+    let (b, t, d) = (2, 5, 8);
+    let x = randn(&mut rng, &[b, t, d], 1.0, F64);
+    let r = randn(&mut rng, &[b, t, d], 1.0, F64);
+    let table = ops::RopeTable::new(&[1.0, 0.3], t, F64, &Device::Cpu).unwrap();
+    let (cos, sin) = table.range(0, t).unwrap();
+    for (rms, heads, kv, bias) in [(true, 2, 1, false), (false, 2, 2, true)] {
+        let hd = 4;
+        let lin = |rng: &mut Rng, o: usize, i: usize| {
+            Linear::new(randn(rng, &[o, i], 0.4, F64), bias.then(|| randn(rng, &[o], 0.2, F64)))
+        };
+        let norm = if rms {
+            BlockNorm::Rms { weight: (randn(&mut rng, &[d], 0.1, F64) + 1.0).unwrap(), eps: 1e-5 }
+        } else {
+            BlockNorm::Layer {
+                weight: (randn(&mut rng, &[d], 0.1, F64) + 1.0).unwrap(),
+                bias: randn(&mut rng, &[d], 0.1, F64),
+                eps: 1e-5,
+            }
+        };
+        let blk = FrozenAttnBlock {
+            norm,
+            q: lin(&mut rng, heads * hd, d),
+            k: lin(&mut rng, kv * hd, d),
+            v: lin(&mut rng, kv * hd, d),
+            o: lin(&mut rng, d, heads * hd),
+            heads,
+            kv_heads: kv,
+            head_dim: hd,
+            scale: 0.5,
+            causal: rms,
+        };
+        let rope = rms.then_some((&cos, &sin));
+        // Op-by-op reference.
+        let reference = |x: &Tensor| -> Tensor {
+            let n = match &blk.norm {
+                BlockNorm::Rms { weight, eps } => ops::rms_norm(x, weight, *eps).unwrap(),
+                BlockNorm::Layer { weight, bias, eps } => ops::layer_norm(x, weight, bias, *eps).unwrap(),
+            };
+            let mut q = blk.q.forward(&n).unwrap().reshape((b, t, heads, hd)).unwrap();
+            let mut k = blk.k.forward(&n).unwrap().reshape((b, t, kv, hd)).unwrap();
+            let v = blk.v.forward(&n).unwrap().reshape((b, t, kv, hd)).unwrap();
+            if let Some((c, s)) = rope {
+                q = ops::rope(&q, c, s).unwrap();
+                k = ops::rope(&k, c, s).unwrap();
+            }
+            let o = ops::attention_reference(
+                &q,
+                &k,
+                &v,
+                AttentionOpts { scale: 0.5, causal_offset: rms.then_some(0), ..Default::default() },
+            )
+            .unwrap();
+            (x + blk.o.forward(&o.reshape((b, t, heads * hd)).unwrap()).unwrap()).unwrap()
+        };
+        assert!(max_abs_err(&blk.forward(&x, rope).unwrap(), &reference(&x)) < 1e-12);
+        check_grads(&format!("attention block rms={rms}"), std::slice::from_ref(&x), &[true], &|t| {
+            weighted_sum(&blk.forward(&t[0], rope).unwrap(), &r)
+        });
+    }
+}

@@ -115,6 +115,9 @@ pub struct LoraHooks<'a> {
 }
 
 impl LmHooks for LoraHooks<'_> {
+    fn modifies_projections(&self) -> bool {
+        true
+    }
     fn proj_delta(&self, site: Site, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
         self.lora.delta(site, layer, proj, x, self.train, self.rng)
     }

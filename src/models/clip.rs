@@ -6,7 +6,7 @@
 
 use super::{NoHooks, VisionHooks, add_opt};
 use crate::checkpoint::{Cfg, Weights};
-use crate::ops::{self, Activation, AttentionOpts, FrozenMlp, Linear};
+use crate::ops::{self, Activation, AttentionOpts, BlockNorm, FrozenAttnBlock, FrozenMlp, Linear};
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -159,11 +159,8 @@ impl LayerNorm {
 }
 
 struct Layer {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm1: LayerNorm,
+    /// layer_norm1 and self_attn.{q,k,v,out}_proj as one block.
+    self_attn: FrozenAttnBlock,
     /// fc1, activation, fc2 as one fused op.
     mlp: FrozenMlp,
     layer_norm2: LayerNorm,
@@ -195,12 +192,21 @@ impl ClipVision {
         for l in 0..cfg.num_hidden_layers {
             let b = w.pp(format!("encoder.layers.{l}"));
             let a = b.pp("self_attn");
+            let ln1 = LayerNorm::load(&b.pp("layer_norm1"), d, eps)?;
+            let heads = cfg.num_attention_heads;
             layers.push(Layer {
-                q_proj: lin(&a, "q_proj", d, d)?,
-                k_proj: lin(&a, "k_proj", d, d)?,
-                v_proj: lin(&a, "v_proj", d, d)?,
-                out_proj: lin(&a, "out_proj", d, d)?,
-                layer_norm1: LayerNorm::load(&b.pp("layer_norm1"), d, eps)?,
+                self_attn: FrozenAttnBlock {
+                    norm: BlockNorm::Layer { weight: ln1.weight, bias: ln1.bias, eps },
+                    q: lin(&a, "q_proj", d, d)?,
+                    k: lin(&a, "k_proj", d, d)?,
+                    v: lin(&a, "v_proj", d, d)?,
+                    o: lin(&a, "out_proj", d, d)?,
+                    heads,
+                    kv_heads: heads,
+                    head_dim: d / heads,
+                    scale: 1.0 / ((d / heads) as f64).sqrt(),
+                    causal: false,
+                },
                 mlp: FrozenMlp {
                     w1: lin(&b.pp("mlp"), "fc1", i, d)?,
                     w2: None,
@@ -293,14 +299,20 @@ impl ClipVision {
 
 impl Layer {
     fn forward(&self, x: &Tensor, l: usize, heads: usize, hooks: &dyn VisionHooks) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        let hd = d / heads;
-        let n = self.layer_norm1.forward(x)?;
-        let q = self.q_proj.forward(&n)?.reshape((b, t, heads, hd))?;
-        let k = self.k_proj.forward(&n)?.reshape((b, t, heads, hd))?;
-        let v = self.v_proj.forward(&n)?.reshape((b, t, heads, hd))?;
-        let o = ops::attention(&q, &k, &v, AttentionOpts { scale: 1.0 / (hd as f64).sqrt(), ..Default::default() })?;
-        let x = (x + self.out_proj.forward(&o.reshape((b, t, d))?)?)?;
+        let a = &self.self_attn;
+        let x = if a.fusable(x, None) {
+            a.forward(x, None)?
+        } else {
+            let (b, t, d) = x.dims3()?;
+            let hd = d / heads;
+            let BlockNorm::Layer { weight, bias, eps } = &a.norm else { unreachable!("CLIP blocks use LayerNorm") };
+            let n = ops::layer_norm(x, weight, bias, *eps)?;
+            let q = a.q.forward(&n)?.reshape((b, t, heads, hd))?;
+            let k = a.k.forward(&n)?.reshape((b, t, heads, hd))?;
+            let v = a.v.forward(&n)?.reshape((b, t, heads, hd))?;
+            let o = ops::attention(&q, &k, &v, AttentionOpts { scale: a.scale, ..Default::default() })?;
+            (x + a.o.forward(&o.reshape((b, t, d))?)?)?
+        };
         let u = self.layer_norm2.forward(&x)?;
         let m = self.mlp.forward(&u)?;
         let m = add_opt(m, hooks.mlp_branch(l, &u)?)?;

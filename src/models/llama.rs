@@ -6,7 +6,7 @@
 
 use super::{KvCache, LmHooks, Proj, Site, add_opt};
 use crate::checkpoint::{Cfg, GgufFile, Weights};
-use crate::ops::{self, Activation, AttentionOpts, FrozenMlp, Linear, RopeTable};
+use crate::ops::{self, Activation, AttentionOpts, BlockNorm, FrozenAttnBlock, FrozenMlp, Linear, RopeTable};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -202,19 +202,9 @@ impl LlamaConfig {
     }
 }
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    n_heads: usize,
-    n_kv: usize,
-    head_dim: usize,
-}
-
 struct Block {
-    input_layernorm: Tensor,
-    self_attn: Attention,
+    /// input_layernorm and self_attn.{q,k,v,o}_proj (fused when nothing inside is trained).
+    self_attn: FrozenAttnBlock,
     post_attention_layernorm: Tensor,
     /// gate_proj, up_proj, down_proj as one fused op.
     mlp: FrozenMlp,
@@ -256,15 +246,17 @@ impl Llama {
             let a = b.pp("self_attn");
             let f = b.pp("mlp");
             layers.push(Block {
-                input_layernorm: b.get(d, "input_layernorm.weight")?,
-                self_attn: Attention {
-                    q_proj: linear(&a, "q_proj", h * hd, d, cfg.attention_bias)?,
-                    k_proj: linear(&a, "k_proj", kv * hd, d, cfg.attention_bias)?,
-                    v_proj: linear(&a, "v_proj", kv * hd, d, cfg.attention_bias)?,
-                    o_proj: linear(&a, "o_proj", d, h * hd, cfg.attention_bias)?,
-                    n_heads: h,
-                    n_kv: kv,
+                self_attn: FrozenAttnBlock {
+                    norm: BlockNorm::Rms { weight: b.get(d, "input_layernorm.weight")?, eps: cfg.rms_norm_eps },
+                    q: linear(&a, "q_proj", h * hd, d, cfg.attention_bias)?,
+                    k: linear(&a, "k_proj", kv * hd, d, cfg.attention_bias)?,
+                    v: linear(&a, "v_proj", kv * hd, d, cfg.attention_bias)?,
+                    o: linear(&a, "o_proj", d, h * hd, cfg.attention_bias)?,
+                    heads: h,
+                    kv_heads: kv,
                     head_dim: hd,
+                    scale: 1.0 / (hd as f64).sqrt(),
+                    causal: true,
                 },
                 post_attention_layernorm: b.get(d, "post_attention_layernorm.weight")?,
                 mlp: FrozenMlp {
@@ -387,29 +379,37 @@ impl Block {
         eps: f64,
     ) -> Result<Tensor> {
         let a = &self.self_attn;
-        let (b, t, _) = x.dims3()?;
-        let n = ops::rms_norm(x, &self.input_layernorm, eps)?;
-        let proj = |p: &Linear, which: Proj| -> Result<Tensor> {
-            add_opt(p.forward(&n)?, hooks.proj_delta(Site::Decoder, layer, which, &n)?)
-        };
-        let q = proj(&a.q_proj, Proj::Q)?.reshape((b, t, a.n_heads, a.head_dim))?;
-        let k = proj(&a.k_proj, Proj::K)?.reshape((b, t, a.n_kv, a.head_dim))?;
-        let v = proj(&a.v_proj, Proj::V)?.reshape((b, t, a.n_kv, a.head_dim))?;
-        let q = ops::rope(&q, cos, sin)?;
-        let k = ops::rope(&k, cos, sin)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v)?,
-            None => (k, v),
-        };
-        let o = ops::attention(
-            &q,
-            &k,
-            &v,
-            AttentionOpts { scale: 1.0 / (a.head_dim as f64).sqrt(), causal_offset: Some(past), bias: None, key_mask },
-        )?;
-        let o = o.reshape((b, t, a.n_heads * a.head_dim))?;
-        let o = add_opt(a.o_proj.forward(&o)?, hooks.proj_delta(Site::Decoder, layer, Proj::O, &o)?)?;
-        let h = (x + o)?;
+        let h =
+            if cache.is_none() && key_mask.is_none() && !hooks.modifies_projections() && a.fusable(x, Some((cos, sin)))
+            {
+                // Training and scoring: the whole pre-norm attention block as one op.
+                a.forward(x, Some((cos, sin)))?
+            } else {
+                let (b, t, _) = x.dims3()?;
+                let BlockNorm::Rms { weight, .. } = &a.norm else { unreachable!("LLaMA blocks use RMSNorm") };
+                let n = ops::rms_norm(x, weight, eps)?;
+                let proj = |p: &Linear, which: Proj| -> Result<Tensor> {
+                    add_opt(p.forward(&n)?, hooks.proj_delta(Site::Decoder, layer, which, &n)?)
+                };
+                let q = proj(&a.q, Proj::Q)?.reshape((b, t, a.heads, a.head_dim))?;
+                let k = proj(&a.k, Proj::K)?.reshape((b, t, a.kv_heads, a.head_dim))?;
+                let v = proj(&a.v, Proj::V)?.reshape((b, t, a.kv_heads, a.head_dim))?;
+                let q = ops::rope(&q, cos, sin)?;
+                let k = ops::rope(&k, cos, sin)?;
+                let (k, v) = match cache {
+                    Some(c) => c.append(&k, &v)?,
+                    None => (k, v),
+                };
+                let o = ops::attention(
+                    &q,
+                    &k,
+                    &v,
+                    AttentionOpts { scale: a.scale, causal_offset: Some(past), bias: None, key_mask },
+                )?;
+                let o = o.reshape((b, t, a.heads * a.head_dim))?;
+                let o = add_opt(a.o.forward(&o)?, hooks.proj_delta(Site::Decoder, layer, Proj::O, &o)?)?;
+                (x + o)?
+            };
         let u = ops::rms_norm(&h, &self.post_attention_layernorm, eps)?;
         let f = self.mlp.forward(&u)?;
         let f = add_opt(f, hooks.ffn_branch(Site::Decoder, layer, &u)?)?;

@@ -74,6 +74,11 @@ pub trait LmHooks {
     fn proj_delta(&self, _site: Site, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// Whether `proj_delta` can return anything: models then keep the attention projections
+    /// separate instead of running the fused block.
+    fn modifies_projections(&self) -> bool {
+        false
+    }
 }
 
 /// The plain model.

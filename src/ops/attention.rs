@@ -27,21 +27,36 @@ enum Probs {
     F64(Vec<f64>),
 }
 
-struct AttnOp {
-    scale: f64,
-    causal: Option<usize>,
-    bias: Option<Tensor>,
-    mask: Option<Tensor>,
-    keep: bool,
+pub(crate) struct AttnOp {
+    pub(crate) scale: f64,
+    pub(crate) causal: Option<usize>,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) mask: Option<Tensor>,
+    pub(crate) keep: bool,
     probs: Mutex<Option<Probs>>,
 }
 
+impl AttnOp {
+    /// Plain (causal or not) attention without bias or mask, for fused callers.
+    pub(crate) fn plain(scale: f64, causal: bool) -> Self {
+        Self { scale, causal: causal.then_some(0), bias: None, mask: None, keep: true, probs: Mutex::new(None) }
+    }
+}
+
 /// Strided 4-d view: data, start offset, strides of the first three dims (the last is 1).
-struct View<'a, T> {
-    data: &'a [T],
-    off: usize,
-    st: [usize; 3],
-    dims: [usize; 4],
+pub(crate) struct View<'a, T> {
+    pub(crate) data: &'a [T],
+    pub(crate) off: usize,
+    pub(crate) st: [usize; 3],
+    pub(crate) dims: [usize; 4],
+}
+
+impl<'a, T> View<'a, T> {
+    /// A contiguous `[b, t, h, d]` buffer.
+    pub(crate) fn contiguous(data: &'a [T], dims: [usize; 4]) -> Self {
+        let [_, t, h, d] = dims;
+        Self { data, off: 0, st: [t * h * d, h * d, d], dims }
+    }
 }
 
 fn view<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<View<'a, T>> {
@@ -98,7 +113,7 @@ fn geometry<T>(q: &View<T>, k: &View<T>, v: &View<T>, bias: Option<&Tensor>) -> 
 }
 
 /// Forward for all heads; returns the output `[b, tq, h, d]` and, if asked, the probabilities.
-fn attn_fwd<T: Real>(
+pub(crate) fn attn_fwd<T: Real>(
     op: &AttnOp,
     q: &View<T>,
     k: &View<T>,
@@ -200,9 +215,16 @@ fn attn_fwd<T: Real>(
     Ok((out, keep.then_some(probs)))
 }
 
-type Grads3<T> = (Vec<T>, Vec<T>, Vec<T>);
+pub(crate) type Grads3<T> = (Vec<T>, Vec<T>, Vec<T>);
 
-fn attn_bwd<T: Real>(op: &AttnOp, q: &View<T>, k: &View<T>, v: &View<T>, probs: &[T], dout: &[T]) -> Result<Grads3<T>> {
+pub(crate) fn attn_bwd<T: Real>(
+    op: &AttnOp,
+    q: &View<T>,
+    k: &View<T>,
+    v: &View<T>,
+    probs: &[T],
+    dout: &[T],
+) -> Result<Grads3<T>> {
     let Geometry { b, tq, tk, h, kvh, d, .. } = geometry(q, k, v, op.bias.as_ref())?;
     let group = h / kvh;
     let mut dq = vec![T::zero(); b * tq * h * d];
@@ -356,27 +378,32 @@ impl CustomOp3 for AttnOp {
         _res: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stored = self.probs.lock().unwrap().take();
+        // Not taken: a graph may be differentiated more than once.
+        let stored = self.probs.lock().unwrap();
         fn go<T: Real>(
             op: &AttnOp,
             q: &Tensor,
             k: &Tensor,
             v: &Tensor,
             dout: &Tensor,
-            stored: Option<Vec<T>>,
+            stored: Option<&[T]>,
         ) -> Result<Grads3<T>> {
             with_view::<T, _>(q, |qv| {
                 with_view::<T, _>(k, |kv| {
                     with_view::<T, _>(v, |vv| {
+                        let recomputed;
                         let probs = match stored {
                             Some(p) => p,
-                            None => with_contig::<T, _>(op.bias.as_ref(), |bias| {
-                                with_contig::<T, _>(op.mask.as_ref(), |mask| {
-                                    Ok(attn_fwd(op, &qv, &kv, &vv, bias, mask, true)?.1.unwrap())
-                                })
-                            })?,
+                            None => {
+                                recomputed = with_contig::<T, _>(op.bias.as_ref(), |bias| {
+                                    with_contig::<T, _>(op.mask.as_ref(), |mask| {
+                                        Ok(attn_fwd(op, &qv, &kv, &vv, bias, mask, true)?.1.unwrap())
+                                    })
+                                })?;
+                                &recomputed
+                            }
                         };
-                        super::with_slice::<T, _>(dout, |dy| attn_bwd(op, &qv, &kv, &vv, &probs, dy))
+                        super::with_slice::<T, _>(dout, |dy| attn_bwd(op, &qv, &kv, &vv, probs, dy))
                     })
                 })
             })
@@ -384,8 +411,8 @@ impl CustomOp3 for AttnOp {
         let wrap = |(dq, dk, dv): (Tensor, Tensor, Tensor)| Ok((Some(dq), Some(dk), Some(dv)));
         match q.dtype() {
             DType::F32 => {
-                let p = match stored {
-                    Some(Probs::F32(p)) => Some(p),
+                let p = match stored.as_ref() {
+                    Some(Probs::F32(p)) => Some(p.as_slice()),
                     _ => None,
                 };
                 let (a, b, c) = go::<f32>(self, q, k, v, dout, p)?;
@@ -396,8 +423,8 @@ impl CustomOp3 for AttnOp {
                 ))
             }
             DType::F64 => {
-                let p = match stored {
-                    Some(Probs::F64(p)) => Some(p),
+                let p = match stored.as_ref() {
+                    Some(Probs::F64(p)) => Some(p.as_slice()),
                     _ => None,
                 };
                 let (a, b, c) = go::<f64>(self, q, k, v, dout, p)?;

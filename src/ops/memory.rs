@@ -260,7 +260,7 @@ impl CustomOp3 for MemoryOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = dims(u.dims(), k.dims(), v.dims())?;
         let want = [u.track_op(), k.track_op(), v.track_op()];
-        let Some(saved) = self.saved.lock().unwrap().take() else { bail!("memory branch: backward called twice") };
+        let Some(saved) = self.saved.lock().unwrap().take() else { bail!("memory branch: no saved activations") };
         #[allow(clippy::too_many_arguments)]
         fn go<T: Real>(
             op: &MemoryOp,
@@ -268,7 +268,7 @@ impl CustomOp3 for MemoryOp {
             k: &Tensor,
             v: &Tensor,
             dy: &Tensor,
-            a: Vec<T>,
+            a: &[T],
             g: &Dims,
             want: [bool; 3],
         ) -> Result<Grads<T>> {
@@ -276,10 +276,8 @@ impl CustomOp3 for MemoryOp {
                 with_slice::<T, _>(k, |ks| {
                     with_slice::<T, _>(v, |vs| {
                         with_slice::<T, _>(dy, |dys| match &op.mask {
-                            Some(mk) => {
-                                with_slice::<T, _>(mk, |mk| Ok(bwd(op, us, ks, vs, Some(mk), &a, dys, g, want)))
-                            }
-                            None => Ok(bwd(op, us, ks, vs, None, &a, dys, g, want)),
+                            Some(mk) => with_slice::<T, _>(mk, |mk| Ok(bwd(op, us, ks, vs, Some(mk), a, dys, g, want))),
+                            None => Ok(bwd(op, us, ks, vs, None, a, dys, g, want)),
                         })
                     })
                 })
@@ -289,13 +287,20 @@ impl CustomOp3 for MemoryOp {
         let wrap = |x: Option<Vec<f64>>, like: &Tensor| x.map(|v| Tensor::from_vec(v, like.dims(), dev)).transpose();
         match u.dtype() {
             DType::F32 => {
-                let (a, b, c) = go::<f32>(self, u, k, v, dy, from_bytes(saved), &g, want)?;
+                let a32: Vec<f32> = from_bytes(saved);
+                let r = go::<f32>(self, u, k, v, dy, &a32, &g, want);
+                // Kept so that a graph can be differentiated more than once.
+                *self.saved.lock().unwrap() = Some(as_bytes(a32));
+                let (a, b, c) = r?;
                 let w =
                     |x: Option<Vec<f32>>, like: &Tensor| x.map(|v| Tensor::from_vec(v, like.dims(), dev)).transpose();
                 Ok((w(a, u)?, w(b, k)?, w(c, v)?))
             }
             DType::F64 => {
-                let (a, b, c) = go::<f64>(self, u, k, v, dy, from_bytes(saved), &g, want)?;
+                let a64: Vec<f64> = from_bytes(saved);
+                let r = go::<f64>(self, u, k, v, dy, &a64, &g, want);
+                *self.saved.lock().unwrap() = Some(as_bytes(a64));
+                let (a, b, c) = r?;
                 Ok((wrap(a, u)?, wrap(b, k)?, wrap(c, v)?))
             }
             dt => bail!("memory branch: unsupported dtype {dt:?}"),

@@ -199,14 +199,15 @@ impl CustomOp1 for MlpOp {
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let d = self.mlp.w1.weight.dims()[1];
         let m = x.elem_count() / d;
-        let saved = self.saved.lock().unwrap().take();
-        let dx = match (x.dtype(), saved) {
+        // Kept (not taken) so that a graph can be differentiated more than once.
+        let saved = self.saved.lock().unwrap();
+        let dx = match (x.dtype(), saved.as_ref()) {
             (DType::F32, Some(Saved::F32(h1, h2))) => {
-                let v = with_slice::<f32, _>(dy, |g| bwd(self, &h1, &h2, g, m))?;
+                let v = with_slice::<f32, _>(dy, |g| bwd(self, h1, h2, g, m))?;
                 Tensor::from_vec(v, x.dims(), x.device())?
             }
             (DType::F64, Some(Saved::F64(h1, h2))) => {
-                let v = with_slice::<f64, _>(dy, |g| bwd(self, &h1, &h2, g, m))?;
+                let v = with_slice::<f64, _>(dy, |g| bwd(self, h1, h2, g, m))?;
                 Tensor::from_vec(v, x.dims(), x.device())?
             }
             (dt, _) => bail!("mlp backward: no saved activations for dtype {dt:?}"),

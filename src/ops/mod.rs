@@ -8,6 +8,7 @@
 
 mod act;
 mod attention;
+mod attn_block;
 mod linear;
 mod loss;
 mod memory;
@@ -18,6 +19,7 @@ mod softmax;
 
 pub use act::{Activation, activation, gated};
 pub use attention::{AttentionOpts, attention, attention_reference};
+pub use attn_block::{BlockNorm, FrozenAttnBlock};
 pub use linear::{Linear, use_candle_matmul};
 pub use loss::cross_entropy;
 pub use memory::memory_branch;
@@ -90,6 +92,88 @@ pub(crate) fn num_threads() -> usize {
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
+/// A dot product with eight independent partial sums, which the compiler turns into SIMD
+/// (a single running sum cannot be reordered, so it would stay scalar).
+#[inline]
+pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s = s + *x * *y;
+    }
+    s
+}
+
+/// `dst (+)= lhs · rhs` for a few rows, by loops the compiler vectorises along the contiguous
+/// dimension of `rhs`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_gemm<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut T,
+    dst_rs: isize,
+    dst_cs: isize,
+    read_dst: bool,
+    lhs: *const T,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const T,
+    rhs_rs: isize,
+    rhs_cs: isize,
+) {
+    unsafe {
+        for i in 0..m as isize {
+            let l = |kk: isize| *lhs.offset(i * lhs_rs + kk * lhs_cs);
+            if rhs_rs == 1 {
+                // Column j of rhs is contiguous: a dot product per output.
+                for j in 0..n as isize {
+                    let col = std::slice::from_raw_parts(rhs.offset(j * rhs_cs), k);
+                    let mut acc = T::zero();
+                    if lhs_cs == 1 {
+                        acc = dot(std::slice::from_raw_parts(lhs.offset(i * lhs_rs), k), col);
+                    } else {
+                        for (kk, b) in col.iter().enumerate() {
+                            acc = acc + l(kk as isize) * *b;
+                        }
+                    }
+                    let o = dst.offset(i * dst_rs + j * dst_cs);
+                    *o = if read_dst { *o + acc } else { acc };
+                }
+            } else if rhs_cs == 1 && dst_cs == 1 {
+                // Rows of rhs are contiguous: accumulate lhs[i, kk] · rhs[kk, :].
+                let out = std::slice::from_raw_parts_mut(dst.offset(i * dst_rs), n);
+                if !read_dst {
+                    out.fill(T::zero());
+                }
+                for kk in 0..k as isize {
+                    let a = l(kk);
+                    let row = std::slice::from_raw_parts(rhs.offset(kk * rhs_rs), n);
+                    for (o, b) in out.iter_mut().zip(row) {
+                        *o = *o + a * *b;
+                    }
+                }
+            } else {
+                for j in 0..n as isize {
+                    let mut acc = T::zero();
+                    for kk in 0..k as isize {
+                        acc = acc + l(kk) * *rhs.offset(kk * rhs_rs + j * rhs_cs);
+                    }
+                    let o = dst.offset(i * dst_rs + j * dst_cs);
+                    *o = if read_dst { *o + acc } else { acc };
+                }
+            }
+        }
+    }
+}
+
 /// `dst[m,n] (+)= alpha? ..` thin wrapper over gemm for strided row-major operands:
 /// dst = (read_dst ? dst : 0) + lhs[m,k] * rhs[k,n].
 #[allow(clippy::too_many_arguments)]
@@ -109,6 +193,12 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
     rhs_cs: isize,
     threads: usize,
 ) {
+    // A few rows (decoding: one query per head or sample) are dot products and axpys: a direct
+    // loop beats gemm's packing and dispatch there.
+    if m <= 4 && m * n * k <= 1 << 20 {
+        unsafe { small_gemm(m, n, k, dst, dst_rs, dst_cs, read_dst, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs) };
+        return;
+    }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     unsafe {
         gemm::gemm(

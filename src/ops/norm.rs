@@ -10,7 +10,7 @@ struct RmsNorm {
     eps: f64,
 }
 
-fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: T) -> Vec<T> {
+pub(crate) fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let n = w.len();
     let mut y = vec![T::zero(); x.len()];
     let nf = T::from(n).unwrap();
@@ -25,7 +25,7 @@ fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: T) -> Vec<T> {
 }
 
 /// dx = r (g - x̂ <g, x̂>/n) with g = dy ∘ w; dw = Σ_rows dy ∘ x̂.
-fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool) -> (Vec<T>, Option<Vec<T>>) {
+pub(crate) fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool) -> (Vec<T>, Option<Vec<T>>) {
     let n = w.len();
     let nf = T::from(n).unwrap();
     let mut dx = vec![T::zero(); x.len()];
@@ -111,7 +111,7 @@ fn ln_stats<T: Real>(xr: &[T], eps: T) -> (T, T) {
     (mean, T::one() / (var + eps).sqrt())
 }
 
-fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
+pub(crate) fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     let n = w.len();
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(super::min_rows(n)).for_each(|(yr, xr)| {
@@ -123,10 +123,10 @@ fn ln_fwd<T: Real>(x: &[T], w: &[T], b: &[T], eps: T) -> Vec<T> {
     y
 }
 
-type LnGrads<T> = (Vec<T>, Option<Vec<T>>, Option<Vec<T>>);
+pub(crate) type LnGrads<T> = (Vec<T>, Option<Vec<T>>, Option<Vec<T>>);
 
 /// dx = r (g - mean(g) - x̂ mean(g ∘ x̂)) with g = dy ∘ w.
-fn ln_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool, want_db: bool) -> LnGrads<T> {
+pub(crate) fn ln_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool, want_db: bool) -> LnGrads<T> {
     let n = w.len();
     let nf = T::from(n).unwrap();
     let mut dx = vec![T::zero(); x.len()];

@@ -59,7 +59,7 @@ struct Rope;
 
 /// out[i] = x[i] cos - x[i+h] sin, out[i+h] = x[i+h] cos + x[i] sin (sign = +1), and the
 /// inverse rotation for sign = -1, which is the backward pass.
-fn rope_kernel<T: Real>(
+pub(crate) fn rope_kernel<T: Real>(
     x: &[T],
     cos: &[T],
     sin: &[T],
