@@ -101,12 +101,12 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] = acc[l] + x[l] * y[l];
+            acc[l] += x[l] * y[l];
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (x, y) in ra.iter().zip(rb) {
-        s = s + *x * *y;
+        s += *x * *y;
     }
     s
 }
@@ -141,7 +141,7 @@ unsafe fn small_gemm<T: Real>(
                         acc = dot(std::slice::from_raw_parts(lhs.offset(i * lhs_rs), k), col);
                     } else {
                         for (kk, b) in col.iter().enumerate() {
-                            acc = acc + l(kk as isize) * *b;
+                            acc += l(kk as isize) * *b;
                         }
                     }
                     let o = dst.offset(i * dst_rs + j * dst_cs);
@@ -157,14 +157,14 @@ unsafe fn small_gemm<T: Real>(
                     let a = l(kk);
                     let row = std::slice::from_raw_parts(rhs.offset(kk * rhs_rs), n);
                     for (o, b) in out.iter_mut().zip(row) {
-                        *o = *o + a * *b;
+                        *o += a * *b;
                     }
                 }
             } else {
                 for j in 0..n as isize {
                     let mut acc = T::zero();
                     for kk in 0..k as isize {
-                        acc = acc + l(kk) * *rhs.offset(kk * rhs_rs + j * rhs_cs);
+                        acc += l(kk) * *rhs.offset(kk * rhs_rs + j * rhs_cs);
                     }
                     let o = dst.offset(i * dst_rs + j * dst_cs);
                     *o = if read_dst { *o + acc } else { acc };
