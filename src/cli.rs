@@ -5,12 +5,10 @@ use crate::image::{Norm, Preprocess};
 use crate::lm::{LanguageModel, load_lm};
 use crate::models::NoHooks;
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 
-pub fn device() -> Device {
-    Device::Cpu
-}
+use crate::util::device;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
@@ -208,6 +206,9 @@ pub struct TrainArgs {
     pub save_every: Option<u64>,
     #[arg(long)]
     pub keep_checkpoints: Option<usize>,
+    /// Without a terminal, print a progress line every N steps.
+    #[arg(long)]
+    pub log_every: Option<u64>,
     #[arg(long)]
     pub max_bad_steps: Option<u64>,
     #[arg(long)]
@@ -319,6 +320,7 @@ impl TrainArgs {
             t.save_every = self.save_every;
         }
         set!(t.keep_checkpoints, self.keep_checkpoints);
+        set!(t.log_every, self.log_every);
         set!(t.max_bad_steps, self.max_bad_steps);
         let m = &mut c.memvp;
         set!(m.slots, self.slots);

@@ -118,6 +118,9 @@ pub struct QuickstartSettings {
     pub slots: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Encoder-decoder LMs: which stacks get the memory.
+    #[arg(long, value_enum, default_value = "both")]
+    pub memory_sites: crate::memvp::MemorySites,
 }
 
 impl Default for QuickstartSettings {
@@ -340,6 +343,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         rc.train.epochs = ((s.steps as usize * s.batch_size).div_ceil(train.len())).max(1);
         rc.memvp.visual_scale = s.visual_scale;
         rc.memvp.adapter_scale = s.adapter_scale;
+        rc.memvp.memory_sites = s.memory_sites;
         rc.train.clip_grad = s.clip_grad;
         rc.memvp.slots = s.slots;
         let run_dir = out.join(if blind { "control" } else { "memvp" });

@@ -108,7 +108,7 @@ pub fn prepare(
         samples: enc,
         cache: ImageCache::new(vlm.preprocess(), cache_mb << 20),
         layout: vlm.layout(),
-        device: crate::cli::device(),
+        device: crate::util::device(),
         skip_bad_images: skip_bad,
         blind,
     };
@@ -174,7 +174,7 @@ pub fn load_vlm(cfg: &RunConfig) -> Result<Vlm> {
     if cfg.vision.is_empty() || cfg.lm.is_empty() {
         bail!("both --vision and --lm are needed (a CLIP directory or random:<preset>, and an LM directory or .gguf)")
     }
-    let dev = crate::cli::device();
+    let dev = crate::util::device();
     let vision = load_vision(&cfg.vision, DType::F32, &dev)?;
     let lm = load_lm(Path::new(&cfg.lm), DType::F32, &dev)?;
     Vlm::new(vision, lm, &cfg.method_settings())
@@ -311,7 +311,7 @@ pub fn evaluate(
                     None => buf.extend(std::iter::repeat_n(0f32, 3 * size * size)),
                 }
             }
-            Some(Tensor::from_vec(buf, (chunk.len(), 3, size, size), &crate::cli::device())?)
+            Some(Tensor::from_vec(buf, (chunk.len(), 3, size, size), &crate::util::device())?)
         } else {
             None
         };

@@ -1,6 +1,7 @@
 //! Small helpers shared by the commands.
 
 use anyhow::{Context, Result};
+use candle_core::Device;
 use std::io::Write;
 use std::path::Path;
 
@@ -27,4 +28,10 @@ pub fn write_json_atomic(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     let mut s = serde_json::to_string_pretty(v)?;
     s.push('\n');
     write_atomic(path, s.as_bytes())
+}
+
+/// The device models run on: the CPU (the GPU back-ends are opt-in cargo features; memvp's
+/// kernels are CPU kernels, see the README).
+pub fn device() -> Device {
+    Device::Cpu
 }

@@ -191,9 +191,9 @@ impl Vlm {
         let dtype = DType::F32;
         let vc = &vision.model.cfg;
         let (lm_width, lm_layers, branch_act) = lm_shape(lm);
-        let (vision_layer, norm) = match s.method {
-            Method::Memvp => (s.memvp.vision_layer, s.memvp.norm),
-            _ => (s.input_space.vision_layer, s.input_space.norm),
+        let vision_layer = match s.method {
+            Method::Memvp => s.memvp.vision_layer,
+            _ => s.input_space.vision_layer,
         };
         vision.model.resolve_layer(vision_layer)?;
         let params = match s.method {
@@ -244,7 +244,6 @@ impl Vlm {
                 m.cfg.slots
             )
         }
-        let _ = norm;
         let cfg = AdapterConfig {
             format: ADAPTER_FORMAT.into(),
             method: s.method,
@@ -283,7 +282,7 @@ impl Vlm {
         if cfg.format != ADAPTER_FORMAT {
             bail!("{}: unknown adapter format `{}` (expected {ADAPTER_FORMAT})", cfg_path.display(), cfg.format)
         }
-        let dev = crate::cli::device();
+        let dev = crate::util::device();
         let vsrc = vision.map(str::to_string).unwrap_or_else(|| cfg.vision.source.clone());
         let vis = load_vision(&vsrc, DType::F32, &dev)?;
         if vis.fingerprint != cfg.vision.sha256 {

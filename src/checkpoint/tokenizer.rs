@@ -142,7 +142,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tok> {
                           "vocab": vocab, "merges": merges}
             })
         }
-        "llama" => spm_json(g, &tokens, &types, added, vocab, bos_tok, &template)?,
+        "llama" => spm_json(g, &tokens, added, vocab, bos_tok, &template)?,
         other => bail!("{}: unsupported tokenizer.ggml.model `{other}` (supported: gpt2, llama)", g.path.display()),
     };
     Tok::from_json(&v).with_context(|| format!("{}: building the {model} tokenizer", g.path.display()))
@@ -153,14 +153,12 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tok> {
 fn spm_json(
     g: &GgufFile,
     tokens: &[String],
-    types: &[i64],
     added: Vec<serde_json::Value>,
     vocab: serde_json::Map<String, serde_json::Value>,
     bos_tok: Option<&String>,
     template: &dyn Fn(bool, Option<&String>) -> serde_json::Value,
 ) -> Result<serde_json::Value> {
     let scores = floats(g, "tokenizer.ggml.scores");
-    let _ = types;
     let mut merges = strings(g, "tokenizer.ggml.merges")?;
     if merges.is_empty() {
         merges = generate_merges(tokens, &scores);

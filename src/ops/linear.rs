@@ -88,10 +88,9 @@ impl CustomOp1 for LinearOp {
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         // dx = dy · W; nothing is formed for W.
-        let (n, k) = self.weight.dims2()?;
+        let n = self.weight.dims()[0];
         let m = dy.elem_count() / n;
         let dx = dy.reshape((m, n))?.matmul(&self.weight)?;
-        let _ = k;
         Ok(Some(dx.reshape(x.dims())?))
     }
 }

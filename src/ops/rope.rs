@@ -67,7 +67,7 @@ pub(crate) fn rope_kernel<T: Real>(
     batched: bool,
     sign: T,
 ) -> Vec<T> {
-    let (b, t, h, d) = dims;
+    let (_, t, h, d) = dims;
     let half = d / 2;
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(h * d).zip(x.par_chunks(h * d)).with_min_len(super::min_rows(h * d)).enumerate().for_each(
@@ -87,7 +87,6 @@ pub(crate) fn rope_kernel<T: Real>(
             }
         },
     );
-    let _ = b;
     out
 }
 
