@@ -27,7 +27,16 @@ fn fwd_bwd(c: &mut Criterion, name: &str, x: &Tensor, f: &dyn Fn(&Tensor) -> Ten
     });
 }
 
+/// As the `memvp` binary does: rayon owns the cores, candle's own pool gets one thread (and candle
+/// stops re-reading /proc/cpuinfo on every op).
+fn setup() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: called before any other thread of this process reads the environment.
+    ONCE.call_once(|| unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") });
+}
+
 fn softmax(c: &mut Criterion) {
+    setup();
     // Attention probabilities: [batch * heads * queries, keys].
     let x = randn(&[4 * 9 * 64, 320], 1);
     fwd_bwd(c, "softmax/memvp", &x, &|t| ops::softmax_last_dim(t).unwrap());
@@ -89,7 +98,7 @@ fn memory_branch(c: &mut Criterion) {
 
 criterion_group! {
     name = kernels;
-    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    config = Criterion::default().without_plots().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
     targets = softmax, rms_norm, rope, mlp, memory_branch
 }
 criterion_main!(kernels);

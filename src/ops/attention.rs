@@ -167,7 +167,6 @@ pub(crate) fn attn_fwd<T: Real>(
                     Some(off) => (i + off + 1).min(tk),
                     None => tk,
                 };
-                let mut max = T::neg_infinity();
                 for j in 0..tk {
                     let mut x = row[j] * scale;
                     if let Some(br) = brow {
@@ -177,17 +176,16 @@ pub(crate) fn attn_fwd<T: Real>(
                         x = T::neg_infinity();
                     }
                     row[j] = x;
-                    max = super::fmax(max, x);
                 }
+                let max = super::row_max(row);
                 if max == T::neg_infinity() {
                     row.fill(T::zero());
                     continue;
                 }
-                let mut sum = T::zero();
                 for x in row.iter_mut() {
                     *x = (*x - max).exp();
-                    sum += *x;
                 }
+                let sum = super::row_sum(row);
                 let inv = T::one() / sum;
                 for x in row.iter_mut() {
                     *x *= inv;

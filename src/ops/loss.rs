@@ -11,8 +11,12 @@ struct CrossEntropy {
 }
 
 fn row_lse<T: Real>(r: &[T]) -> T {
-    let max = r.iter().fold(T::neg_infinity(), |a, &b| super::fmax(a, b));
-    let s = r.iter().fold(T::zero(), |a, &b| a + (b - max).exp());
+    let max = super::row_max(r);
+    let mut s = [T::zero(); 8];
+    for (i, &b) in r.iter().enumerate() {
+        s[i % 8] += (b - max).exp();
+    }
+    let s = super::row_sum(&s);
     max + s.ln()
 }
 

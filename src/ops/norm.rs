@@ -15,7 +15,7 @@ pub(crate) fn rms_fwd<T: Real>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     let nf = T::from(n).unwrap();
     y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(super::min_rows(n)).for_each(|(yr, xr)| {
-        let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
+        let ms = super::dot(xr, xr) / nf;
         let r = T::one() / (ms + eps).sqrt();
         for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
             *o = v * r * g;
@@ -31,7 +31,7 @@ pub(crate) fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(n).zip(x.par_chunks(n).zip(dy.par_chunks(n))).with_min_len(super::min_rows(n)).for_each(
         |(dxr, (xr, dyr))| {
-            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
+            let ms = super::dot(xr, xr) / nf;
             let r = T::one() / (ms + eps).sqrt();
             let mut dot = T::zero();
             for i in 0..n {
@@ -46,7 +46,7 @@ pub(crate) fn rms_bwd<T: Real>(x: &[T], w: &[T], dy: &[T], eps: T, want_dw: bool
     let dw = want_dw.then(|| {
         let mut dw = vec![T::zero(); n];
         for (xr, dyr) in x.chunks(n).zip(dy.chunks(n)) {
-            let ms = xr.iter().fold(T::zero(), |a, &v| a + v * v) / nf;
+            let ms = super::dot(xr, xr) / nf;
             let r = T::one() / (ms + eps).sqrt();
             for i in 0..n {
                 dw[i] += dyr[i] * xr[i] * r;
@@ -106,7 +106,7 @@ struct LayerNorm {
 
 fn ln_stats<T: Real>(xr: &[T], eps: T) -> (T, T) {
     let nf = T::from(xr.len()).unwrap();
-    let mean = xr.iter().fold(T::zero(), |a, &v| a + v) / nf;
+    let mean = super::row_sum(xr) / nf;
     let var = xr.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / nf;
     (mean, T::one() / (var + eps).sqrt())
 }

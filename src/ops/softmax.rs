@@ -9,16 +9,11 @@ struct Softmax;
 
 pub(crate) fn softmax_rows<T: Real>(x: &[T], y: &mut [T], n: usize) {
     y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(super::min_rows(n)).for_each(|(yr, xr)| {
-        let mut max = T::neg_infinity();
-        for &v in xr {
-            max = super::fmax(max, v);
-        }
-        let mut sum = T::zero();
+        let max = super::row_max(xr);
         for (o, &v) in yr.iter_mut().zip(xr) {
-            let e = (v - max).exp();
-            *o = e;
-            sum += e;
+            *o = (v - max).exp();
         }
+        let sum = super::row_sum(yr);
         let inv = T::one() / sum;
         for o in yr.iter_mut() {
             *o *= inv;
@@ -30,10 +25,7 @@ pub(crate) fn softmax_rows<T: Real>(x: &[T], y: &mut [T], n: usize) {
 pub(crate) fn softmax_rows_bwd<T: Real>(y: &[T], dy: &[T], dx: &mut [T], n: usize, scale: T) {
     dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(dy.par_chunks(n))).with_min_len(super::min_rows(n)).for_each(
         |(dxr, (yr, dyr))| {
-            let mut dot = T::zero();
-            for (&a, &b) in yr.iter().zip(dyr) {
-                dot += a * b;
-            }
+            let dot = super::dot(yr, dyr);
             for ((o, &a), &b) in dxr.iter_mut().zip(yr).zip(dyr) {
                 *o = scale * a * (b - dot);
             }

@@ -66,6 +66,22 @@ fn ensure_font() {
     });
 }
 
+/// Moving average over `2 * half + 1` points centred on each point (fewer at the ends): unlike an
+/// exponential average it does not lag behind a falling loss.
+fn centred_mean(points: &[(f64, f64)], half: usize) -> Vec<(f64, f64)> {
+    let mut prefix = Vec::with_capacity(points.len() + 1);
+    prefix.push(0.0);
+    for p in points {
+        prefix.push(prefix.last().unwrap() + p.1);
+    }
+    (0..points.len())
+        .map(|i| {
+            let (lo, hi) = (i.saturating_sub(half), (i + half + 1).min(points.len()));
+            (points[i].0, (prefix[hi] - prefix[lo]) / (hi - lo) as f64)
+        })
+        .collect()
+}
+
 /// Draws loss (raw and smoothed) and learning rate against the step.
 pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
     ensure_font();
@@ -95,15 +111,7 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label("loss")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(170, 190, 230)));
-        let alpha = 2.0 / (1.0 + (losses.len() as f64 / 20.0).max(1.0));
-        let mut ema = losses.first().map(|p| p.1).unwrap_or(0.0);
-        let smooth: Vec<(f64, f64)> = losses
-            .iter()
-            .map(|&(x, y)| {
-                ema = alpha * y + (1.0 - alpha) * ema;
-                (x, ema)
-            })
-            .collect();
+        let smooth = centred_mean(&losses, (losses.len() / 100).max(1));
         c.draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label("loss (smoothed)")
@@ -134,4 +142,22 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
     crate::util::write_atomic(path, &png)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::centred_mean;
+
+    #[test]
+    fn centred_mean_has_no_lag() {
+        // A straight line is its own centred mean away from the ends; an EMA would trail it.
+        let line: Vec<(f64, f64)> = (0..20).map(|i| (i as f64, 100.0 - 3.0 * i as f64)).collect();
+        let m = centred_mean(&line, 2);
+        for i in 2..18 {
+            assert!((m[i].1 - line[i].1).abs() < 1e-9, "{i}: {} vs {}", m[i].1, line[i].1);
+        }
+        // The ends average what exists: points 0, 1, 2.
+        assert!((m[0].1 - 97.0).abs() < 1e-9);
+        assert_eq!(m.len(), line.len());
+    }
 }
