@@ -5,10 +5,10 @@
 //! backward) with no graph nodes, no intermediate gradient accumulation and no weight gradient.
 
 use super::attention::{AttnOp, View, attn_bwd, attn_fwd};
-use super::linear::{linear_fwd, storage_slice};
+use super::linear::{linear_input_grad, linear_rows, storage_slice};
 use super::norm::{ln_bwd, ln_fwd, rms_bwd, rms_fwd};
 use super::rope::rope_kernel;
-use super::{Linear, Real, cpu_slice, gemm_strided, num_threads, with_slice};
+use super::{Linear, Real, cpu_slice, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use std::sync::Mutex;
@@ -73,40 +73,6 @@ fn norm_bwd<T: Real>(n: &BlockNorm, x: &[T], dy: &[T]) -> Result<Vec<T>> {
     }
 }
 
-fn lin<T: Real>(l: &Linear, x: &[T], m: usize) -> Result<Vec<T>> {
-    let (n, k) = l.weight.dims2()?;
-    storage_slice::<T, _>(&l.weight, |w| match &l.bias {
-        Some(b) => storage_slice::<T, _>(b, |b| Ok(linear_fwd(x, w, Some(b), m, k, n))),
-        None => Ok(linear_fwd(x, w, None, m, k, n)),
-    })
-}
-
-/// `dst (+)= dy · W` for `W: [n, k]`, `dy: [m, n]`.
-fn lin_bwd<T: Real>(l: &Linear, dy: &[T], m: usize, dst: &mut [T], accumulate: bool) -> Result<()> {
-    let (n, k) = l.weight.dims2()?;
-    storage_slice::<T, _>(&l.weight, |w| {
-        unsafe {
-            gemm_strided(
-                m,
-                k,
-                n,
-                dst.as_mut_ptr(),
-                k as isize,
-                1,
-                accumulate,
-                dy.as_ptr(),
-                n as isize,
-                1,
-                w.as_ptr(),
-                k as isize,
-                1,
-                num_threads(),
-            )
-        };
-        Ok(())
-    })
-}
-
 impl BlockOp {
     fn fwd<T: Real>(&self, x: &[T], dims: [usize; 3]) -> Result<(Vec<T>, Saved<T>)> {
         let [b, t, _] = dims;
@@ -114,7 +80,7 @@ impl BlockOp {
         let p = &self.blk;
         let (h, kvh, hd) = (p.heads, p.kv_heads, p.head_dim);
         let n = norm_fwd(&p.norm, x)?;
-        let (mut q, mut k, v) = (lin(&p.q, &n, m)?, lin(&p.k, &n, m)?, lin(&p.v, &n, m)?);
+        let (mut q, mut k, v) = (linear_rows(&p.q, &n, m)?, linear_rows(&p.k, &n, m)?, linear_rows(&p.v, &n, m)?);
         if let Some((c, s)) = &self.rope {
             (q, k) = with_slice::<T, _>(c, |c| {
                 with_slice::<T, _>(s, |s| {
@@ -135,7 +101,7 @@ impl BlockOp {
             None,
             true,
         )?;
-        let mut y = lin(&p.o, &o, m)?;
+        let mut y = linear_rows(&p.o, &o, m)?;
         for (yi, xi) in y.iter_mut().zip(x) {
             *yi += *xi;
         }
@@ -149,7 +115,7 @@ impl BlockOp {
         let (h, kvh, hd) = (p.heads, p.kv_heads, p.head_dim);
         // d(attention output) = dy · Wo
         let mut dattn = vec![T::zero(); m * h * hd];
-        lin_bwd(&p.o, dy, m, &mut dattn, false)?;
+        linear_input_grad(&p.o, dy, m, &mut dattn, false)?;
         let op = AttnOp::plain(p.scale, p.causal);
         let (mut dq, mut dk, dv) = attn_bwd(
             &op,
@@ -171,9 +137,9 @@ impl BlockOp {
         }
         // dn = dq Wq + dk Wk + dv Wv, then through the norm; plus the residual.
         let mut dn = vec![T::zero(); m * d];
-        lin_bwd(&p.q, &dq, m, &mut dn, false)?;
-        lin_bwd(&p.k, &dk, m, &mut dn, true)?;
-        lin_bwd(&p.v, &dv, m, &mut dn, true)?;
+        linear_input_grad(&p.q, &dq, m, &mut dn, false)?;
+        linear_input_grad(&p.k, &dk, m, &mut dn, true)?;
+        linear_input_grad(&p.v, &dv, m, &mut dn, true)?;
         let mut dx = norm_bwd(&p.norm, x, &dn)?;
         for (a, g) in dx.iter_mut().zip(dy) {
             *a += *g;

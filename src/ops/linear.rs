@@ -59,6 +59,47 @@ pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k
     dst
 }
 
+/// `x Wᵀ + b` for `m` rows of `x`, reading the frozen layer's own storage.
+pub(crate) fn linear_rows<T: Real>(l: &Linear, x: &[T], m: usize) -> Result<Vec<T>> {
+    let (n, k) = l.weight.dims2()?;
+    storage_slice::<T, _>(&l.weight, |w| match &l.bias {
+        Some(b) => storage_slice::<T, _>(b, |b| Ok(linear_fwd(x, w, Some(b), m, k, n))),
+        None => Ok(linear_fwd(x, w, None, m, k, n)),
+    })
+}
+
+/// The input gradient of a frozen layer: `dst (+)= dy · W` for `W: [n, k]`, `dy: [m, n]`.
+pub(crate) fn linear_input_grad<T: Real>(
+    l: &Linear,
+    dy: &[T],
+    m: usize,
+    dst: &mut [T],
+    accumulate: bool,
+) -> Result<()> {
+    let (n, k) = l.weight.dims2()?;
+    storage_slice::<T, _>(&l.weight, |w| {
+        unsafe {
+            gemm_strided(
+                m,
+                k,
+                n,
+                dst.as_mut_ptr(),
+                k as isize,
+                1,
+                accumulate,
+                dy.as_ptr(),
+                n as isize,
+                1,
+                w.as_ptr(),
+                k as isize,
+                1,
+                num_threads(),
+            )
+        };
+        Ok(())
+    })
+}
+
 impl CustomOp1 for LinearOp {
     fn name(&self) -> &'static str {
         "memvp-frozen-linear"

@@ -64,7 +64,6 @@ fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g:
     let mut a = vec![T::zero(); b * t * m];
     let mut y = vec![T::zero(); b * t * d];
     let (ap, yp) = (super::SendPtr(a.as_mut_ptr()), super::SendPtr(y.as_mut_ptr()));
-    let s = T::from(op.scale).unwrap();
     per_sample(b, |bi, th| unsafe {
         let ab = ap.get().add(bi * t * m);
         // A = u Kᵀ
@@ -84,13 +83,8 @@ fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g:
             d as isize,
             th,
         );
-        let ar = std::slice::from_raw_parts(ab, t * m);
         // Z = s · act(A) ∘ mask, then Y = Z V
-        let mut z = vec![T::zero(); t * m];
-        for j in 0..t * m {
-            let mk = mask.map(|mk| mk[bi * t * m + j]).unwrap_or(T::one());
-            z[j] = s * op.act.f(ar[j]) * mk;
-        }
+        let z = weights(op, std::slice::from_raw_parts(ab, t * m), mask.map(|mk| &mk[bi * t * m..(bi + 1) * t * m]));
         gemm_strided(
             t,
             d,
@@ -109,6 +103,15 @@ fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g:
         );
     });
     (a, y)
+}
+
+/// `Z = s · act(A) ∘ mask` for one sample: what multiplies V, in the forward and in dV.
+fn weights<T: Real>(op: &MemoryOp, a: &[T], mask: Option<&[T]>) -> Vec<T> {
+    let s = T::from(op.scale).unwrap();
+    match mask {
+        Some(mk) => a.iter().zip(mk).map(|(&x, &w)| s * op.act.f(x) * w).collect(),
+        None => a.iter().map(|&x| s * op.act.f(x)).collect(),
+    }
 }
 
 type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
@@ -138,11 +141,7 @@ fn bwd<T: Real>(
         let (ub, kb, vb) = (u.as_ptr().add(bi * t * d), k.as_ptr().add(bi * m * d), v.as_ptr().add(bi * m * d));
         // dV = Zᵀ dY with Z = s · act(A) ∘ mask
         if let Some(p) = dvp {
-            let mut z = vec![T::zero(); t * m];
-            for j in 0..t * m {
-                let mk = mask.map(|mk| mk[bi * t * m + j]).unwrap_or(T::one());
-                z[j] = s * op.act.f(ar[j]) * mk;
-            }
+            let z = weights(op, ar, mask.map(|mk| &mk[bi * t * m..(bi + 1) * t * m]));
             gemm_strided(
                 m,
                 d,

@@ -3,8 +3,8 @@
 //! matrix products and one elementwise sweep, with no graph nodes in between: the backward
 //! forms the input gradient only, and no intermediate gradient is accumulated through candle.
 
-use super::linear::{linear_fwd, storage_slice};
-use super::{Activation, Linear, Real, cpu_slice, fast_path, gemm_strided, num_threads, with_slice};
+use super::linear::{linear_input_grad, linear_rows};
+use super::{Activation, Linear, Real, cpu_slice, fast_path, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -32,20 +32,13 @@ struct MlpOp {
     saved: Mutex<Option<Saved>>,
 }
 
-fn bias<T: Real>(l: &Linear, f: impl FnOnce(Option<&[T]>) -> Result<Vec<T>>) -> Result<Vec<T>> {
-    match &l.bias {
-        Some(b) => storage_slice::<T, _>(b, |b| f(Some(b))),
-        None => f(None),
-    }
-}
-
 /// (h1, h2, y) for rows `x [m, d]`.
 fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     let p = &op.mlp;
-    let (inter, d) = p.w1.weight.dims2()?;
-    let h1 = storage_slice::<T, _>(&p.w1.weight, |w| bias(&p.w1, |b| Ok(linear_fwd(x, w, b, m, d, inter))))?;
+    let inter = p.w1.out_features();
+    let h1 = linear_rows(&p.w1, x, m)?;
     let h2 = match &p.w2 {
-        Some(l) => storage_slice::<T, _>(&l.weight, |w| bias(l, |b| Ok(linear_fwd(x, w, b, m, d, inter))))?,
+        Some(l) => linear_rows(l, x, m)?,
         None => Vec::new(),
     };
     let mut a = vec![T::zero(); m * inter];
@@ -64,7 +57,7 @@ fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>, Vec<T>
             }
         }
     });
-    let y = storage_slice::<T, _>(&p.down.weight, |w| bias(&p.down, |b| Ok(linear_fwd(&a, w, b, m, inter, d))))?;
+    let y = linear_rows(&p.down, &a, m)?;
     Ok((h1, h2, y))
 }
 
@@ -72,30 +65,9 @@ fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>, Vec<T>
 fn bwd<T: Real>(op: &MlpOp, h1: &[T], h2: &[T], dy: &[T], m: usize) -> Result<Vec<T>> {
     let p = &op.mlp;
     let (inter, d) = p.w1.weight.dims2()?;
-    let th = num_threads();
     // da = dy · Wd   ([m, d] · [d, inter])
     let mut da = vec![T::zero(); m * inter];
-    storage_slice::<T, _>(&p.down.weight, |wd| {
-        unsafe {
-            gemm_strided(
-                m,
-                inter,
-                d,
-                da.as_mut_ptr(),
-                inter as isize,
-                1,
-                false,
-                dy.as_ptr(),
-                d as isize,
-                1,
-                wd.as_ptr(),
-                inter as isize,
-                1,
-                th,
-            )
-        };
-        Ok(())
-    })?;
+    linear_input_grad(&p.down, dy, m, &mut da, false)?;
     let gated = !h2.is_empty();
     let act = p.act;
     let mut dh2 = if gated { vec![T::zero(); m * inter] } else { Vec::new() };
@@ -123,49 +95,9 @@ fn bwd<T: Real>(op: &MlpOp, h1: &[T], h2: &[T], dy: &[T], m: usize) -> Result<Ve
     }
     // dx = dh1 · W1 (+ dh2 · W2)   ([m, inter] · [inter, d])
     let mut dx = vec![T::zero(); m * d];
-    storage_slice::<T, _>(&p.w1.weight, |w1| {
-        unsafe {
-            gemm_strided(
-                m,
-                d,
-                inter,
-                dx.as_mut_ptr(),
-                d as isize,
-                1,
-                false,
-                da.as_ptr(),
-                inter as isize,
-                1,
-                w1.as_ptr(),
-                d as isize,
-                1,
-                th,
-            )
-        };
-        Ok(())
-    })?;
+    linear_input_grad(&p.w1, &da, m, &mut dx, false)?;
     if let Some(l) = &p.w2 {
-        storage_slice::<T, _>(&l.weight, |w2| {
-            unsafe {
-                gemm_strided(
-                    m,
-                    d,
-                    inter,
-                    dx.as_mut_ptr(),
-                    d as isize,
-                    1,
-                    true,
-                    dh2.as_ptr(),
-                    inter as isize,
-                    1,
-                    w2.as_ptr(),
-                    d as isize,
-                    1,
-                    th,
-                )
-            };
-            Ok(())
-        })?;
+        linear_input_grad(l, &dh2, m, &mut dx, true)?;
     }
     Ok(dx)
 }
