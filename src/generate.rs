@@ -75,7 +75,7 @@ pub fn pick(row: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     p[p.len() - 1].1
 }
 
-fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+pub(crate) fn rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
     Ok(logits.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
