@@ -165,25 +165,12 @@ fn lora_dims(lm: &LoadedLm) -> Result<(Vec<(Site, usize)>, ProjDims)> {
 impl Vlm {
     pub fn new(vision: LoadedVision, lm: LoadedLm, s: &MethodSettings) -> Result<Self> {
         let (params, cfg) = Self::init(&vision, &lm, s)?;
-        let mut v = Self { vision, lm, cfg, params };
-        v.cfg.trainable_parameters = v.named().iter().map(|(_, t)| t.elem_count()).sum();
-        Ok(v)
-    }
-
-    /// Replaces what is trained (and its settings), keeping the backbones: fresh parameters.
-    pub fn set_method(&mut self, s: &MethodSettings) -> Result<()> {
-        let (params, cfg) = Self::init(&self.vision, &self.lm, s)?;
-        self.params = params;
-        self.cfg = cfg;
-        self.cfg.trainable_parameters = self.named().iter().map(|(_, t)| t.elem_count()).sum();
-        Ok(())
+        Ok(Self { vision, lm, cfg, params })
     }
 
     /// Fresh parameters and settings of another method on these backbones.
     pub fn make(&self, s: &MethodSettings) -> Result<(Params, AdapterConfig)> {
-        let (p, mut c) = Self::init(&self.vision, &self.lm, s)?;
-        c.trainable_parameters = p.named().iter().map(|(_, t)| t.elem_count()).sum();
-        Ok((p, c))
+        Self::init(&self.vision, &self.lm, s)
     }
 
     fn init(vision: &LoadedVision, lm: &LoadedLm, s: &MethodSettings) -> Result<(Params, AdapterConfig)> {
@@ -267,7 +254,7 @@ impl Vlm {
                 lm_width,
                 lm_layers,
             },
-            trainable_parameters: 0,
+            trainable_parameters: params.named().iter().map(|(_, t)| t.elem_count()).sum(),
         };
         Ok((params, cfg))
     }
