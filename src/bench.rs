@@ -360,6 +360,9 @@ impl LmHooks for InnerBias {
     fn ffn_branch(&self, _s: Site, layer: usize, u: &Tensor) -> Result<Option<Tensor>> {
         if layer == self.layer { Ok(Some(u.zeros_like()?.broadcast_add(self.bias.as_tensor())?)) } else { Ok(None) }
     }
+    fn modifies_projections(&self) -> bool {
+        false
+    }
 }
 
 /// Forward and backward times (ms) of the LM on `b × t` tokens with one small trained tensor

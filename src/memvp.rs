@@ -326,6 +326,9 @@ impl LmHooks for Memory<'_> {
         };
         Ok(Some(ops::memory_branch(u, &self.k, &self.v, self.m.branch_act, c.adapter_scale, mask.as_ref())?))
     }
+    fn modifies_projections(&self) -> bool {
+        false
+    }
 }
 
 struct VisionAdapters<'a> {

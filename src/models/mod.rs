@@ -75,15 +75,20 @@ pub trait LmHooks {
         Ok(None)
     }
     /// Whether `proj_delta` can return anything: models then keep the attention projections
-    /// separate instead of running the fused block.
+    /// separate instead of running the fused block. True unless a hook says otherwise, so that
+    /// a hook overriding `proj_delta` cannot be skipped by forgetting this.
     fn modifies_projections(&self) -> bool {
-        false
+        true
     }
 }
 
 /// The plain model.
 pub struct NoHooks;
-impl LmHooks for NoHooks {}
+impl LmHooks for NoHooks {
+    fn modifies_projections(&self) -> bool {
+        false
+    }
+}
 
 /// The seam in the vision tower: a branch parallel to each block's MLP.
 pub trait VisionHooks {
