@@ -357,11 +357,14 @@ impl T5 {
     fn position_bias(&self, stack: &Stack, tq: usize, tk: usize, past: usize) -> Result<Tensor> {
         let bidirectional = stack.site == Site::Encoder;
         let (nb, md) = (self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance);
+        // The bucket depends on the distance alone: one log per distance, not per pair.
+        let lo = -((tq + past) as i64);
+        let buckets: Vec<u32> =
+            (lo..tk as i64).map(|rel| relative_position_bucket(rel, bidirectional, nb, md) as u32).collect();
         let mut idx = Vec::with_capacity(tq * tk);
         for i in 0..tq {
             for j in 0..tk {
-                let rel = j as i64 - (i + past) as i64;
-                idx.push(relative_position_bucket(rel, bidirectional, nb, md) as u32);
+                idx.push(buckets[(j as i64 - (i + past) as i64 - lo) as usize]);
             }
         }
         let idx = Tensor::from_vec(idx, tq * tk, self.device())?;
