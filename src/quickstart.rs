@@ -20,7 +20,7 @@ use crate::run::{EpochBatches, RunConfig};
 use crate::train::{self, Task, TrainSettings};
 use crate::vlm::Method;
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -202,7 +202,7 @@ impl Task for LmPretrain {
         self.vars.clone()
     }
     fn loss(&mut self, b: &Batch, _rng: &mut Rng) -> Result<Tensor> {
-        let idx = Tensor::from_slice(&b.loss_positions, b.loss_positions.len(), &Device::Cpu)?;
+        let idx = Tensor::from_slice(&b.loss_positions, b.loss_positions.len(), b.input_ids.device())?;
         let select = |h: Tensor| -> Result<Tensor> {
             let (n, t, d) = h.dims3()?;
             Ok(h.reshape((n * t, d))?.index_select(&idx, 0)?)
@@ -217,7 +217,7 @@ impl Task for LmPretrain {
                 let (bb, t) = b.input_ids.dims2()?;
                 let mask: Vec<f32> =
                     b.input_lens.iter().flat_map(|&l| (0..t).map(move |j| if j < l { 1.0 } else { 0.0 })).collect();
-                let mask = Tensor::from_vec(mask, (bb, t), &Device::Cpu)?;
+                let mask = Tensor::from_vec(mask, (bb, t), b.input_ids.device())?;
                 let enc = m.encode(&b.input_ids, Some(&mask), &NoHooks)?;
                 let h = m.decode(b.decoder_ids.as_ref().unwrap(), &enc, Some(&mask), None, &NoHooks)?;
                 m.logits(&select(h)?)?
@@ -242,7 +242,7 @@ impl Task for LmPretrain {
 /// A random model of `family` whose weights are trainable, from its config.json.
 fn random_lm(family: Family, cfg_path: &Path, seed: u64) -> Result<(LanguageModel, Vec<(String, Var)>)> {
     let cfg = Cfg::load(cfg_path)?;
-    let w = Weights::random("quickstart-lm", seed, 0.02, DType::F32, &Device::Cpu);
+    let w = Weights::random("quickstart-lm", seed, 0.02, DType::F32, &crate::util::device());
     let model = match family {
         Family::Llama => LanguageModel::Llama(Llama::load(&w, LlamaConfig::from_hf(&cfg)?)?),
         Family::T5 => LanguageModel::T5(T5::load(&w, T5Config::from_hf(&cfg)?)?),
@@ -275,15 +275,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
     let spec = format!("jsonl:{}", data_file.display());
     let ds = data::open(&spec, &DataOptions::default())?;
     let train = ds.samples("train")?;
-    let text_samples: Vec<_> = train
-        .iter()
-        .cloned()
-        .map(|mut x| {
-            x.image = None;
-            x
-        })
-        .collect();
-    let texts: Vec<String> = text_samples.iter().flat_map(|x| [x.prompt.clone(), x.answer.clone()]).collect();
+    let texts: Vec<String> = train.iter().flat_map(|x| [x.prompt.clone(), x.answer.clone()]).collect();
     build_tokenizer(&lm_dir, &texts, s.family)?;
     let tok = crate::checkpoint::Tok::from_file(&lm_dir.join("tokenizer.json"))?;
     let (_, eos, _) = s.family.specials();
@@ -297,12 +289,13 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         None => TextLayout::DecoderOnly,
         Some(m) => TextLayout::EncoderDecoder { decoder_start: m.special_tokens().decoder_start },
     };
-    let enc: Vec<_> = text_samples.iter().map(|x| encode(&tok, x, eos, 128)).collect::<Result<_>>()?;
+    // The builder is image-blind: the LM sees the text alone.
+    let enc: Vec<_> = train.iter().map(|x| encode(&tok, x, eos, 128)).collect::<Result<_>>()?;
     let builder = Arc::new(BatchBuilder {
         samples: enc,
         cache: ImageCache::new(Preprocess { size: s.image_size, norm: Norm::Imagenet }, 0),
         layout,
-        device: Device::Cpu,
+        device: crate::util::device(),
         skip_bad_images: false,
         blind: true,
     });
@@ -327,6 +320,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         );
     }
     // 2. MemVP and the image-blind control on the frozen LM.
+    let test = ds.samples("test")?;
     let mut results = Vec::new();
     for blind in [false, true] {
         let mut rc = RunConfig {
@@ -350,8 +344,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         let _ = std::fs::remove_dir_all(&run_dir);
         let rep = crate::run::train_run(&rc, &run_dir, false)?;
         let vlm = crate::vlm::Vlm::from_run(&run_dir, None, None)?;
-        let test = ds.samples("test")?;
-        let ev = crate::run::evaluate(&vlm, ds.as_ref(), test, 64, false, Some(&run_dir))?;
+        let ev = crate::run::evaluate(&vlm, ds.as_ref(), test.clone(), 64, false, Some(&run_dir))?;
         if verbose {
             eprintln!(
                 "[{:5.1}s] {}: final loss {:.3}, test accuracy {:.1}%",

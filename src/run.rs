@@ -84,7 +84,6 @@ impl RunConfig {
 
 /// The data of one split, tokenized, with a batch builder.
 pub struct Prepared {
-    pub samples: Vec<Sample>,
     pub builder: Arc<BatchBuilder>,
     pub skipped_images: usize,
 }
@@ -112,7 +111,7 @@ pub fn prepare(
         skip_bad_images: skip_bad,
         blind,
     };
-    Ok(Prepared { samples, builder: Arc::new(builder), skipped_images: skipped })
+    Ok(Prepared { builder: Arc::new(builder), skipped_images: skipped })
 }
 
 /// Fixed-size batches in a seeded order per epoch (the last partial batch is dropped when
@@ -217,7 +216,7 @@ pub fn train_run(cfg: &RunConfig, out: &Path, resume: bool) -> Result<TrainRepor
     let prep = prepare(&vlm, samples, cfg.data_options.skip_bad_images, vlm.max_text_len(), cfg.image_cache_mb, blind)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     crate::util::write_atomic(&out.join("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
-    let n = prep.samples.len();
+    let n = prep.builder.samples.len();
     eprintln!(
         "training {:?}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
         cfg.method,

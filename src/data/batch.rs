@@ -4,6 +4,7 @@
 use super::Sample;
 use crate::checkpoint::Tok;
 use crate::image::Preprocess;
+use crate::models::encdec::shift_tokens_right;
 use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -118,11 +119,12 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     pub fn build(&self, idx: &[usize]) -> Result<Batch> {
         let s = self.cache.pre.size;
-        // Decode images in parallel.
-        let px: Vec<Option<Result<Arc<Vec<f32>>>>> = idx
-            .par_iter()
-            .map(|&i| if self.blind { None } else { self.samples[i].image.as_ref().map(|p| self.cache.get(p)) })
-            .collect();
+        // Decode images in parallel (none at all for an image-blind builder).
+        let px: Vec<Option<Result<Arc<Vec<f32>>>>> = if self.blind {
+            idx.iter().map(|_| None).collect()
+        } else {
+            idx.par_iter().map(|&i| self.samples[i].image.as_ref().map(|p| self.cache.get(p))).collect()
+        };
         let mut rows = Vec::new();
         let mut pixels: Vec<Option<Arc<Vec<f32>>>> = Vec::new();
         let mut skipped = 0;
@@ -182,11 +184,9 @@ impl BatchBuilder {
                 for (ri, r) in rows.iter().enumerate() {
                     enc[ri * te..ri * te + r.prompt.len()].copy_from_slice(&r.prompt);
                     lens.push(r.prompt.len());
-                    dec[ri * td] = decoder_start;
+                    let shifted = shift_tokens_right(&r.target, decoder_start);
+                    dec[ri * td..ri * td + shifted.len()].copy_from_slice(&shifted);
                     for (j, &y) in r.target.iter().enumerate() {
-                        if j + 1 < td && j + 1 < r.target.len() {
-                            dec[ri * td + j + 1] = y;
-                        }
                         pos.push((ri * td + j) as u32);
                         tgt.push(y);
                     }
@@ -261,6 +261,13 @@ impl Drop for Prefetcher {
         let (_tx, rx) = sync_channel(0);
         self.rx = rx;
         if let Some(h) = self.handle.take() {
+            // As in `next_batch`: the producer may be waiting for pool jobs only this thread
+            // can run, so help the pool until it is done instead of blocking in `join`.
+            while !h.is_finished() {
+                if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
             let _ = h.join();
         }
     }
