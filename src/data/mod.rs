@@ -128,22 +128,26 @@ pub fn check_image(path: &Path) -> Result<()> {
 /// the first such image.
 pub fn filter_images(samples: Vec<Sample>, skip: bool) -> Result<(Vec<Sample>, usize)> {
     use rayon::prelude::*;
-    let checks: Vec<Result<()>> =
-        samples.par_iter().map(|s| s.image.as_deref().map(check_image).unwrap_or(Ok(()))).collect();
+    // Each distinct image once: VQA v2 asks ~5 questions per image, COCO has ~5 captions.
+    let mut distinct: Vec<PathBuf> = samples.iter().filter_map(|s| s.image.clone()).collect();
+    distinct.sort();
+    distinct.dedup();
+    let bad: std::collections::HashMap<PathBuf, String> =
+        distinct.into_par_iter().filter_map(|p| check_image(&p).err().map(|e| (p, format!("{e:#}")))).collect();
     let mut kept = Vec::with_capacity(samples.len());
     let mut skipped = 0;
-    for (s, c) in samples.into_iter().zip(checks) {
-        match c {
-            Ok(()) => kept.push(s),
-            Err(e) if skip => {
+    for s in samples {
+        match s.image.as_ref().and_then(|p| bad.get(p)) {
+            None => kept.push(s),
+            Some(e) if skip => {
                 skipped += 1;
                 if skipped <= 10 {
-                    eprintln!("skipping a sample: {e:#}");
+                    eprintln!("skipping a sample: {e}");
                 } else if skipped == 11 {
                     eprintln!("(further skipped samples are only counted)");
                 }
             }
-            Err(e) => return Err(e.context("use --skip-bad-images to skip such samples")),
+            Some(e) => return Err(anyhow::anyhow!("{e}").context("use --skip-bad-images to skip such samples")),
         }
     }
     Ok((kept, skipped))
