@@ -2,7 +2,7 @@
 //! training task, and batched evaluation.
 
 use crate::baselines::lora::LoraConfig;
-use crate::data::batch::{BatchBuilder, ImageCache, Prefetcher, encode, eval_input};
+use crate::data::batch::{BatchBuilder, ImageCache, Prefetcher, encode, eval_input, keep_first_and_tail, stack_pixels};
 use crate::data::{self, DataOptions, Sample};
 use crate::generate::Sampling;
 use crate::lm::load_lm;
@@ -281,39 +281,24 @@ pub fn evaluate(
     );
     let mut outputs = Vec::with_capacity(samples.len());
     let size = vlm.preprocess().size;
+    // Leave room for the generated tokens within the LM's positions.
+    let room = vlm.max_text_len().saturating_sub(s.max_new_tokens).max(2);
+    let use_img = vlm.uses_images();
+    let dev = crate::util::device();
     for chunk in samples.chunks(batch_size.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk
             .iter()
             .map(|smp| {
                 let mut ids = eval_input(tok, smp)?;
-                // Leave room for the generated tokens within the LM's positions.
-                let room = vlm.max_text_len().saturating_sub(s.max_new_tokens).max(2);
-                if ids.len() > room {
-                    let first = ids[0];
-                    let tail = ids.split_off(ids.len() - (room - 1));
-                    ids = std::iter::once(first).chain(tail).collect();
-                }
+                keep_first_and_tail(&mut ids, room);
                 Ok(ids)
             })
             .collect::<Result<_>>()?;
-        let use_img = vlm.uses_images();
         let px: Vec<Option<Arc<Vec<f32>>>> = chunk
             .par_iter()
             .map(|smp| if use_img { smp.image.as_ref().map(|p| cache.get(p)).transpose() } else { Ok(None) })
             .collect::<Result<_>>()?;
-        let indicator: Vec<f32> = px.iter().map(|p| if p.is_some() { 1.0 } else { 0.0 }).collect();
-        let pixels = if px.iter().any(Option::is_some) {
-            let mut buf = Vec::with_capacity(chunk.len() * 3 * size * size);
-            for p in &px {
-                match p {
-                    Some(v) => buf.extend_from_slice(v),
-                    None => buf.extend(std::iter::repeat_n(0f32, 3 * size * size)),
-                }
-            }
-            Some(Tensor::from_vec(buf, (chunk.len(), 3, size, size), &crate::util::device())?)
-        } else {
-            None
-        };
+        let (pixels, indicator) = stack_pixels(&px, size, &dev)?;
         let generated = vlm.generate(&prompts, pixels.as_ref(), &indicator, &s)?;
         for g in generated {
             outputs.push(tok.decode(&g, true)?);

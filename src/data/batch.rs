@@ -41,14 +41,36 @@ pub fn encode(tok: &Tok, s: &Sample, eos: u32, max_len: usize) -> Result<Encoded
     target.push(eos);
     if prompt.len() + target.len() > max_len {
         // Keep the answer and the start of the prompt's first token (BOS); drop the oldest text.
-        let keep = max_len.saturating_sub(target.len()).max(1);
-        if keep < prompt.len() {
-            let first = prompt[0];
-            let tail = prompt.split_off(prompt.len() - (keep - 1));
-            prompt = std::iter::once(first).chain(tail).collect();
-        }
+        keep_first_and_tail(&mut prompt, max_len.saturating_sub(target.len()).max(1));
     }
     Ok(Encoded { prompt, target, image: s.image.clone() })
+}
+
+/// Shortens `ids` to `keep` (at least 1) tokens when longer: the first (BOS) and the newest
+/// `keep - 1`.
+pub fn keep_first_and_tail(ids: &mut Vec<u32>, keep: usize) {
+    if keep < ids.len() {
+        let tail = ids.split_off(ids.len() - (keep - 1));
+        ids.truncate(1);
+        ids.extend(tail);
+    }
+}
+
+/// Per-sample pixels stacked as `[b, 3, size, size]` (zeros where a sample has no image, `None`
+/// when none has one) and the image indicator.
+pub fn stack_pixels(px: &[Option<Arc<Vec<f32>>>], size: usize, dev: &Device) -> Result<(Option<Tensor>, Vec<f32>)> {
+    let indicator: Vec<f32> = px.iter().map(|p| if p.is_some() { 1.0 } else { 0.0 }).collect();
+    if !px.iter().any(Option::is_some) {
+        return Ok((None, indicator));
+    }
+    let mut buf = Vec::with_capacity(px.len() * 3 * size * size);
+    for p in px {
+        match p {
+            Some(v) => buf.extend_from_slice(v),
+            None => buf.extend(std::iter::repeat_n(0f32, 3 * size * size)),
+        }
+    }
+    Ok((Some(Tensor::from_vec(buf, (px.len(), 3, size, size), dev)?), indicator))
 }
 
 /// The ids given to generation at evaluation: prompt ++ tokens of `eval_prefix`.
@@ -145,19 +167,7 @@ impl BatchBuilder {
             bail!("every sample of this batch was skipped")
         }
         let b = rows.len();
-        let indicator: Vec<f32> = pixels.iter().map(|p| if p.is_some() { 1.0 } else { 0.0 }).collect();
-        let pixels = if pixels.iter().any(Option::is_some) {
-            let mut buf = Vec::with_capacity(b * 3 * s * s);
-            for p in &pixels {
-                match p {
-                    Some(v) => buf.extend_from_slice(v),
-                    None => buf.extend(std::iter::repeat_n(0f32, 3 * s * s)),
-                }
-            }
-            Some(Tensor::from_vec(buf, (b, 3, s, s), &self.device)?)
-        } else {
-            None
-        };
+        let (pixels, indicator) = stack_pixels(&pixels, s, &self.device)?;
         let (mut pos, mut tgt) = (Vec::new(), Vec::new());
         let (input_ids, input_lens, decoder_ids) = match self.layout {
             TextLayout::DecoderOnly => {
