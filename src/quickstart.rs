@@ -12,6 +12,7 @@ use crate::image::{Norm, Preprocess};
 use crate::lm::LanguageModel;
 use crate::models::NoHooks;
 use crate::models::bart::{Bart, BartConfig};
+use crate::models::encdec::key_mask;
 use crate::models::llama::{Llama, LlamaConfig, Positions};
 use crate::models::t5::{T5, T5Config};
 use crate::ops;
@@ -215,11 +216,9 @@ impl Task for LmPretrain {
             lm => {
                 let m = lm.encdec().unwrap();
                 let (bb, t) = b.input_ids.dims2()?;
-                let mask: Vec<f32> =
-                    b.input_lens.iter().flat_map(|&l| (0..t).map(move |j| if j < l { 1.0 } else { 0.0 })).collect();
-                let mask = Tensor::from_vec(mask, (bb, t), b.input_ids.device())?;
-                let enc = m.encode(&b.input_ids, Some(&mask), &NoHooks)?;
-                let h = m.decode(b.decoder_ids.as_ref().unwrap(), &enc, Some(&mask), None, &NoHooks)?;
+                let mask = key_mask(bb, t, Some(&b.input_lens), None, b.input_ids.device())?;
+                let enc = m.encode(&b.input_ids, mask.as_ref(), &NoHooks)?;
+                let h = m.decode(b.decoder_ids.as_ref().unwrap(), &enc, mask.as_ref(), None, &NoHooks)?;
                 m.logits(&select(h)?)?
             }
         };

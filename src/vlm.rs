@@ -9,7 +9,7 @@ use crate::generate::{self, LlamaStepper, Sampling};
 use crate::image::{Norm, Preprocess};
 use crate::lm::{LanguageModel, LoadedLm, load_lm};
 use crate::memvp::{Memvp, MemvpConfig, Projector};
-use crate::models::encdec::EncDecStepper;
+use crate::models::encdec::{EncDecStepper, key_mask};
 use crate::models::llama::Positions;
 use crate::models::{LmHooks, NoHooks, Proj, Site};
 use crate::ops::{self, Activation};
@@ -423,18 +423,9 @@ impl Vlm {
         let (hooks, prefix) = self.hooks(batch.pixels.as_ref(), &batch.indicator, train, rng)?;
         let n = prefix.as_ref().map(|p| p.dims()[1]).unwrap_or(0);
         // Key mask `[b, n + t]`: the prefix of text-only rows, and (encoders) text padding.
-        let mask = |pad_text: bool| -> Result<Option<Tensor>> {
-            let all_img = batch.indicator.iter().all(|&i| i == 1.0);
-            let all_full = !pad_text || batch.input_lens.iter().all(|&l| l == t);
-            if (n == 0 || all_img) && all_full {
-                return Ok(None);
-            }
-            let mut mk = Vec::with_capacity(b * (n + t));
-            for (r, &ind) in batch.indicator.iter().enumerate() {
-                let len = if pad_text { batch.input_lens[r] } else { t };
-                mk.extend(std::iter::repeat_n(ind, n).chain((0..t).map(|j| if j < len { 1.0 } else { 0.0 })));
-            }
-            Ok(Some(Tensor::from_vec(mk, (b, n + t), &dev)?))
+        let mask = |pad_text: bool| {
+            let lens = pad_text.then_some(batch.input_lens.as_slice());
+            key_mask(b, t, lens, Some((n, batch.indicator.as_slice())), &dev)
         };
         let with_prefix = |x: Tensor| -> Result<Tensor> {
             Ok(match &prefix {

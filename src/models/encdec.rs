@@ -114,9 +114,8 @@ pub fn shift_tokens_right(labels: &[u32], decoder_start: u32) -> Vec<u32> {
     std::iter::once(decoder_start).chain(labels.iter().copied().take(labels.len().saturating_sub(1))).collect()
 }
 
-/// Right-pads `rows` with `pad`; returns ids `[b, t]` and the key mask (`None` when no row is
-/// padded).
-pub fn right_pad(rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<(Tensor, Option<Tensor>)> {
+/// Right-pads `rows` with `pad` into ids `[b, t]`.
+pub fn right_pad(rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<Tensor> {
     let b = rows.len();
     if b == 0 {
         bail!("no encoder inputs")
@@ -126,13 +125,33 @@ pub fn right_pad(rows: &[Vec<u32>], pad: u32, dev: &Device) -> Result<(Tensor, O
         bail!("empty encoder input")
     }
     let mut ids = Vec::with_capacity(b * t);
-    let mut mask = Vec::with_capacity(b * t);
     for r in rows {
         ids.extend(r.iter().copied().chain(std::iter::repeat_n(pad, t - r.len())));
-        mask.extend((0..t).map(|j| if j < r.len() { 1f32 } else { 0.0 }));
     }
-    let padded = rows.iter().any(|r| r.len() < t);
-    Ok((Tensor::from_vec(ids, (b, t), dev)?, padded.then(|| Tensor::from_vec(mask, (b, t), dev)).transpose()?))
+    Ok(Tensor::from_vec(ids, (b, t), dev)?)
+}
+
+/// Key mask `[b, n + t]` (1 attend, 0 not): `n` prefix positions carrying each row's image
+/// indicator, then `t` text positions of which the first `lens[r]` are real (all when `lens`
+/// is `None`). `None` when every key is attended.
+pub fn key_mask(
+    b: usize,
+    t: usize,
+    lens: Option<&[usize]>,
+    prefix: Option<(usize, &[f32])>,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let n = prefix.map_or(0, |p| p.0);
+    let flag = |r: usize| prefix.map_or(1.0, |p| p.1[r]);
+    let len = |r: usize| lens.map_or(t, |l| l[r]);
+    if (0..b).all(|r| (n == 0 || flag(r) == 1.0) && len(r) == t) {
+        return Ok(None);
+    }
+    let mut mk = Vec::with_capacity(b * (n + t));
+    for r in 0..b {
+        mk.extend(std::iter::repeat_n(flag(r), n).chain((0..t).map(|j| if j < len(r) { 1.0 } else { 0.0 })));
+    }
+    Ok(Some(Tensor::from_vec(mk, (b, n + t), dev)?))
 }
 
 /// An encoder-decoder model mid-generation: the encoder output is fixed, the decoder takes one
@@ -173,24 +192,20 @@ impl<'a> EncDecStepper<'a> {
     ) -> Result<(Self, Tensor)> {
         let dev = model.device().clone();
         let pad = model.special_tokens().pad;
-        let (ids, mut mask) = right_pad(encoder_ids, pad, &dev)?;
+        let ids = right_pad(encoder_ids, pad, &dev)?;
         let (b, t) = ids.dims2()?;
+        let lens: Vec<usize> = encoder_ids.iter().map(Vec::len).collect();
         let mut x = model.embed(&ids)?;
+        let mut flags = None;
         if let Some((p, keep)) = prefix {
             let (pb, n, _) = p.dims3()?;
             if pb != b || keep.len() != b {
                 bail!("prefix has {pb} rows and {} flags for {b} encoder inputs", keep.len())
             }
             x = Tensor::cat(&[&p.to_dtype(x.dtype())?, &x], 1)?;
-            let text = match &mask {
-                Some(m) => m.clone(),
-                None => Tensor::ones((b, t), DType::F32, &dev)?,
-            };
-            let pm = Tensor::from_vec(keep.to_vec(), (b, 1), &dev)?.broadcast_as((b, n))?;
-            let full = Tensor::cat(&[&pm, &text], 1)?;
-            let all_kept = keep.iter().all(|&k| k == 1.0);
-            mask = if all_kept && mask.is_none() { None } else { Some(full) };
+            flags = Some((n, keep));
         }
+        let mask = key_mask(b, t, Some(&lens), flags, &dev)?;
         let enc = model.encode_embeds(&x, mask.as_ref(), hooks)?;
         let mut s = Self { model, hooks, enc, enc_mask: mask, cache: model.new_cache(), same_source: b == 1 };
         let logits = s.step(&vec![decoder_start; b])?;
