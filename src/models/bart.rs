@@ -296,49 +296,6 @@ impl Bart {
         self.cfg.d_model
     }
 
-    pub fn dtype(&self) -> DType {
-        self.shared.dtype()
-    }
-
-    pub fn device(&self) -> &Device {
-        self.shared.device()
-    }
-
-    /// Scaled token embeddings `[b, t, d]` of ids `[b, t]` (`BartScaledWordEmbedding`).
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let e = self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
-        Ok(if self.embed_scale == 1.0 { e } else { (e * self.embed_scale)? })
-    }
-
-    /// Encoder on ids `[b, t]` with an optional key mask `[b, t]` (1 token, 0 padding).
-    pub fn encode(&self, ids: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
-        self.encode_embeds(&self.embed(ids)?, mask, hooks)
-    }
-
-    /// Encoder on (scaled) token embeddings `[b, t, d]`; positions are added here.
-    pub fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
-        let mut h = self.encoder.embed_in(x, 0, "encoder")?;
-        let p = Pass { causal: None, mask, enc: None, hooks };
-        for (l, blk) in self.encoder.blocks.iter().enumerate() {
-            h = blk.forward(&h, l, self.encoder.site, &p, None)?;
-        }
-        Ok(h)
-    }
-
-    /// Decoder on ids `[b, t]` that follow the `cache.len()` cached positions; returns its last
-    /// hidden state.
-    pub fn decode(
-        &self,
-        ids: &Tensor,
-        enc: &Tensor,
-        enc_mask: Option<&Tensor>,
-        cache: Option<&mut EncDecCache>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
-        self.decode_embeds(&self.embed(ids)?, enc, enc_mask, cache, hooks)
-    }
-
     /// Decoder on (scaled) token embeddings `[b, t, d]`.
     pub fn decode_embeds(
         &self,
@@ -357,15 +314,6 @@ impl Bart {
         Ok(h)
     }
 
-    /// Logits from decoder hidden states `[.., d]`, with `final_logits_bias`.
-    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let l = self.lm_head.forward(h)?;
-        Ok(match &self.final_logits_bias {
-            Some(b) => l.broadcast_add(b)?,
-            None => l,
-        })
-    }
-
     /// Convenience: encoder ids + mask and decoder ids → logits `[b, t_dec, vocab]`.
     pub fn forward(
         &self,
@@ -378,27 +326,26 @@ impl Bart {
         let h = self.decode(decoder_ids, &enc, mask, None, hooks)?;
         self.logits(&h)
     }
-
-    pub fn new_cache(&self) -> EncDecCache {
-        EncDecCache::new(self.decoder.blocks.len())
-    }
-
-    pub fn special_tokens(&self) -> SpecialTokens {
-        SpecialTokens {
-            decoder_start: self.cfg.decoder_start_token_id,
-            eos: self.cfg.eos_token_ids.clone(),
-            pad: self.cfg.pad_token_id,
-        }
-    }
 }
 
 impl EncoderDecoder for Bart {
+    /// Scaled token embeddings `[b, t, d]` of ids `[b, t]` (`BartScaledWordEmbedding`).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Bart::embed(self, ids)
+        let (b, t) = ids.dims2()?;
+        let e = self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
+        Ok(if self.embed_scale == 1.0 { e } else { (e * self.embed_scale)? })
     }
+    /// Encoder on (scaled) token embeddings `[b, t, d]`; positions are added here.
     fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
-        Bart::encode_embeds(self, x, mask, hooks)
+        let mut h = self.encoder.embed_in(x, 0, "encoder")?;
+        let p = Pass { causal: None, mask, enc: None, hooks };
+        for (l, blk) in self.encoder.blocks.iter().enumerate() {
+            h = blk.forward(&h, l, self.encoder.site, &p, None)?;
+        }
+        Ok(h)
     }
+    /// Decoder on ids `[b, t]` that follow the `cache.len()` cached positions; returns its last
+    /// hidden state.
     fn decode(
         &self,
         ids: &Tensor,
@@ -407,21 +354,30 @@ impl EncoderDecoder for Bart {
         cache: Option<&mut EncDecCache>,
         hooks: &dyn LmHooks,
     ) -> Result<Tensor> {
-        Bart::decode(self, ids, enc, enc_mask, cache, hooks)
+        self.decode_embeds(&self.embed(ids)?, enc, enc_mask, cache, hooks)
     }
+    /// Logits from decoder hidden states `[.., d]`, with `final_logits_bias`.
     fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        Bart::logits(self, h)
+        let l = self.lm_head.forward(h)?;
+        Ok(match &self.final_logits_bias {
+            Some(b) => l.broadcast_add(b)?,
+            None => l,
+        })
     }
     fn new_cache(&self) -> EncDecCache {
-        Bart::new_cache(self)
+        EncDecCache::new(self.decoder.blocks.len())
     }
     fn special_tokens(&self) -> SpecialTokens {
-        Bart::special_tokens(self)
+        SpecialTokens {
+            decoder_start: self.cfg.decoder_start_token_id,
+            eos: self.cfg.eos_token_ids.clone(),
+            pad: self.cfg.pad_token_id,
+        }
     }
     fn device(&self) -> &Device {
-        Bart::device(self)
+        self.shared.device()
     }
     fn dtype(&self) -> DType {
-        Bart::dtype(self)
+        self.shared.dtype()
     }
 }

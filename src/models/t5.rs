@@ -338,20 +338,6 @@ impl T5 {
         self.cfg.d_model
     }
 
-    pub fn dtype(&self) -> DType {
-        self.shared.dtype()
-    }
-
-    pub fn device(&self) -> &Device {
-        self.shared.device()
-    }
-
-    /// Token embeddings `[b, t, d]` of ids `[b, t]` (no scaling in T5).
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        Ok(self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?)
-    }
-
     /// The relative position bias `[1, heads, tq, tk]` of `stack` for queries at positions
     /// `past..past + tq` and keys at `0..tk`.
     fn position_bias(&self, stack: &Stack, tq: usize, tk: usize, past: usize) -> Result<Tensor> {
@@ -376,38 +362,6 @@ impl T5 {
             .permute((2, 0, 1))?
             .unsqueeze(0)?
             .contiguous()?)
-    }
-
-    /// Encoder on ids `[b, t]` with an optional key mask `[b, t]` (1 token, 0 padding);
-    /// returns the last hidden state `[b, t, d]` (after the final norm).
-    pub fn encode(&self, ids: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
-        self.encode_embeds(&self.embed(ids)?, mask, hooks)
-    }
-
-    /// Encoder on embeddings `[b, t, d]`.
-    pub fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
-        let t = x.dims3()?.1;
-        let bias = self.position_bias(&self.encoder, t, t, 0)?;
-        let p = Pass { bias: &bias, causal: None, mask, enc: None, hooks, eps: self.cfg.layer_norm_epsilon };
-        let mut h = x.clone();
-        for (l, blk) in self.encoder.blocks.iter().enumerate() {
-            h = blk.forward(&h, l, Site::Encoder, &p, None)?;
-        }
-        Ok(ops::rms_norm(&h, &self.encoder.final_ln, p.eps)?)
-    }
-
-    /// Decoder on ids `[b, t]` that follow the `cache.len()` cached positions; `enc` is the
-    /// encoder output `[b, t_enc, d]` with its mask. Returns the decoder's last hidden state
-    /// (after the final norm, before the output scaling that [`Self::logits`] applies).
-    pub fn decode(
-        &self,
-        ids: &Tensor,
-        enc: &Tensor,
-        enc_mask: Option<&Tensor>,
-        cache: Option<&mut EncDecCache>,
-        hooks: &dyn LmHooks,
-    ) -> Result<Tensor> {
-        self.decode_embeds(&self.embed(ids)?, enc, enc_mask, cache, hooks)
     }
 
     /// Decoder on embeddings `[b, t, d]`.
@@ -437,16 +391,6 @@ impl T5 {
         Ok(ops::rms_norm(&h, &self.decoder.final_ln, p.eps)?)
     }
 
-    /// Logits from decoder hidden states `[.., d]`.
-    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        if self.cfg.scale_decoder_outputs {
-            let s = (self.cfg.d_model as f64).powf(-0.5);
-            Ok(self.lm_head.forward(&(h * s)?)?)
-        } else {
-            Ok(self.lm_head.forward(h)?)
-        }
-    }
-
     /// Convenience: encoder ids + mask and decoder ids → logits `[b, t_dec, vocab]`.
     pub fn forward(
         &self,
@@ -459,27 +403,28 @@ impl T5 {
         let h = self.decode(decoder_ids, &enc, mask, None, hooks)?;
         self.logits(&h)
     }
-
-    pub fn new_cache(&self) -> EncDecCache {
-        EncDecCache::new(self.decoder.blocks.len())
-    }
-
-    pub fn special_tokens(&self) -> SpecialTokens {
-        SpecialTokens {
-            decoder_start: self.cfg.decoder_start_token_id,
-            eos: self.cfg.eos_token_ids.clone(),
-            pad: self.cfg.pad_token_id,
-        }
-    }
 }
 
 impl EncoderDecoder for T5 {
+    /// Token embeddings `[b, t, d]` of ids `[b, t]` (no scaling in T5).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        T5::embed(self, ids)
+        let (b, t) = ids.dims2()?;
+        Ok(self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?)
     }
+    /// Encoder on embeddings `[b, t, d]`.
     fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
-        T5::encode_embeds(self, x, mask, hooks)
+        let t = x.dims3()?.1;
+        let bias = self.position_bias(&self.encoder, t, t, 0)?;
+        let p = Pass { bias: &bias, causal: None, mask, enc: None, hooks, eps: self.cfg.layer_norm_epsilon };
+        let mut h = x.clone();
+        for (l, blk) in self.encoder.blocks.iter().enumerate() {
+            h = blk.forward(&h, l, Site::Encoder, &p, None)?;
+        }
+        Ok(ops::rms_norm(&h, &self.encoder.final_ln, p.eps)?)
     }
+    /// Decoder on ids `[b, t]` that follow the `cache.len()` cached positions; `enc` is the
+    /// encoder output `[b, t_enc, d]` with its mask. Returns the decoder's last hidden state
+    /// (after the final norm, before the output scaling that [`Self::logits`] applies).
     fn decode(
         &self,
         ids: &Tensor,
@@ -488,21 +433,31 @@ impl EncoderDecoder for T5 {
         cache: Option<&mut EncDecCache>,
         hooks: &dyn LmHooks,
     ) -> Result<Tensor> {
-        T5::decode(self, ids, enc, enc_mask, cache, hooks)
+        self.decode_embeds(&self.embed(ids)?, enc, enc_mask, cache, hooks)
     }
+    /// Logits from decoder hidden states `[.., d]`.
     fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        T5::logits(self, h)
+        if self.cfg.scale_decoder_outputs {
+            let s = (self.cfg.d_model as f64).powf(-0.5);
+            Ok(self.lm_head.forward(&(h * s)?)?)
+        } else {
+            Ok(self.lm_head.forward(h)?)
+        }
     }
     fn new_cache(&self) -> EncDecCache {
-        T5::new_cache(self)
+        EncDecCache::new(self.decoder.blocks.len())
     }
     fn special_tokens(&self) -> SpecialTokens {
-        T5::special_tokens(self)
+        SpecialTokens {
+            decoder_start: self.cfg.decoder_start_token_id,
+            eos: self.cfg.eos_token_ids.clone(),
+            pad: self.cfg.pad_token_id,
+        }
     }
     fn device(&self) -> &Device {
-        T5::device(self)
+        self.shared.device()
     }
     fn dtype(&self) -> DType {
-        T5::dtype(self)
+        self.shared.dtype()
     }
 }
