@@ -24,7 +24,7 @@
 //!   scorer output (raw values as pycocoevalcap reports them, e.g. CIDEr 1.17) plus `gt_source`;
 //!   the printed table shows them x100 (CIDEr 117.0), as papers report them.
 
-use super::vqav2::{check_int, check_list, check_str, find_file, read_typed, show};
+use super::json::{check_int, check_list, check_str, find_file, read_typed, show};
 use super::{DataOptions, Dataset, Sample, Scored, read_json_file};
 use crate::eval::captions;
 use anyhow::{Context, Result, bail};
@@ -180,12 +180,7 @@ impl Dataset for CocoCaptions {
     }
 
     fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored> {
-        if samples.len() != outputs.len() {
-            bail!("coco-captions: {} samples but {} generated captions", samples.len(), outputs.len())
-        }
-        if samples.is_empty() {
-            bail!("coco-captions: nothing to score")
-        }
+        super::check_outputs("coco-captions", samples, outputs, "captions")?;
         // one prediction per image: the first sample's
         let mut seen = HashSet::new();
         let mut preds = Vec::new();

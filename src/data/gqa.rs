@@ -14,8 +14,8 @@
 //!   (generated text trimmed), scored by [`crate::eval::gqa`] against the evaluated questions
 //!   (re-read from the questions file; unbalanced ones are skipped as the official script does).
 
+use super::json::{check_opt_str, check_str, find_file, read_typed, show};
 use super::prompt::open_ended;
-use super::vqav2::{check_opt_str, check_str, find_file, read_typed, show};
 use super::{DataOptions, Dataset, Sample, Scored};
 use crate::eval::gqa;
 use anyhow::{Context, Result, bail};
@@ -178,12 +178,7 @@ impl Dataset for Gqa {
     }
 
     fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored> {
-        if samples.len() != outputs.len() {
-            bail!("gqa: {} samples but {} generated answers", samples.len(), outputs.len())
-        }
-        if samples.is_empty() {
-            bail!("gqa: nothing to score")
-        }
+        super::check_outputs("gqa", samples, outputs, "answers")?;
         let mut preds = Vec::with_capacity(samples.len());
         let mut splits: Vec<(String, HashSet<&str>)> = Vec::new();
         for (s, o) in samples.iter().zip(outputs) {

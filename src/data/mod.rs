@@ -5,6 +5,7 @@ pub mod batch;
 pub mod coco;
 pub mod easyvqa;
 pub mod gqa;
+pub mod json;
 pub mod jsonl;
 pub mod prompt;
 pub mod scienceqa;
@@ -121,6 +122,17 @@ pub fn check_image(path: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot read image", path.display()))?
         .into_dimensions()
         .with_context(|| format!("{}: unreadable or corrupt image", path.display()))?;
+    Ok(())
+}
+
+/// What every scorer checks first: one output per sample, and something to score.
+pub fn check_outputs(kind: &str, samples: &[Sample], outputs: &[String], what: &str) -> Result<()> {
+    if samples.len() != outputs.len() {
+        bail!("{kind}: {} samples but {} generated {what}", samples.len(), outputs.len())
+    }
+    if samples.is_empty() {
+        bail!("{kind}: nothing to score")
+    }
     Ok(())
 }
 
