@@ -1,23 +1,21 @@
 //! memvp: memory-space visual prompting (MemVP, ICML 2024) for frozen CLIP vision towers and
 //! frozen LLaMA / T5 / BART language models.
+//!
+//! Layers, top to bottom (a module imports only from layers below it):
+//! `app` (commands) → `vlm` (base + adapter) → `train`, `generate`, `eval`, `data` →
+//! `adapters` (methods) → `models` (backbones) → `checkpoint`, `ops` (kernels) →
+//! `settings`, `rng`, `util` (leaves). `generate::stepper` is a leaf too: the models implement it.
 
-pub mod baselines;
-pub mod beam;
-pub mod bench;
+pub mod adapters;
+pub mod app;
 pub mod checkpoint;
-pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod generate;
-pub mod image;
-pub mod lm;
-pub mod memvp;
 pub mod models;
 pub mod ops;
-pub mod quickstart;
 pub mod rng;
-pub mod run;
+pub mod settings;
 pub mod train;
 pub mod util;
-pub mod vision;
 pub mod vlm;

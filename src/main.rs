@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use memvp::cli;
+use memvp::app::cli;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -29,12 +29,12 @@ enum Cmd {
         #[arg(long, default_value = "quickstart-out")]
         out: PathBuf,
         #[command(flatten)]
-        settings: memvp::quickstart::QuickstartSettings,
+        settings: memvp::app::quickstart::QuickstartSettings,
         #[arg(long)]
         json: bool,
     },
     /// MemVP against the input-space baseline on the same backbones and batch, interleaved.
-    Bench(Box<memvp::bench::BenchArgs>),
+    Bench(Box<memvp::app::bench::BenchArgs>),
     /// Write the patch features of an image as the vision tower produces them for MemVP.
     EncodeImage {
         /// CLIP checkpoint directory or random:<preset>[@seed].
@@ -45,8 +45,8 @@ enum Cmd {
         /// Hidden-state index as transformers counts them; -2 = penultimate block (MemVP).
         #[arg(long, default_value_t = -2, allow_hyphen_values = true)]
         layer: isize,
-        #[arg(long, value_enum, default_value = "imagenet")]
-        norm: memvp::image::Norm,
+        #[arg(long, default_value = "imagenet", value_parser = cli::serde_enum::<memvp::data::image::Norm>)]
+        norm: memvp::data::image::Norm,
         #[arg(long)]
         out: PathBuf,
     },
@@ -58,11 +58,11 @@ fn run() -> Result<()> {
         Cmd::Train(a) => cli::train(*a),
         Cmd::Eval(a) => cli::eval(a),
         Cmd::Bench(a) => {
-            let v = memvp::bench::run(&a)?;
+            let v = memvp::app::bench::run(&a)?;
             if a.json {
                 println!("{v}");
             } else {
-                memvp::bench::print_table(&v);
+                memvp::app::bench::print_table(&v);
             }
             Ok(())
         }

@@ -3,7 +3,7 @@
 
 use super::Sample;
 use crate::checkpoint::Tok;
-use crate::image::Preprocess;
+use crate::data::image::Preprocess;
 use crate::models::encdec::shift_tokens_right;
 use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
@@ -110,6 +110,7 @@ impl ImageCache {
 }
 
 /// A padded batch.
+#[derive(Clone)]
 pub struct Batch {
     /// `[b, T]`: decoder-only sequences, or encoder inputs.
     pub input_ids: Tensor,

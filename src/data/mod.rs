@@ -5,6 +5,7 @@ pub mod batch;
 pub mod coco;
 pub mod easyvqa;
 pub mod gqa;
+pub mod image;
 pub mod json;
 pub mod jsonl;
 pub mod prompt;
@@ -116,7 +117,7 @@ pub fn check_image(path: &Path) -> Result<()> {
     if !path.is_file() {
         bail!("{}: image not found", path.display())
     }
-    image::ImageReader::open(path)
+    ::image::ImageReader::open(path)
         .with_context(|| format!("{}: cannot open image", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("{}: cannot read image", path.display()))?

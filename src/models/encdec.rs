@@ -1,13 +1,12 @@
 //! What T5 and BART share as encoder-decoder models: the decoder cache (self-attention keys and
 //! values grown per step, cross-attention keys and values computed once from the encoder
 //! output), the [`EncoderDecoder`] trait, and [`EncDecStepper`], which runs the encoder once and
-//! then feeds the decoder one token per row, for `generate::continue_batch` (greedy, sampling)
-//! and `beam::beam_search`.
+//! then feeds the decoder one token per row, for `generate::decode` (greedy, sampling) and
+//! `generate::beam::beam_search`; and the teacher-forcing pass both families share.
 
-use super::{KvCache, LmHooks};
-use crate::beam::BeamStepper;
-use crate::generate::Stepper;
-use anyhow::{Result, bail};
+use super::{Hidden, KvCache, LmHooks, TeacherForcing};
+use crate::generate::stepper::{BeamStepper, Stepper};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 /// Decoder state between steps.
@@ -106,6 +105,35 @@ pub trait EncoderDecoder {
     fn encode(&self, ids: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         self.encode_embeds(&self.embed(ids)?, mask, hooks)
     }
+}
+
+/// The teacher-forcing pass of an encoder-decoder LM: the encoder on the (prefixed, masked)
+/// input, the decoder on the decoder inputs.
+pub(crate) fn teacher_forcing(m: &dyn EncoderDecoder, tf: &TeacherForcing, hooks: &dyn LmHooks) -> Result<Hidden> {
+    let (b, t) = tf.input_ids.dims2()?;
+    let dec = tf.decoder_ids.context("an encoder-decoder batch without decoder inputs")?;
+    let mut x = m.embed(tf.input_ids)?;
+    let n = tf.prefix.map_or(0, |p| p.0.dims()[1]);
+    if let Some((p, _)) = tf.prefix {
+        x = Tensor::cat(&[p, &x], 1)?;
+    }
+    let enc_mask = key_mask(b, t, Some(tf.input_lens), tf.prefix.map(|p| (n, p.1)), x.device())?;
+    let enc = m.encode_embeds(&x, enc_mask.as_ref(), hooks)?;
+    let rows = dec.dims()[1];
+    let h = m.decode(dec, &enc, enc_mask.as_ref(), None, hooks)?;
+    Ok(Hidden { h, rows, offset: 0 })
+}
+
+/// Encodes the prompts and starts the decoder: [`super::LanguageModel::prefill`] of T5 and BART.
+pub(crate) fn prefill<'a>(
+    m: &'a dyn EncoderDecoder,
+    hooks: &'a dyn LmHooks,
+    prompts: &[Vec<u32>],
+    prefix: Option<(&Tensor, &[f32])>,
+) -> Result<(Box<dyn BeamStepper + 'a>, Tensor)> {
+    let start = m.special_tokens().decoder_start;
+    let (st, first) = EncDecStepper::prefill_with_prefix(m, hooks, prompts, prefix, start)?;
+    Ok((Box::new(st), first))
 }
 
 /// Decoder inputs for teacher forcing, as transformers' `shift_tokens_right`: the start token

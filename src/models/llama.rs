@@ -4,8 +4,10 @@
 //! block:  h = x + Attn(RMSNorm(x));  u = RMSNorm(h);  out = h + FFN(u) [+ hooks.ffn_branch(u)]
 //! FFN(u) = down(silu(gate(u)) * up(u))
 
-use super::{KvCache, LmHooks, Proj, Site, add_opt};
+use super::encdec::key_mask;
+use super::{Hidden, KvCache, LanguageModel, LmHooks, Proj, Site, TeacherForcing, add_opt};
 use crate::checkpoint::{Cfg, GgufFile, Weights};
+use crate::generate::stepper::{BeamStepper, Stepper};
 use crate::ops::{self, Activation, AttentionOpts, BlockNorm, FrozenAttnBlock, FrozenMlp, Linear, RopeTable};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -414,5 +416,185 @@ impl Block {
         let f = self.mlp.forward(&u)?;
         let f = add_opt(f, hooks.ffn_branch(Site::Decoder, layer, &u)?)?;
         Ok((h + f)?)
+    }
+}
+
+impl LanguageModel for Llama {
+    fn family(&self) -> &'static str {
+        "llama"
+    }
+    fn device(&self) -> &Device {
+        Llama::device(self)
+    }
+    fn dtype(&self) -> DType {
+        Llama::dtype(self)
+    }
+    fn width(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn stacks(&self) -> Vec<(Site, usize)> {
+        vec![(Site::Decoder, self.n_layers())]
+    }
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.cfg.max_position_embeddings)
+    }
+    fn ffn_activation(&self) -> Activation {
+        self.cfg.hidden_act
+    }
+    fn proj_dims(&self, _site: Site, proj: Proj) -> (usize, usize) {
+        let c = &self.cfg;
+        match proj {
+            Proj::Q => (c.hidden_size, c.num_attention_heads * c.head_dim),
+            Proj::K | Proj::V => (c.hidden_size, c.num_key_value_heads * c.head_dim),
+            Proj::O => (c.num_attention_heads * c.head_dim, c.hidden_size),
+        }
+    }
+    fn decoder_start(&self) -> Option<u32> {
+        None
+    }
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Llama::embed(self, ids)
+    }
+    fn teacher_forcing(&self, tf: &TeacherForcing, hooks: &dyn LmHooks) -> Result<Hidden> {
+        let (b, t) = tf.input_ids.dims2()?;
+        let mut x = self.embed(tf.input_ids)?;
+        let n = tf.prefix.map_or(0, |p| p.0.dims()[1]);
+        if let Some((p, _)) = tf.prefix {
+            x = Tensor::cat(&[p, &x], 1)?;
+        }
+        // Right padding under a causal mask needs no key mask for the trained positions; a
+        // prefix of a text-only row is masked out.
+        let mask = key_mask(b, t, None, tf.prefix.map(|p| (n, p.1)), x.device())?;
+        let h = self.forward_embeds(&x, &Positions::From(0), None, mask.as_ref(), hooks)?;
+        Ok(Hidden { h, rows: t + n, offset: n })
+    }
+    fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        Llama::logits(self, h)
+    }
+    fn prefill<'a>(
+        &'a self,
+        hooks: &'a dyn LmHooks,
+        prompts: &[Vec<u32>],
+        prefix: Option<(&Tensor, &[f32])>,
+    ) -> Result<(Box<dyn BeamStepper + 'a>, Tensor)> {
+        let (st, first) = LlamaStepper::prefill_with_prefix(self, hooks, prompts, prefix)?;
+        Ok((Box::new(st), first))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// A decoder-only model mid-generation.
+pub struct LlamaStepper<'a> {
+    model: &'a Llama,
+    hooks: &'a dyn LmHooks,
+    cache: KvCache,
+    /// Next position of each row.
+    next_pos: Vec<u32>,
+    /// Key mask `[rows, len]` when the prompts were left-padded.
+    mask: Option<Vec<Vec<f32>>>,
+}
+
+impl<'a> LlamaStepper<'a> {
+    /// Runs the prompts (left-padded when their lengths differ) and returns the stepper with
+    /// the logits of each prompt's last token.
+    pub fn prefill(model: &'a Llama, hooks: &'a dyn LmHooks, prompts: &[Vec<u32>]) -> Result<(Self, Tensor)> {
+        Self::prefill_with_prefix(model, hooks, prompts, None)
+    }
+
+    /// As [`Self::prefill`], with embeddings `[b, n, d]` placed before every prompt (the
+    /// input-space baseline's visual tokens); `prefix.1[i] = 0` masks row `i`'s prefix out.
+    /// Rows are laid out `[prefix][padding][prompt]`, the padding masked and skipped by the
+    /// positions, which equals running each row unpadded.
+    pub fn prefill_with_prefix(
+        model: &'a Llama,
+        hooks: &'a dyn LmHooks,
+        prompts: &[Vec<u32>],
+        prefix: Option<(&Tensor, &[f32])>,
+    ) -> Result<(Self, Tensor)> {
+        let dev = model.device().clone();
+        let b = prompts.len();
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let n = prefix.map(|p| p.0.dims()[1]).unwrap_or(0);
+        let mut ids = Vec::with_capacity(b * t);
+        let mut pos = Vec::with_capacity(b * (n + t));
+        let mut mask = Vec::with_capacity(b);
+        for (i, p) in prompts.iter().enumerate() {
+            let pad = t - p.len();
+            ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+            pos.extend((0..n as u32).chain((0..t).map(|j| (n + j.saturating_sub(pad)) as u32)));
+            let pm = prefix.map(|p| p.1[i]).unwrap_or(1.0);
+            mask.push(
+                std::iter::repeat_n(pm, n).chain((0..t).map(|j| if j < pad { 0.0 } else { 1.0 })).collect::<Vec<f32>>(),
+            );
+        }
+        let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+        let mut x = model.embed(&ids)?;
+        if let Some((p, _)) = prefix {
+            x = Tensor::cat(&[p, &x], 1)?;
+        }
+        let total = n + t;
+        let plain = mask.iter().all(|r| r.iter().all(|&m| m == 1.0));
+        let mut cache = model.new_cache();
+        let (positions, key_mask) = if plain {
+            (Positions::From(0), None)
+        } else {
+            (
+                Positions::PerSample(Tensor::from_vec(pos, (b, total), &dev)?),
+                Some(Tensor::from_vec(mask.concat(), (b, total), &dev)?),
+            )
+        };
+        let h = model.forward_embeds(&x, &positions, Some(&mut cache), key_mask.as_ref(), hooks)?;
+        let logits = model.logits(&h.narrow(1, total - 1, 1)?.squeeze(1)?)?;
+        let next_pos = prompts.iter().map(|p| (n + p.len()) as u32).collect();
+        Ok((Self { model, hooks, cache, next_pos, mask: (!plain).then_some(mask) }, logits))
+    }
+}
+
+impl Stepper for LlamaStepper<'_> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let dev = self.model.device().clone();
+        let b = tokens.len();
+        let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &dev)?;
+        let (positions, key_mask) = match &mut self.mask {
+            None => (Positions::From(self.next_pos[0] as usize), None),
+            Some(m) => {
+                for r in m.iter_mut() {
+                    r.push(1.0);
+                }
+                let len = m[0].len();
+                (
+                    Positions::PerSample(Tensor::from_vec(self.next_pos.clone(), (b, 1), &dev)?),
+                    Some(Tensor::from_vec(m.concat(), (b, len), &dev)?),
+                )
+            }
+        };
+        let h = self.model.forward_embeds(
+            &self.model.embed(&ids)?,
+            &positions,
+            Some(&mut self.cache),
+            key_mask.as_ref(),
+            self.hooks,
+        )?;
+        for p in self.next_pos.iter_mut() {
+            *p += 1;
+        }
+        self.model.logits(&h.squeeze(1)?)
+    }
+}
+
+impl BeamStepper for LlamaStepper<'_> {
+    fn reorder(&mut self, bi: &[usize]) -> Result<()> {
+        let idx = Tensor::from_vec(bi.iter().map(|&i| i as u32).collect::<Vec<_>>(), bi.len(), self.model.device())?;
+        self.cache.reorder(&idx)?;
+        self.next_pos = bi.iter().map(|&i| self.next_pos[i]).collect();
+        if let Some(m) = &mut self.mask {
+            *m = bi.iter().map(|&i| m[i].clone()).collect();
+        }
+        Ok(())
     }
 }

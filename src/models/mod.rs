@@ -5,12 +5,96 @@ pub mod clip;
 pub mod encdec;
 pub mod kv_cache;
 pub mod llama;
+pub mod load;
 pub mod t5;
 
 pub use kv_cache::KvCache;
+pub use load::{LoadedLm, LoadedVision, load_lm, load_vision};
 
+use crate::generate::stepper::BeamStepper;
+use crate::ops::Activation;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
+use std::any::Any;
+
+/// A batch in teacher-forcing form: what one training step feeds a language model.
+pub struct TeacherForcing<'a> {
+    /// Encoder input (encoder-decoder) or the whole sequence (decoder-only) `[b, t]`,
+    /// right-padded.
+    pub input_ids: &'a Tensor,
+    /// Real tokens per row of `input_ids`.
+    pub input_lens: &'a [usize],
+    /// Decoder inputs `[b, t_dec]` (encoder-decoder LMs only).
+    pub decoder_ids: Option<&'a Tensor>,
+    /// Embeddings `[b, n, d]` placed before the input (the input-space baseline's visual
+    /// tokens), with a flag per row: 0 masks that row's prefix out.
+    pub prefix: Option<(&'a Tensor, &'a [f32])>,
+}
+
+/// Hidden states `[b, rows, d]` of a teacher-forcing pass, of which the positions from `offset`
+/// on line up with the text (the positions before it belong to a prefix).
+pub struct Hidden {
+    pub h: Tensor,
+    pub rows: usize,
+    pub offset: usize,
+}
+
+/// What every frozen language model offers the layers above it: dimensions, a teacher-forcing
+/// pass with hooks, logits, and a decoding state for generation. LLaMA, T5 and BART implement it
+/// in their own files; nothing above `models/` matches on the family.
+pub trait LanguageModel: Send + Sync {
+    /// `llama`, `t5` or `bart`.
+    fn family(&self) -> &'static str;
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+    /// Model width `d`.
+    fn width(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// The stacks and their numbers of blocks: the decoder alone, or encoder then decoder.
+    fn stacks(&self) -> Vec<(Site, usize)>;
+    /// Positions the model can take (`None`: no limit, as T5's relative positions).
+    fn max_positions(&self) -> Option<usize>;
+    /// The FFN's activation (its gate's for gated FFNs): the memory branch uses it.
+    fn ffn_activation(&self) -> Activation;
+    /// `(in, out)` features of an attention projection of `site` (LoRA targets).
+    fn proj_dims(&self, site: Site, proj: Proj) -> (usize, usize);
+    /// The decoder's start token for encoder-decoder LMs; `None` for decoder-only LMs.
+    fn decoder_start(&self) -> Option<u32>;
+    /// Token embeddings `[b, t, d]` as the first block consumes them.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+    /// The final hidden states of a teacher-forcing pass.
+    fn teacher_forcing(&self, tf: &TeacherForcing, hooks: &dyn LmHooks) -> Result<Hidden>;
+    /// Logits `[.., vocab]` from final hidden states `[.., d]`.
+    fn logits(&self, h: &Tensor) -> Result<Tensor>;
+    /// Runs the prompts (and an optional embedding prefix per row, as in [`TeacherForcing`])
+    /// and returns the decoding state with the logits `[rows, vocab]` that follow each prompt.
+    fn prefill<'a>(
+        &'a self,
+        hooks: &'a dyn LmHooks,
+        prompts: &[Vec<u32>],
+        prefix: Option<(&Tensor, &[f32])>,
+    ) -> Result<(Box<dyn BeamStepper + 'a>, Tensor)>;
+    /// The encoder-decoder view (T5, BART).
+    fn as_encdec(&self) -> Option<&dyn encdec::EncoderDecoder> {
+        None
+    }
+    /// For tools that need a family's internals (parity tests, the bench's FLOP counts).
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl dyn LanguageModel + '_ {
+    /// Blocks over all stacks.
+    pub fn total_layers(&self) -> usize {
+        self.stacks().iter().map(|s| s.1).sum()
+    }
+    /// Blocks of the deepest stack (the range of a per-stack layer index).
+    pub fn layers_per_stack(&self) -> usize {
+        self.stacks().iter().map(|s| s.1).max().unwrap_or(0)
+    }
+    pub fn downcast<T: 'static>(&self) -> Option<&T> {
+        self.as_any().downcast_ref::<T>()
+    }
+}
 
 /// Which stack of a language model a block belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -32,13 +116,13 @@ impl Site {
 /// An attention projection that an adapter may modify (LoRA targets).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Proj {
-    #[serde(rename = "q_proj")]
+    #[serde(rename = "q_proj", alias = "q")]
     Q,
-    #[serde(rename = "k_proj")]
+    #[serde(rename = "k_proj", alias = "k")]
     K,
-    #[serde(rename = "v_proj")]
+    #[serde(rename = "v_proj", alias = "v")]
     V,
-    #[serde(rename = "o_proj")]
+    #[serde(rename = "o_proj", alias = "o", alias = "out_proj")]
     O,
 }
 

@@ -13,6 +13,7 @@ mod linear;
 mod loss;
 mod memory;
 mod mlp;
+pub mod nn;
 mod norm;
 mod rope;
 mod softmax;

@@ -1,22 +1,26 @@
 //! The training engine. It knows a model only through [`Task`] (named trained tensors, a loss
 //! per batch, a way to write the adapter) and data only through [`Batches`].
 //!
-//! Every optimizer step appends to `metrics.jsonl`; checkpoints (adapter, optimizer moments,
-//! schedule and data position, RNG state) are written into a temporary directory and renamed
-//! into place, so a killed run leaves only complete checkpoints, and `resume` continues from
-//! the newest one to the same result, bit for bit, as a run that was never stopped.
+//! [`Trainer::step`] runs one optimizer step (accumulation, non-finite skipping, clipping,
+//! AdamW) and returns its [`StepRecord`]; [`train`] drives it with the logger (progress bar,
+//! `metrics.jsonl`, `loss.png`, [`logger`]) and checkpoints ([`checkpoint`]: written into a
+//! temporary directory and renamed into place, resumed to the same result, bit for bit, as a run
+//! that was never stopped).
 
+pub mod checkpoint;
+pub mod logger;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
 
 use crate::rng::Rng;
-use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use anyhow::{Result, bail};
+use candle_core::{DType, Tensor, Var};
+use checkpoint::State;
 use optim::{AdamW, AdamWConfig};
 use schedule::Schedule;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 pub trait Task {
@@ -38,9 +42,10 @@ pub trait Batches<B> {
     fn stream(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<B>> + '_>;
 }
 
+/// What the optimisation computes: a resumed run must not change these (except `max_steps`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TrainSettings {
+pub struct OptimSettings {
     pub epochs: usize,
     /// Stop after this many optimizer steps (the schedule still spans `epochs`).
     pub max_steps: Option<u64>,
@@ -58,17 +63,11 @@ pub struct TrainSettings {
     pub eps: f64,
     pub clip_grad: Option<f64>,
     pub seed: u64,
-    /// Checkpoint every N optimizer steps (and always at the end).
-    pub save_every: Option<u64>,
-    /// How many step checkpoints to keep (the newest).
-    pub keep_checkpoints: usize,
     /// Stop with an error after this many steps with a non-finite loss or gradient.
     pub max_bad_steps: u64,
-    /// Print a log line every N steps when stderr is not a terminal.
-    pub log_every: u64,
 }
 
-impl Default for TrainSettings {
+impl Default for OptimSettings {
     fn default() -> Self {
         Self {
             epochs: 20,
@@ -85,35 +84,44 @@ impl Default for TrainSettings {
             eps: 1e-8,
             clip_grad: None,
             seed: 0,
-            save_every: None,
-            keep_checkpoints: 3,
             max_bad_steps: 20,
-            log_every: 50,
         }
     }
 }
 
-impl TrainSettings {
+impl OptimSettings {
     pub fn effective_lr(&self) -> f64 {
         self.lr.unwrap_or(self.blr * (self.batch_size * self.accum_steps) as f64 / 256.0)
     }
 
     /// The settings that change what a run computes (a resumed run must not change them).
-    fn identity(&self) -> TrainSettings {
-        TrainSettings { max_steps: None, save_every: None, keep_checkpoints: 0, log_every: 0, ..self.clone() }
+    pub(crate) fn identity(&self) -> OptimSettings {
+        OptimSettings { max_steps: None, ..self.clone() }
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct State {
-    opt_step: u64,
-    epoch: usize,
-    next_batch: usize,
-    rng: Rng,
-    skipped_steps: u64,
-    skipped_samples: u64,
-    optimizer_t: u64,
-    settings: TrainSettings,
+/// What only changes what a run reports and keeps: free to change on resume.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// Checkpoint every N optimizer steps (and always at the end).
+    pub save_every: Option<u64>,
+    /// How many step checkpoints to keep (the newest).
+    pub keep_checkpoints: usize,
+    /// Print a log line every N steps when stderr is not a terminal.
+    pub log_every: u64,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { save_every: None, keep_checkpoints: 3, log_every: 50 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainSettings {
+    pub optim: OptimSettings,
+    pub log: LogSettings,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -128,47 +136,22 @@ pub struct Summary {
     pub resumed_from: Option<u64>,
 }
 
-fn checkpoint_dirs(run: &Path) -> Vec<(u64, PathBuf)> {
-    let mut v = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(run.join("checkpoints")) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
-                && e.path().join("state.json").is_file()
-            {
-                v.push((n, e.path()));
-            }
-        }
-    }
-    v.sort();
-    v
-}
-
-fn write_checkpoint<T: Task>(task: &T, opt: &AdamW, state: &State, run: &Path, keep: usize) -> Result<PathBuf> {
-    let dir = run.join("checkpoints");
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let final_dir = dir.join(format!("step-{:08}", state.opt_step));
-    let tmp = dir.join(format!(".step-{:08}.tmp-{}", state.opt_step, std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    task.save_adapter(&tmp)?;
-    crate::checkpoint::save_safetensors_atomic(&opt.state_tensors(), None, &tmp.join("optimizer.safetensors"))?;
-    crate::util::write_json_atomic(&tmp.join("state.json"), state)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
-    // The run directory's top level always holds the newest adapter.
-    task.save_adapter(run)?;
-    let all = checkpoint_dirs(run);
-    if all.len() > keep.max(1) {
-        for (_, p) in &all[..all.len() - keep.max(1)] {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-    Ok(final_dir)
+/// One optimizer step as it happened.
+#[derive(Clone, Debug)]
+pub struct StepRecord {
+    /// Optimizer steps done, this one included.
+    pub step: u64,
+    /// Fractional epoch at the end of the step.
+    pub epoch: f64,
+    /// Mean loss over the step's micro-batches (not finite: the update was skipped).
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Samples in the step.
+    pub samples: usize,
+    pub seconds: f64,
+    /// The step ended an epoch.
+    pub epoch_end: bool,
 }
 
 fn grad_norm(grads: &[Tensor]) -> Result<f64> {
@@ -179,232 +162,226 @@ fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(s.sqrt())
 }
 
-fn progress(total: u64) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .unwrap()
-        .progress_chars("=> "),
-    );
-    pb
+/// A task, its data, the optimizer and where the run stands.
+pub struct Trainer<'a, T: Task> {
+    pub task: T,
+    data: &'a dyn Batches<T::Batch>,
+    s: OptimSettings,
+    sched: Schedule,
+    vars: Vec<Var>,
+    pub opt: AdamW,
+    pub(crate) st: State,
+    spe: usize,
+    total: u64,
+    /// The open stream of the current epoch and the epoch it belongs to.
+    stream: Option<(usize, Box<dyn Iterator<Item = Result<T::Batch>> + 'a>)>,
 }
 
-/// Trains `task` on `data`, writing into `run`.
+impl<'a, T: Task> Trainer<'a, T> {
+    pub fn new(task: T, data: &'a dyn Batches<T::Batch>, s: &OptimSettings) -> Result<Self> {
+        let spe = data.steps_per_epoch();
+        if spe == 0 {
+            bail!("the training split has fewer samples than one batch")
+        }
+        let accum = s.accum_steps.max(1);
+        let steps_per_epoch = spe.div_ceil(accum) as u64;
+        let mut total = steps_per_epoch * s.epochs as u64;
+        if let Some(m) = s.max_steps {
+            total = total.min(m);
+        }
+        let sched = Schedule {
+            lr: s.effective_lr(),
+            min_lr: s.min_lr,
+            warmup_epochs: s.warmup_epochs,
+            epochs: s.epochs as f64,
+        };
+        let named = task.params();
+        let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+        let opt = AdamW::new(
+            named,
+            AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: s.eps, weight_decay: s.weight_decay },
+        )?;
+        let st = State::fresh(s);
+        Ok(Self { task, data, s: s.clone(), sched, vars, opt, st, spe, total, stream: None })
+    }
+
+    /// Optimizer steps of the whole run.
+    pub fn total_steps(&self) -> u64 {
+        self.total
+    }
+
+    /// Optimizer steps done.
+    pub fn steps_done(&self) -> u64 {
+        self.st.opt_step
+    }
+
+    pub fn skipped(&self) -> (u64, u64) {
+        (self.st.skipped_steps, self.st.skipped_samples)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.st.opt_step >= self.total || self.st.epoch >= self.s.epochs
+    }
+
+    /// One optimizer step over `accum_steps` micro-batches (fewer at the end of an epoch);
+    /// `None` when the run is complete.
+    pub fn step(&mut self) -> Result<Option<StepRecord>> {
+        let accum = self.s.accum_steps.max(1);
+        loop {
+            if self.is_done() {
+                return Ok(None);
+            }
+            let epoch = self.st.epoch;
+            if self.stream.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let data: &'a dyn Batches<T::Batch> = self.data;
+                self.stream = Some((epoch, data.stream(epoch, self.st.next_batch)));
+            }
+            let start = Instant::now();
+            let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+            let (mut acc_loss, mut acc_n, mut acc_samples) = (0f64, 0usize, 0usize);
+            let mut i = self.st.next_batch;
+            let mut ended = false;
+            while i < self.spe {
+                let stream = &mut self.stream.as_mut().expect("opened above").1;
+                let Some(batch) = stream.next() else {
+                    ended = true;
+                    break;
+                };
+                let batch = batch?;
+                let (n, skipped) = self.task.batch_size(&batch);
+                self.st.skipped_samples += skipped as u64;
+                let loss = self.task.loss(&batch, &mut self.st.rng)?;
+                let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let grads = (loss / accum as f64)?.backward()?;
+                for (a, v) in acc.iter_mut().zip(&self.vars) {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        *a = Some(match a.take() {
+                            Some(prev) => (prev + g)?,
+                            None => g.clone(),
+                        });
+                    }
+                }
+                acc_loss += lv;
+                acc_n += 1;
+                acc_samples += n;
+                i += 1;
+                if acc_n >= accum || i >= self.spe {
+                    break;
+                }
+            }
+            if ended || acc_n == 0 {
+                // The stream ended early (fewer batches than planned): the epoch is over, and
+                // a partial accumulation is dropped.
+                self.st.epoch += 1;
+                self.st.next_batch = 0;
+                self.stream = None;
+                continue;
+            }
+            // One optimizer step.
+            let frac_epoch = epoch as f64 + (i - acc_n) as f64 / self.spe as f64;
+            let lr = self.sched.at(frac_epoch);
+            let mut g: Vec<Tensor> = acc
+                .iter_mut()
+                .zip(&self.vars)
+                .map(|(a, v)| a.take().map(Ok).unwrap_or_else(|| v.zeros_like()))
+                .collect::<candle_core::Result<_>>()?;
+            let loss_mean = acc_loss / acc_n as f64;
+            let norm = grad_norm(&g)?;
+            if !loss_mean.is_finite() || !norm.is_finite() {
+                self.st.skipped_steps += 1;
+                if self.st.skipped_steps >= self.s.max_bad_steps {
+                    bail!(
+                        "stopping: {} steps had a non-finite loss or gradient (last loss {loss_mean})",
+                        self.st.skipped_steps
+                    )
+                }
+            } else {
+                if let Some(c) = self.s.clip_grad {
+                    let coef = c / (norm + 1e-6);
+                    if coef < 1.0 {
+                        g = g.into_iter().map(|t| t * coef).collect::<candle_core::Result<_>>()?;
+                    }
+                }
+                self.opt.step(&g, lr)?;
+            }
+            self.st.opt_step += 1;
+            self.st.next_batch = i;
+            self.st.optimizer_t = self.opt.t;
+            let rec = StepRecord {
+                step: self.st.opt_step,
+                epoch: epoch as f64 + i as f64 / self.spe as f64,
+                loss: loss_mean,
+                lr,
+                grad_norm: norm,
+                samples: acc_samples,
+                seconds: start.elapsed().as_secs_f64(),
+                epoch_end: i >= self.spe,
+            };
+            if rec.epoch_end {
+                self.st.epoch += 1;
+                self.st.next_batch = 0;
+                self.stream = None;
+            }
+            return Ok(Some(rec));
+        }
+    }
+}
+
+/// Trains `task` on `data`, writing into `run`: metrics and the progress bar every step,
+/// checkpoints every `save_every` steps and at the end, the loss plot every epoch.
 pub fn train<T: Task>(
-    task: &mut T,
+    task: T,
     data: &dyn Batches<T::Batch>,
     s: &TrainSettings,
     run: &Path,
     resume: bool,
     title: &str,
 ) -> Result<Summary> {
-    std::fs::create_dir_all(run).with_context(|| format!("{}: cannot create run directory", run.display()))?;
-    let spe = data.steps_per_epoch();
-    if spe == 0 {
-        bail!("the training split has fewer samples than one batch")
-    }
-    let accum = s.accum_steps.max(1);
-    let steps_per_epoch = spe.div_ceil(accum) as u64;
-    let mut total = steps_per_epoch * s.epochs as u64;
-    if let Some(m) = s.max_steps {
-        total = total.min(m);
-    }
-    let sched =
-        Schedule { lr: s.effective_lr(), min_lr: s.min_lr, warmup_epochs: s.warmup_epochs, epochs: s.epochs as f64 };
-    let named = task.params();
-    let vars: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt =
-        AdamW::new(named, AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: s.eps, weight_decay: s.weight_decay })?;
+    std::fs::create_dir_all(run)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", run.display()))?;
+    let mut tr = Trainer::new(task, data, &s.optim)?;
     let metrics_path = run.join("metrics.jsonl");
-    let mut st = State {
-        opt_step: 0,
-        epoch: 0,
-        next_batch: 0,
-        rng: Rng::derive(s.seed, "dropout"),
-        skipped_steps: 0,
-        skipped_samples: 0,
-        optimizer_t: 0,
-        settings: s.identity(),
-    };
     let mut resumed_from = None;
     if resume {
-        let Some((step, dir)) = checkpoint_dirs(run).pop() else {
-            bail!("{}: --resume given but no checkpoint found in checkpoints/", run.display())
-        };
-        let saved: State = serde_json::from_value(crate::checkpoint::read_json(&dir.join("state.json"))?)
-            .with_context(|| format!("{}: malformed state", dir.join("state.json").display()))?;
-        if saved.settings != s.identity() {
-            bail!(
-                "{}: the checkpoint was made with other settings; resume with the same ones.\n saved: {:?}\n given: {:?}",
-                dir.display(),
-                saved.settings,
-                s.identity()
-            )
-        }
-        let ad = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
-            .with_context(|| format!("{}: cannot read the adapter", dir.display()))?;
-        for (name, v) in task.params() {
-            let t = ad
-                .get(&name)
-                .with_context(|| format!("{}: tensor `{name}` missing from the checkpoint", dir.display()))?;
-            v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
-        }
-        let os = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
-            .with_context(|| format!("{}: cannot read the optimizer state", dir.display()))?;
-        opt.load_state(saved.optimizer_t, &os)?;
+        let step = checkpoint::resume(&mut tr, run)?;
         metrics::truncate(&metrics_path, step)?;
-        st = saved;
         resumed_from = Some(step);
-        eprintln!("resuming from {} (step {step}, epoch {}, batch {})", dir.display(), st.epoch, st.next_batch);
     } else if metrics_path.exists() {
         std::fs::remove_file(&metrics_path)?;
     }
-    let pb = progress(total);
-    pb.set_position(st.opt_step);
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let start = Instant::now();
-    let mut samples_total = 0u64;
-    let mut last_loss = f64::NAN;
-    let mut window = std::collections::VecDeque::new();
-    let mut done = st.opt_step >= total;
-    'epochs: while st.epoch < s.epochs && !done {
-        let epoch = st.epoch;
-        let mut stream = data.stream(epoch, st.next_batch);
-        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let (mut acc_loss, mut acc_n, mut acc_samples) = (0f64, 0usize, 0usize);
-        let mut step_start = Instant::now();
-        let mut i = st.next_batch;
-        while i < spe {
-            let Some(batch) = stream.next() else { break };
-            let batch = batch?;
-            let (n, skipped) = task.batch_size(&batch);
-            st.skipped_samples += skipped as u64;
-            let loss = task.loss(&batch, &mut st.rng)?;
-            let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let grads = (loss / accum as f64)?.backward()?;
-            for (a, v) in acc.iter_mut().zip(&vars) {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    *a = Some(match a.take() {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
-            acc_loss += lv;
-            acc_n += 1;
-            acc_samples += n;
-            i += 1;
-            if acc_n < accum && i < spe {
-                continue;
-            }
-            // One optimizer step.
-            let frac_epoch = epoch as f64 + (i - acc_n) as f64 / spe as f64;
-            let lr = sched.at(frac_epoch);
-            let mut g: Vec<Tensor> = acc
-                .iter_mut()
-                .zip(&vars)
-                .map(|(a, v)| a.take().map(Ok).unwrap_or_else(|| v.zeros_like()))
-                .collect::<candle_core::Result<_>>()?;
-            let loss_mean = acc_loss / acc_n as f64;
-            let norm = grad_norm(&g)?;
-            if !loss_mean.is_finite() || !norm.is_finite() {
-                st.skipped_steps += 1;
-                if st.skipped_steps >= s.max_bad_steps {
-                    bail!(
-                        "stopping: {} steps had a non-finite loss or gradient (last loss {loss_mean})",
-                        st.skipped_steps
-                    )
-                }
-            } else {
-                if let Some(c) = s.clip_grad {
-                    let coef = c / (norm + 1e-6);
-                    if coef < 1.0 {
-                        g = g.into_iter().map(|t| t * coef).collect::<candle_core::Result<_>>()?;
-                    }
-                }
-                opt.step(&g, lr)?;
-            }
-            st.opt_step += 1;
-            st.next_batch = i;
-            st.optimizer_t = opt.t;
-            let dt = step_start.elapsed().as_secs_f64();
-            step_start = Instant::now();
-            window.push_back((acc_samples, dt));
-            if window.len() > 20 {
-                window.pop_front();
-            }
-            let (ws, wt) = window.iter().fold((0usize, 0f64), |a, b| (a.0 + b.0, a.1 + b.1));
-            let sps = ws as f64 / wt.max(1e-9);
-            samples_total += acc_samples as u64;
-            last_loss = loss_mean;
-            let rec = metrics::Record {
-                step: st.opt_step,
-                epoch: epoch as f64 + i as f64 / spe as f64,
-                loss: loss_mean,
-                lr,
-                grad_norm: norm,
-                samples_per_s: sps,
-                skipped_steps: st.skipped_steps,
-                skipped_samples: st.skipped_samples,
-            };
-            metrics::append(&metrics_path, &rec)?;
-            pb.set_position(st.opt_step);
-            pb.set_message(format!("loss {loss_mean:.4} lr {lr:.2e} {sps:.1} samples/s"));
-            if !tty && s.log_every > 0 && (st.opt_step.is_multiple_of(s.log_every) || st.opt_step == total) {
-                let el = start.elapsed().as_secs_f64();
-                let left = total - st.opt_step;
-                let eta = if st.opt_step > resumed_from.unwrap_or(0) {
-                    el / (st.opt_step - resumed_from.unwrap_or(0)) as f64 * left as f64
-                } else {
-                    0.0
-                };
-                eprintln!(
-                    "step {}/{total} epoch {:.2} loss {loss_mean:.4} lr {lr:.3e} grad-norm {norm:.3} {sps:.1} samples/s eta {eta:.0}s",
-                    st.opt_step, rec.epoch
-                );
-            }
-            acc_loss = 0.0;
-            acc_n = 0;
-            acc_samples = 0;
-            if i >= spe {
-                st.epoch += 1;
-                st.next_batch = 0;
-            }
-            let end = st.opt_step >= total;
-            if s.save_every.is_some_and(|k| k > 0 && st.opt_step.is_multiple_of(k)) || end {
-                write_checkpoint(task, &opt, &st, run, s.keep_checkpoints)?;
-            }
-            if end {
-                done = true;
-                break;
-            }
+    let mut log = logger::Logger::new(run, title, tr.total_steps(), tr.steps_done(), s.log.log_every);
+    let (mut samples_total, mut last_loss) = (0u64, f64::NAN);
+    let mut saved_at = None;
+    // A finished run that is resumed changes nothing.
+    let finished = tr.is_done();
+    while let Some(rec) = tr.step()? {
+        samples_total += rec.samples as u64;
+        last_loss = rec.loss;
+        let (skipped_steps, skipped_samples) = tr.skipped();
+        log.step(&rec, skipped_steps, skipped_samples)?;
+        let end = tr.steps_done() >= tr.total_steps();
+        if s.log.save_every.is_some_and(|k| k > 0 && rec.step.is_multiple_of(k)) || end {
+            checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
+            saved_at = Some(rec.step);
         }
-        if st.epoch == epoch {
-            // The stream ended early (fewer batches than planned): the epoch is over.
-            st.epoch += 1;
-            st.next_batch = 0;
-        }
-        metrics::plot(&metrics::read(&metrics_path)?, &run.join("loss.png"), title)?;
-        if done {
-            break 'epochs;
+        if rec.epoch_end || end {
+            log.plot()?;
         }
     }
-    if !done {
-        write_checkpoint(task, &opt, &st, run, s.keep_checkpoints)?;
+    if !finished && saved_at != Some(tr.steps_done()) {
+        checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
     }
-    metrics::plot(&metrics::read(&metrics_path)?, &run.join("loss.png"), title)?;
-    pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
+    log.plot()?;
+    let secs = log.finish();
+    let (skipped_steps, skipped_samples) = tr.skipped();
     Ok(Summary {
-        steps: st.opt_step,
+        steps: tr.steps_done(),
         seconds: secs,
         samples: samples_total,
         samples_per_s: samples_total as f64 / secs.max(1e-9),
         final_loss: last_loss,
-        skipped_steps: st.skipped_steps,
-        skipped_samples: st.skipped_samples,
+        skipped_steps,
+        skipped_samples,
         resumed_from,
     })
 }

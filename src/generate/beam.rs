@@ -18,15 +18,10 @@
 //! Scores are kept in f32 with the same additions as transformers, so that near-ties resolve
 //! the same way.
 
-use crate::generate::{Stepper, rows};
+use super::rows;
+pub use super::stepper::BeamStepper;
 use anyhow::{Result, bail};
 use candle_core::Tensor;
-
-/// A [`Stepper`] whose rows can be rearranged between steps (KV caches follow their beams).
-pub trait BeamStepper: Stepper {
-    /// New row `i` = old row `beam_indices[i]`; the number of rows may change.
-    fn reorder(&mut self, beam_indices: &[usize]) -> Result<()>;
-}
 
 /// transformers' `early_stopping`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -2,17 +2,20 @@
 //! machine, interleaved after a warm-up; plus this CPU's best large matrix-product throughput,
 //! and the backward/forward ratio of a frozen LM with one small trained tensor inside.
 
+use super::run::VlmTask;
+use crate::adapters::input_space::InputSpace;
+use crate::adapters::lora::Lora;
+use crate::adapters::memvp::Memvp;
 use crate::checkpoint::{Tok, Weights};
 use crate::data::batch::Batch;
-use crate::lm::{LanguageModel, LoadedLm, load_lm};
 use crate::models::llama::{Llama, LlamaConfig, Positions};
-use crate::models::{LmHooks, Site};
+use crate::models::{LmHooks, LoadedLm, Site, load_lm, load_vision};
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
-use crate::train::optim::{AdamW, AdamWConfig};
-use crate::vision::load_vision;
-use crate::vlm::{Method, MethodSettings, Vlm};
-use anyhow::{Result, bail};
+use crate::train::{Batches, OptimSettings, Trainer};
+use crate::vlm::{AdapterSettings, Base, Vlm};
+use std::sync::Arc;
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 use serde_json::json;
@@ -162,14 +165,7 @@ pub fn random_lm(a: &BenchArgs) -> Result<LoadedLm> {
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": {}, "merges": []}
     }))?;
-    Ok(LoadedLm {
-        model: LanguageModel::Llama(model),
-        tok,
-        eos: vec![2],
-        path: "random".into(),
-        fingerprint: "random".into(),
-        family: "llama",
-    })
+    Ok(LoadedLm { model: Box::new(model), tok, eos: vec![2], path: "random".into(), fingerprint: "random".into() })
 }
 
 /// The best throughput of large f32 matrix products on this machine (GFLOP/s).
@@ -195,7 +191,7 @@ pub fn matmul_peak_gflops() -> Result<f64> {
 /// Backward counts what the implementation computes: input gradients through frozen layers
 /// from the first trained tensor on, both operand gradients for trained or activation products.
 fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
-    let LanguageModel::Llama(m) = &vlm.lm.model else { return (f64::NAN, f64::NAN) };
+    let Some(m) = vlm.lm().llama() else { return (f64::NAN, f64::NAN) };
     let c = &m.cfg;
     let (d, i, h, kv, hd, l, v) = (
         c.hidden_size as f64,
@@ -206,11 +202,11 @@ fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
         c.num_hidden_layers as f64,
         c.vocab_size as f64,
     );
-    let vc = &vlm.vision.model.cfg;
+    let vc = &vlm.vision().model.cfg;
     let (cw, iv, p) = (vc.hidden_size as f64, vc.intermediate_size as f64, vc.patch_size as f64);
     let n = vc.num_patches() as f64;
     let nt = n + 1.0;
-    let vl = vlm.vision.model.resolve_layer(-2).unwrap_or(vc.num_hidden_layers) as f64;
+    let vl = vlm.vision().model.resolve_layer(-2).unwrap_or(vc.num_hidden_layers) as f64;
     let bf = b as f64;
     let proj = 2.0 * d * h * hd + 2.0 * 2.0 * d * kv * hd + 2.0 * h * hd * d;
     let ffn = 3.0 * 2.0 * d * i;
@@ -219,8 +215,9 @@ fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
     let vis_layer = nt * (4.0 * 2.0 * cw * cw + 2.0 * 2.0 * cw * iv) + 2.0 * 2.0 * nt * nt * cw;
     let patch = n * 2.0 * 3.0 * p * p * cw;
     let head_train = 2.0 * d * v * answer as f64;
-    match &vlm.params {
-        crate::vlm::Params::Memvp(mv) => {
+    let input_space = vlm.adapter.downcast::<InputSpace>();
+    let lora = input_space.map(|x| &x.lora).or_else(|| vlm.adapter.downcast::<Lora>());
+    if let Some(mv) = vlm.adapter.downcast::<Memvp>() {
             let tt = t as f64;
             let mm = mv.cfg.slots as f64;
             let r = mv.cfg.vision_adapter_dim as f64;
@@ -240,9 +237,8 @@ fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
             let train = bf * (lm_fwd + vis_fwd + lm_bwd + vis_bwd);
             let prefill = bf * (l * (lm_layer(tt) + branch) + 2.0 * d * v + vis_fwd);
             (train, prefill)
-        }
-        crate::vlm::Params::InputSpace { lora, .. } | crate::vlm::Params::Lora(lora) => {
-            let is_vis = matches!(vlm.params, crate::vlm::Params::InputSpace { .. });
+    } else if let Some(lora) = lora {
+            let is_vis = input_space.is_some();
             let tt = t as f64 + if is_vis { n } else { 0.0 };
             let r = lora.cfg.rank as f64;
             let lora_tok: f64 = lora
@@ -255,7 +251,7 @@ fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
                     crate::models::Proj::O => 2.0 * r * (h * hd + d),
                 })
                 .sum();
-            let hp = vlm.cfg.input_space.as_ref().map(|x| x.hidden_proj as f64).unwrap_or(0.0);
+            let hp = input_space.map(|x| x.cfg.hidden_proj as f64).unwrap_or(0.0);
             let projector = if is_vis { n * 2.0 * (cw * hp + hp * d) } else { 0.0 };
             let vis_fwd = if is_vis { patch + vl * vis_layer + projector } else { 0.0 };
             let lm_fwd = l * (lm_layer(tt) + tt * lora_tok) + head_train;
@@ -263,16 +259,17 @@ fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
             let train = bf * (lm_fwd + vis_fwd + lm_bwd + 2.0 * projector);
             let prefill = bf * (l * (lm_layer(tt) + tt * lora_tok) + 2.0 * d * v + vis_fwd);
             (train, prefill)
-        }
+    } else {
+        (f64::NAN, f64::NAN)
     }
 }
 
 pub fn synthetic_batch(vlm: &Vlm, a: &BenchArgs, rng: &mut Rng) -> Result<Batch> {
     let (b, t) = (a.batch_size, a.text_tokens);
-    let vocab = match &vlm.lm.model {
-        LanguageModel::Llama(m) => m.cfg.vocab_size,
-        _ => bail!("bench supports decoder-only LMs"),
-    };
+    if vlm.lm().model.decoder_start().is_some() {
+        bail!("bench supports decoder-only LMs")
+    }
+    let vocab = vlm.lm().model.vocab_size();
     let ids: Vec<u32> = (0..b * t).map(|_| 3 + rng.below(vocab - 3) as u32).collect();
     let (mut pos, mut tgt) = (Vec::new(), Vec::new());
     for r in 0..b {
@@ -281,7 +278,7 @@ pub fn synthetic_batch(vlm: &Vlm, a: &BenchArgs, rng: &mut Rng) -> Result<Batch>
             tgt.push(ids[r * t + j + 1]);
         }
     }
-    let s = vlm.vision.model.cfg.image_size;
+    let s = vlm.vision().model.cfg.image_size;
     let px: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.normal() as f32).collect();
     Ok(Batch {
         input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
@@ -303,12 +300,10 @@ struct Phase {
     peak: f64,
 }
 
-pub fn settings(method: Method) -> MethodSettings {
-    MethodSettings {
-        method,
-        memvp: Default::default(),
-        input_space: Default::default(),
-        lora: Default::default(),
+pub fn settings(method: &str) -> AdapterSettings {
+    AdapterSettings {
+        method: method.into(),
+        sections: Default::default(),
         prompt: Default::default(),
         max_len: 4096,
         image_blind: false,
@@ -316,20 +311,37 @@ pub fn settings(method: Method) -> MethodSettings {
     }
 }
 
-fn one_round(vlm: &Vlm, opt: &mut AdamW, batch: &Batch, a: &BenchArgs, rng: &mut Rng, ph: &mut Phase) -> Result<()> {
+/// The bench's batch, again and again.
+struct Repeat(Batch);
+
+impl Batches<Batch> for Repeat {
+    fn steps_per_epoch(&self) -> usize {
+        usize::MAX / 2
+    }
+    fn stream(&self, _epoch: usize, _start: usize) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+        Box::new(std::iter::repeat_with(|| Ok(self.0.clone())))
+    }
+}
+
+/// A trainer at a constant learning rate of 1e-4 with the released AdamW settings.
+fn trainer<'a>(vlm: &'a Vlm, data: &'a Repeat) -> Result<Trainer<'a, VlmTask<'a>>> {
+    let s = OptimSettings {
+        epochs: 1,
+        lr: Some(1e-4),
+        min_lr: 1e-4,
+        warmup_epochs: 0.0,
+        max_bad_steps: u64::MAX,
+        ..OptimSettings::default()
+    };
+    Trainer::new(VlmTask { vlm }, data, &s)
+}
+
+fn one_round(tr: &mut Trainer<'_, VlmTask<'_>>, batch: &Batch, a: &BenchArgs, ph: &mut Phase) -> Result<()> {
     // Training step: forward, backward, optimizer.
     let t0 = Instant::now();
-    let loss = vlm.loss(batch, rng, true)?;
-    let grads = loss.backward()?;
-    let vars: Vec<Var> = opt.params.iter().map(|p| p.var.clone()).collect();
-    let g: Vec<Tensor> = vars
-        .iter()
-        .map(|v| grads.get(v.as_tensor()).cloned().map(Ok).unwrap_or_else(|| v.zeros_like()))
-        .collect::<candle_core::Result<_>>()?;
-    opt.step(&g, 1e-4)?;
-    // Free the graph (activations) before timing inference.
-    drop((grads, g, loss));
+    tr.step()?;
     ph.train.push(t0.elapsed().as_secs_f64() * 1e3);
+    let vlm = tr.task.vlm;
     // Prefill (vision tower, visual memory or visual tokens, LM over the prompt), then each
     // decoding step timed on its own.
     let ids = batch.input_ids.to_vec2::<u32>()?;
@@ -407,49 +419,32 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     let vision = load_vision(&a.vision, DType::F32, &dev)?;
     let n_vis = vision.model.cfg.num_patches();
     let peak = matmul_peak_gflops()?;
-    let mut vlm = Vlm::new(vision, lm, &settings(Method::Memvp))?;
+    // Both methods' adapters on the same frozen backbones.
+    let base = Arc::new(Base { vision, lm });
+    let vlms = [Vlm::new(base.clone(), &settings("memvp"))?, Vlm::new(base.clone(), &settings("input-space"))?];
     let mut rng = Rng::new(11);
-    let batch = synthetic_batch(&vlm, a, &mut rng)?;
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.02 };
+    let batch = synthetic_batch(&vlms[0], a, &mut rng)?;
+    let data = Repeat(batch.clone());
     let mut phases = [
         Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 },
         Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 },
     ];
-    let methods = [Method::Memvp, Method::InputSpace];
-    // Both methods' parameters live side by side on the same backbones; the inactive one is
-    // swapped out.
-    let mut other = vlm.make(&settings(Method::InputSpace))?;
-    let mut opts = [AdamW::new(vlm.params.named(), adam.clone())?, AdamW::new(other.0.named(), adam.clone())?];
-    let mut flops = [count_flops(&vlm, a.batch_size, a.text_tokens, a.answer_tokens), (0.0, 0.0)];
-    let mut params = [vlm.cfg.trainable_parameters, other.1.trainable_parameters];
-    let mut cur = 0usize;
+    let mut trainers = [trainer(&vlms[0], &data)?, trainer(&vlms[1], &data)?];
+    let flops = vlms.each_ref().map(|v| count_flops(v, a.batch_size, a.text_tokens, a.answer_tokens));
+    let params = vlms.each_ref().map(|v| v.cfg.trainable_parameters);
     for round in 0..a.warmup + a.iters {
-        for k in 0..methods.len() {
-            if cur != k {
-                std::mem::swap(&mut vlm.params, &mut other.0);
-                std::mem::swap(&mut vlm.cfg, &mut other.1);
-                cur = k;
-                if round == 0 {
-                    flops[k] = count_flops(&vlm, a.batch_size, a.text_tokens, a.answer_tokens);
-                    params[k] = vlm.cfg.trainable_parameters;
-                }
-            }
+        for (k, tr) in trainers.iter_mut().enumerate() {
             let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 };
             let ph = if round < a.warmup { &mut tmp } else { &mut phases[k] };
-            one_round(&vlm, &mut opts[k], &batch, a, &mut rng, ph)?;
+            one_round(tr, &batch, a, ph)?;
         }
     }
     // Peak memory: one more, untimed round per method after returning freed heap to the
     // system (trimming inside the timed rounds would charge page faults to the timings).
-    for k in 0..methods.len() {
-        if cur != k {
-            std::mem::swap(&mut vlm.params, &mut other.0);
-            std::mem::swap(&mut vlm.cfg, &mut other.1);
-            cur = k;
-        }
+    for (k, tr) in trainers.iter_mut().enumerate() {
         reset_peak_rss();
         let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 };
-        one_round(&vlm, &mut opts[k], &batch, a, &mut rng, &mut tmp)?;
+        one_round(tr, &batch, a, &mut tmp)?;
         phases[k].peak = peak_rss_mb();
     }
     let mut results = Vec::new();
@@ -473,7 +468,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     let fb = if a.skip_fwd_bwd {
         serde_json::Value::Null
     } else {
-        let m = vlm.lm.llama().unwrap();
+        let m = base.lm.llama().context("the bench's LM is not a LLaMA-family model")?;
         let (f, b) = fwd_bwd(m, a.batch_size, a.text_tokens, a.iters.max(2), false)?;
         let (fc, bc) = fwd_bwd(m, a.batch_size, a.text_tokens, a.iters.max(2), true)?;
         json!({

@@ -6,20 +6,17 @@
 //! (image-blind control), and evaluates both on held-out images.
 
 use crate::checkpoint::{Cfg, Weights};
+use super::run::EpochBatches;
+use super::settings::RunSettings;
+use crate::adapters::memvp::MemorySites;
 use crate::data::batch::{Batch, BatchBuilder, ImageCache, TextLayout, encode};
+use crate::data::image::{Norm, Preprocess};
 use crate::data::{self, DataOptions};
-use crate::image::{Norm, Preprocess};
-use crate::lm::LanguageModel;
-use crate::models::NoHooks;
-use crate::models::bart::{Bart, BartConfig};
-use crate::models::encdec::key_mask;
-use crate::models::llama::{Llama, LlamaConfig, Positions};
-use crate::models::t5::{T5, T5Config};
+use crate::models::load::model_from_config;
+use crate::models::{LanguageModel, NoHooks, TeacherForcing};
 use crate::ops;
 use crate::rng::Rng;
-use crate::run::{EpochBatches, RunConfig};
-use crate::train::{self, Task, TrainSettings};
-use crate::vlm::Method;
+use crate::train::{self, LogSettings, OptimSettings, Task, TrainSettings};
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 use serde::Serialize;
@@ -120,8 +117,8 @@ pub struct QuickstartSettings {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Encoder-decoder LMs: which stacks get the memory.
-    #[arg(long, value_enum, default_value = "both")]
-    pub memory_sites: crate::memvp::MemorySites,
+    #[arg(long, default_value = "both", value_parser = super::cli::serde_enum::<MemorySites>)]
+    pub memory_sites: MemorySites,
 }
 
 impl Default for QuickstartSettings {
@@ -193,7 +190,7 @@ fn build_tokenizer(dir: &Path, texts: &[String], family: Family) -> Result<PathB
 /// Plain language-model training of every weight on the answers of the text (no images).
 struct LmPretrain {
     vars: Vec<(String, Var)>,
-    model: LanguageModel,
+    model: Box<dyn LanguageModel>,
     dir: PathBuf,
 }
 
@@ -204,64 +201,56 @@ impl Task for LmPretrain {
     }
     fn loss(&mut self, b: &Batch, _rng: &mut Rng) -> Result<Tensor> {
         let idx = Tensor::from_slice(&b.loss_positions, b.loss_positions.len(), b.input_ids.device())?;
-        let select = |h: Tensor| -> Result<Tensor> {
-            let (n, t, d) = h.dims3()?;
-            Ok(h.reshape((n * t, d))?.index_select(&idx, 0)?)
+        let tf = TeacherForcing {
+            input_ids: &b.input_ids,
+            input_lens: &b.input_lens,
+            decoder_ids: b.decoder_ids.as_ref(),
+            prefix: None,
         };
-        let logits = match &self.model {
-            LanguageModel::Llama(m) => {
-                let h = m.forward_embeds(&m.embed(&b.input_ids)?, &Positions::From(0), None, None, &NoHooks)?;
-                m.logits(&select(h)?)?
-            }
-            lm => {
-                let m = lm.encdec().unwrap();
-                let (bb, t) = b.input_ids.dims2()?;
-                let mask = key_mask(bb, t, Some(&b.input_lens), None, b.input_ids.device())?;
-                let enc = m.encode(&b.input_ids, mask.as_ref(), &NoHooks)?;
-                let h = m.decode(b.decoder_ids.as_ref().unwrap(), &enc, mask.as_ref(), None, &NoHooks)?;
-                m.logits(&select(h)?)?
-            }
-        };
+        let h = self.model.teacher_forcing(&tf, &NoHooks)?.h;
+        let (n, t, d) = h.dims3()?;
+        let logits = self.model.logits(&h.reshape((n * t, d))?.index_select(&idx, 0)?)?;
         Ok(ops::cross_entropy(&logits, &b.loss_targets)?)
     }
     fn batch_size(&self, b: &Batch) -> (usize, usize) {
         (b.n, 0)
     }
+    /// The whole model, always into the LM's own directory.
     fn save_adapter(&self, _dir: &Path) -> Result<()> {
-        let tensors: Vec<(String, Tensor)> =
-            self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        crate::checkpoint::save_safetensors_atomic(
-            &tensors,
-            Some([("format".to_string(), "pt".to_string())].into()),
-            &self.dir.join("model.safetensors"),
-        )
+        save_lm(&self.vars, &self.dir)
     }
 }
 
+fn save_lm(vars: &[(String, Var)], dir: &Path) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    crate::checkpoint::save_safetensors_atomic(
+        &tensors,
+        Some([("format".to_string(), "pt".to_string())].into()),
+        &dir.join("model.safetensors"),
+    )
+}
+
 /// A random model of `family` whose weights are trainable, from its config.json.
-fn random_lm(family: Family, cfg_path: &Path, seed: u64) -> Result<(LanguageModel, Vec<(String, Var)>)> {
+fn random_lm(cfg_path: &Path, seed: u64) -> Result<(Box<dyn LanguageModel>, Vec<(String, Var)>)> {
     let cfg = Cfg::load(cfg_path)?;
     let w = Weights::random("quickstart-lm", seed, 0.02, DType::F32, &crate::util::device());
-    let model = match family {
-        Family::Llama => LanguageModel::Llama(Llama::load(&w, LlamaConfig::from_hf(&cfg)?)?),
-        Family::T5 => LanguageModel::T5(T5::load(&w, T5Config::from_hf(&cfg)?)?),
-        Family::Bart => LanguageModel::Bart(Bart::load(&w, BartConfig::from_hf(&cfg)?)?),
-    };
+    let (model, _) = model_from_config(&cfg, &w)?;
     Ok((model, w.made()))
 }
 
 fn quiet_settings(steps: u64, batch: usize, lr: f64, seed: u64) -> TrainSettings {
     TrainSettings {
-        epochs: 1000,
-        max_steps: Some(steps),
-        batch_size: batch,
-        lr: Some(lr),
-        warmup_epochs: 0.0,
-        weight_decay: 0.0,
-        seed,
-        log_every: 0,
-        keep_checkpoints: 1,
-        ..TrainSettings::default()
+        optim: OptimSettings {
+            epochs: 1000,
+            max_steps: Some(steps),
+            batch_size: batch,
+            lr: Some(lr),
+            warmup_epochs: 0.0,
+            weight_decay: 0.0,
+            seed,
+            ..OptimSettings::default()
+        },
+        log: LogSettings { log_every: 0, keep_checkpoints: 1, ..LogSettings::default() },
     }
 }
 
@@ -283,10 +272,10 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         &s.family.config(tok.vocab_size(), s.lm_hidden, s.lm_layers),
     )?;
     // 1. Pre-train the tiny LM on the text alone, then keep it as a Hugging Face directory.
-    let (model, vars) = random_lm(s.family, &lm_dir.join("config.json"), s.seed)?;
-    let layout = match model.encdec() {
+    let (model, vars) = random_lm(&lm_dir.join("config.json"), s.seed)?;
+    let layout = match model.decoder_start() {
         None => TextLayout::DecoderOnly,
-        Some(m) => TextLayout::EncoderDecoder { decoder_start: m.special_tokens().decoder_start },
+        Some(decoder_start) => TextLayout::EncoderDecoder { decoder_start },
     };
     // The builder is image-blind: the LM sees the text alone.
     let enc: Vec<_> = train.iter().map(|x| encode(&tok, x, eos, 128)).collect::<Result<_>>()?;
@@ -298,19 +287,20 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         skip_bad_images: false,
         blind: true,
     });
-    let mut pre = LmPretrain { vars, model, dir: lm_dir.clone() };
+    let pre = LmPretrain { vars, model, dir: lm_dir.clone() };
     let pre_run = out.join("lm-pretrain");
     let _ = std::fs::remove_dir_all(&pre_run);
     let batches = EpochBatches { builder, batch_size: 32, seed: s.seed };
+    let pre_vars = pre.vars.clone();
     let ps = train::train(
-        &mut pre,
+        pre,
         &batches,
         &quiet_settings(s.lm_pretrain_steps, 32, s.lm_pretrain_lr, s.seed),
         &pre_run,
         false,
         "LM pre-training (text only)",
     )?;
-    pre.save_adapter(&lm_dir)?;
+    save_lm(&pre_vars, &lm_dir)?;
     if verbose {
         eprintln!(
             "[{:5.1}s] tiny LM pre-trained on text only: loss {:.3}",
@@ -322,28 +312,27 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
     let test = ds.samples("test")?;
     let mut results = Vec::new();
     for blind in [false, true] {
-        let mut rc = RunConfig {
-            vision: s.vision.clone(),
-            lm: lm_dir.display().to_string(),
-            data: spec.clone(),
-            method: Method::Memvp,
-            image_blind: blind,
-            max_len: 128,
-            train: quiet_settings(s.steps, s.batch_size, s.lr, s.seed),
-            ..RunConfig::default()
-        };
-        rc.train.warmup_epochs = 0.1;
-        rc.train.epochs = ((s.steps as usize * s.batch_size).div_ceil(train.len())).max(1);
-        rc.memvp.visual_scale = s.visual_scale;
-        rc.memvp.adapter_scale = s.adapter_scale;
-        rc.memvp.memory_sites = s.memory_sites;
-        rc.train.clip_grad = s.clip_grad;
-        rc.memvp.slots = s.slots;
+        let mut rc = RunSettings::default();
+        rc.model.vision = s.vision.clone();
+        rc.model.lm = lm_dir.display().to_string();
+        rc.data.source = spec.clone();
+        rc.data.max_len = 128;
+        rc.method.name = "memvp".into();
+        rc.method.image_blind = blind;
+        let q = quiet_settings(s.steps, s.batch_size, s.lr, s.seed);
+        (rc.optim, rc.log) = (q.optim, q.log);
+        rc.optim.warmup_epochs = 0.1;
+        rc.optim.epochs = ((s.steps as usize * s.batch_size).div_ceil(train.len())).max(1);
+        rc.optim.clip_grad = s.clip_grad;
+        rc.set("memvp.visual_scale", json!(s.visual_scale));
+        rc.set("memvp.adapter_scale", json!(s.adapter_scale));
+        rc.set("memvp.memory_sites", serde_json::to_value(s.memory_sites)?);
+        rc.set("memvp.slots", json!(s.slots));
         let run_dir = out.join(if blind { "control" } else { "memvp" });
         let _ = std::fs::remove_dir_all(&run_dir);
-        let rep = crate::run::train_run(&rc, &run_dir, false)?;
+        let rep = super::run::train_run(&rc, &run_dir, false)?;
         let vlm = crate::vlm::Vlm::from_run(&run_dir, None, None)?;
-        let ev = crate::run::evaluate(&vlm, ds.as_ref(), test.clone(), 64, false, Some(&run_dir))?;
+        let ev = super::run::evaluate(&vlm, ds.as_ref(), test.clone(), 64, false, Some(&run_dir))?;
         if verbose {
             eprintln!(
                 "[{:5.1}s] {}: final loss {:.3}, test accuracy {:.1}%",
@@ -355,7 +344,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         }
         results.push(ev);
     }
-    let acc = |e: &crate::run::EvalReport| e.metrics["accuracy"].as_f64().unwrap_or(0.0) / 100.0;
+    let acc = |e: &super::run::EvalReport| e.metrics["accuracy"].as_f64().unwrap_or(0.0) / 100.0;
     Ok(QuickstartResult {
         memvp_accuracy: acc(&results[0]),
         control_accuracy: acc(&results[1]),

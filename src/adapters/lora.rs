@@ -2,8 +2,12 @@
 //! (`a = sqrt(5)`, i.e. U(±1/sqrt(in))), `B` zeros. File names `lora.layers.{i}.{proj}.a/b`
 //! (`lora.{encoder|decoder}.layers...` for encoder-decoder LMs).
 
-use crate::memvp::{dropout, linear_t};
-use crate::models::{LmHooks, Proj, Site};
+use super::{Adapter, Build, Installed, MethodSpec, Sections, Visual, section, to_section};
+use crate::data::image::Norm;
+use crate::models::clip::ClipVision;
+use crate::models::{LanguageModel, LmHooks, Proj, Site};
+use crate::ops::nn::{dropout, linear_t};
+use crate::settings::{Flag, Kind};
 use crate::rng::Rng;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -61,6 +65,15 @@ impl Lora {
             }
         }
         Ok(Self { cfg, pairs, prefix_sites })
+    }
+
+    /// LoRA on every block of every stack of `lm`.
+    pub fn for_lm(cfg: LoraConfig, lm: &dyn LanguageModel, seed: u64) -> Result<Self> {
+        if cfg.rank == 0 {
+            anyhow::bail!("LoRA rank must be at least 1")
+        }
+        let dims = |site: Site, _layer: usize, p: Proj| lm.proj_dims(site, p);
+        Self::init(cfg, &lm.stacks(), &dims, seed, DType::F32, lm.device())
     }
 
     pub fn scaling(&self) -> f64 {
@@ -122,3 +135,59 @@ impl LmHooks for LoraHooks<'_> {
         self.lora.delta(site, layer, proj, x, self.train, self.rng)
     }
 }
+
+/// Text-only LoRA: the image-blind reference.
+impl Adapter for Lora {
+    fn method(&self) -> &'static str {
+        SPEC.name
+    }
+    fn named(&self) -> Vec<(String, Var)> {
+        Lora::named(self)
+    }
+    fn uses_images(&self) -> bool {
+        false
+    }
+    fn norm(&self) -> Norm {
+        Norm::Imagenet
+    }
+    fn install<'a>(
+        &'a self,
+        _vision: &'a ClipVision,
+        _visual: Visual<'_>,
+        train: bool,
+        rng: &'a RefCell<Rng>,
+    ) -> Result<Installed<'a>> {
+        Ok(Installed { hooks: Box::new(LoraHooks { lora: self, train, rng }), prefix: None })
+    }
+    fn sections(&self) -> Result<Sections> {
+        Ok([to_section("lora", &self.cfg)?].into())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
+    Ok(Box::new(Lora::for_lm(section(s, "lora")?, b.lm, b.seed)?))
+}
+
+fn resolve(s: &Sections) -> Result<Sections> {
+    Ok([to_section("lora", &section::<LoraConfig>(s, "lora")?)?].into())
+}
+
+/// The LoRA flags (shared with the input-space baseline).
+pub const FLAGS: &[Flag] = &[
+    Flag { name: "lora-rank", keys: &["lora.rank"], kind: Kind::UInt, help: "LoRA rank r [default: 8]" },
+    Flag { name: "lora-alpha", keys: &["lora.alpha"], kind: Kind::Float, help: "LoRA alpha (scale alpha / r) [default: 16]" },
+    Flag { name: "lora-dropout", keys: &["lora.dropout"], kind: Kind::Float, help: "Dropout on LoRA's input [default: 0.05]" },
+    Flag { name: "lora-targets", keys: &["lora.targets"], kind: Kind::StrList, help: "LoRA targets, e.g. q_proj,v_proj [default: q_proj,v_proj]" },
+];
+
+pub const SPEC: MethodSpec = MethodSpec {
+    name: "lora",
+    about: "text-only LoRA on the LM's attention projections (the image-blind reference)",
+    sections: &["lora"],
+    flags: FLAGS,
+    build,
+    resolve,
+};

@@ -1,14 +1,24 @@
-//! What each command does, callable from tests and from `main.rs`.
+//! The command line: clap's argument structs and what each command does, callable from tests
+//! and from `main.rs`. The only place that knows clap (with `quickstart` and `bench`'s own
+//! argument structs).
 
-use crate::generate::{self, LlamaStepper, Sampling};
-use crate::image::{Norm, Preprocess};
-use crate::lm::{LanguageModel, load_lm};
-use crate::models::NoHooks;
+use super::settings::{RunSettings, all_flags};
+use crate::data::image::{Norm, Preprocess};
+use crate::generate::beam::{BeamOptions, EarlyStopping, beam_search};
+use crate::generate::{self, BeamStepper, Sampling};
+use crate::models::{NoHooks, load_lm};
+use crate::settings::{Flag, Kind};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 
 use crate::util::device;
+
+/// A clap value parser for the enums that settings files spell in lower case (`clip`,
+/// `both`, ...): the same names on the command line.
+pub fn serde_enum<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
@@ -54,12 +64,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let (prompt_ids, generated, text, eos) = if let Some(run) = &a.run {
         let vlm = crate::vlm::Vlm::from_run(run, a.vision.as_deref(), a.lm.as_deref())?;
+        let tok = &vlm.lm().tok;
         let prompt = if a.raw {
             a.prompt.clone()
         } else {
             crate::data::prompt::open_ended(vlm.cfg.prompt.vqa_template.as_deref(), &a.prompt)
         };
-        let ids = vlm.lm.tok.encode(&prompt, true)?;
+        let ids = tok.encode(&prompt, true)?;
         let pixels = match &a.image {
             Some(p) => {
                 let pre = vlm.preprocess();
@@ -69,8 +80,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         };
         let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];
         let g = vlm.generate(std::slice::from_ref(&ids), pixels.as_ref(), &ind, &s)?.remove(0);
-        let text = vlm.lm.tok.decode(&g, true)?;
-        (ids, g, text, vlm.lm.eos.clone())
+        let text = tok.decode(&g, true)?;
+        (ids, g, text, vlm.lm().eos.clone())
     } else {
         let Some(lm_path) = &a.lm else { anyhow::bail!("--lm (or --run) is needed") };
         if a.image.is_some() {
@@ -81,19 +92,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if ids.is_empty() {
             anyhow::bail!("the prompt encodes to no tokens")
         }
-        let g = match &lm.model {
-            LanguageModel::Llama(m) => {
-                let (mut st, first) = LlamaStepper::prefill(m, &NoHooks, std::slice::from_ref(&ids))?;
-                decode(&mut st, &first, &s, &lm.eos, a.num_beams, a.length_penalty)?
-            }
-            other => {
-                let m = other.encdec().unwrap();
-                let start = m.special_tokens().decoder_start;
-                let (mut st, first) =
-                    crate::models::encdec::EncDecStepper::prefill(m, &NoHooks, std::slice::from_ref(&ids), start)?;
-                decode(&mut st, &first, &s, &lm.eos, a.num_beams, a.length_penalty)?
-            }
-        };
+        let (mut st, first) = lm.model.prefill(&NoHooks, std::slice::from_ref(&ids), None)?;
+        let g = decode(st.as_mut(), &first, &s, &lm.eos, a.num_beams, a.length_penalty)?;
         let text = lm.tok.decode(&g, true)?;
         (ids, g, text, lm.eos.clone())
     };
@@ -115,7 +115,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 
 /// Greedy / sampling, or beam search when `beams > 1`.
 fn decode(
-    st: &mut dyn crate::beam::BeamStepper,
+    st: &mut dyn BeamStepper,
     first: &Tensor,
     s: &Sampling,
     eos: &[u32],
@@ -123,13 +123,13 @@ fn decode(
     lp: f64,
 ) -> Result<Vec<u32>> {
     if beams > 1 {
-        let o = crate::beam::BeamOptions {
+        let o = BeamOptions {
             num_beams: beams,
             length_penalty: lp,
-            early_stopping: crate::beam::EarlyStopping::Heuristic,
+            early_stopping: EarlyStopping::Heuristic,
             max_new_tokens: s.max_new_tokens,
         };
-        Ok(crate::beam::beam_search(st, first, &o, eos)?.ids)
+        Ok(beam_search(st, first, &o, eos)?.ids)
     } else {
         Ok(generate::continue_batch(st, first, s, eos)?.remove(0))
     }
@@ -137,7 +137,7 @@ fn decode(
 
 pub fn encode_image(vision: &str, image: &Path, layer: isize, norm: Norm, out: &Path) -> Result<()> {
     let dev = device();
-    let v = crate::vision::load_vision(vision, DType::F32, &dev)?;
+    let v = crate::models::load_vision(vision, DType::F32, &dev)?;
     let pre = Preprocess { size: v.model.cfg.image_size, norm };
     let px = pre.load(image)?;
     let s = pre.size;
@@ -152,223 +152,84 @@ pub fn encode_image(vision: &str, image: &Path, layer: isize, norm: Norm, out: &
 /// structure as the `config.toml` a run writes supplies defaults that flags override.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// CLIP checkpoint directory or random:<preset>[@seed] (presets: tiny, small, vit-b16, vit-l14).
-    #[arg(long)]
-    pub vision: Option<String>,
-    /// LM directory (Hugging Face) or .gguf file.
-    #[arg(long)]
-    pub lm: Option<String>,
-    /// KIND:PATH with KIND one of scienceqa, easyvqa, jsonl, vqav2, gqa, coco-captions.
-    #[arg(long)]
-    pub data: Option<String>,
     #[arg(long)]
     pub out: PathBuf,
+    /// A settings file (the `config.toml` of a run, or part of one).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Continue the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    #[arg(long, value_enum)]
-    pub method: Option<crate::vlm::Method>,
-    /// Train with every image indicator at 0 (image-blind control).
-    #[arg(long)]
-    pub image_blind: bool,
-    #[arg(long)]
-    pub split: Option<String>,
-    #[arg(long)]
-    pub max_train_samples: Option<usize>,
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    #[arg(long)]
-    pub max_steps: Option<u64>,
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    #[arg(long)]
-    pub accum_steps: Option<usize>,
-    /// Absolute learning rate (overrides --blr).
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Base learning rate, scaled by effective batch / 256.
-    #[arg(long)]
-    pub blr: Option<f64>,
-    #[arg(long)]
-    pub min_lr: Option<f64>,
-    #[arg(long)]
-    pub warmup_epochs: Option<f64>,
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    #[arg(long)]
-    pub clip_grad: Option<f64>,
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Checkpoint every N optimizer steps.
-    #[arg(long)]
-    pub save_every: Option<u64>,
-    #[arg(long)]
-    pub keep_checkpoints: Option<usize>,
-    /// Without a terminal, print a progress line every N steps.
-    #[arg(long)]
-    pub log_every: Option<u64>,
-    #[arg(long)]
-    pub max_bad_steps: Option<u64>,
-    #[arg(long)]
-    pub max_len: Option<usize>,
-    /// MemVP memory slots M.
-    #[arg(long)]
-    pub slots: Option<usize>,
-    /// Projector width h.
-    #[arg(long)]
-    pub hidden_proj: Option<usize>,
-    /// MemVP's lambda (0.01 in the released code).
-    #[arg(long)]
-    pub visual_scale: Option<f64>,
-    /// MemVP's memory-branch scale s (0.1).
-    #[arg(long)]
-    pub adapter_scale: Option<f64>,
-    #[arg(long)]
-    pub memory_dropout: Option<f64>,
-    #[arg(long)]
-    pub vision_adapter_dim: Option<usize>,
-    #[arg(long)]
-    pub vision_adapter_scale: Option<f64>,
-    #[arg(long)]
-    pub vision_adapter_dropout: Option<f64>,
-    /// Hidden-state index of the vision tower (-2 = penultimate block).
-    #[arg(long, allow_hyphen_values = true)]
-    pub vision_layer: Option<isize>,
-    #[arg(long, value_enum)]
-    pub norm: Option<Norm>,
-    /// LM blocks that get memory, e.g. 0,1,2 (default all; for encoder-decoder LMs the
-    /// indices count within each stack that --memory-sites selects).
-    #[arg(long, value_delimiter = ',')]
-    pub memory_layers: Option<Vec<usize>>,
-    /// Encoder-decoder LMs: which stacks get memory.
-    #[arg(long, value_enum)]
-    pub memory_sites: Option<crate::memvp::MemorySites>,
-    /// ScienceQA prompt format (QCM-A, CQM-A, QCM-LA, QCM-EA, ...).
-    #[arg(long)]
-    pub prompt_format: Option<String>,
-    #[arg(long)]
-    pub use_caption: bool,
-    /// Template for open-ended questions, with {question}.
-    #[arg(long)]
-    pub vqa_template: Option<String>,
-    /// Prompt for captioning (coco-captions; default "caption:").
-    #[arg(long)]
-    pub caption_prompt: Option<String>,
-    #[arg(long)]
-    pub skip_bad_images: bool,
-    #[arg(long)]
-    pub lora_rank: Option<usize>,
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    #[arg(long)]
-    pub lora_dropout: Option<f64>,
-    /// LoRA targets, e.g. q_proj,v_proj.
-    #[arg(long, value_delimiter = ',')]
-    pub lora_targets: Option<Vec<String>>,
-    #[arg(long)]
-    pub image_cache_mb: Option<usize>,
+    #[command(flatten)]
+    pub settings: SettingFlags,
 }
 
-macro_rules! set {
-    ($dst:expr, $src:expr) => {
-        if let Some(v) = $src.clone() {
-            $dst = v;
+/// The settings flags of `train` as given: one per row of the flag table
+/// ([`super::settings::all_flags`]), each laid over the settings file by key.
+#[derive(Debug, Clone, Default)]
+pub struct SettingFlags {
+    pub given: Vec<(Flag, String)>,
+}
+
+impl SettingFlags {
+    /// (key, value) pairs to lay over the settings file.
+    pub fn overrides(&self) -> Result<Vec<(String, serde_json::Value)>> {
+        let mut out = Vec::new();
+        for (f, text) in &self.given {
+            let v = f.parse(text)?;
+            for k in f.keys {
+                out.push((k.to_string(), v.clone()));
+            }
         }
-    };
+        Ok(out)
+    }
+}
+
+impl clap::FromArgMatches for SettingFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> std::result::Result<Self, clap::Error> {
+        let mut given = Vec::new();
+        for f in all_flags() {
+            match f.kind {
+                Kind::Bool => {
+                    if m.get_flag(f.name) {
+                        given.push((f, "true".to_string()));
+                    }
+                }
+                _ => {
+                    if let Some(v) = m.get_one::<String>(f.name) {
+                        given.push((f, v.clone()));
+                    }
+                }
+            }
+        }
+        Ok(Self { given })
+    }
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> std::result::Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for SettingFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.args(all_flags().into_iter().map(|f| {
+            let a = clap::Arg::new(f.name).long(f.name).help(f.help);
+            match f.kind {
+                Kind::Bool => a.action(clap::ArgAction::SetTrue),
+                _ => a.action(clap::ArgAction::Set).value_name("VALUE").allow_hyphen_values(true),
+            }
+        }))
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 impl TrainArgs {
-    pub fn resolve(&self) -> Result<crate::run::RunConfig> {
-        let mut c = match &self.config {
-            Some(p) => crate::run::RunConfig::from_toml_file(p)?,
-            None => crate::run::RunConfig::default(),
-        };
-        set!(c.vision, self.vision);
-        set!(c.lm, self.lm);
-        set!(c.data, self.data);
-        set!(c.method, self.method);
-        set!(c.split, self.split);
-        set!(c.max_len, self.max_len);
-        set!(c.image_cache_mb, self.image_cache_mb);
-        if self.image_blind {
-            c.image_blind = true;
-        }
-        if self.max_train_samples.is_some() {
-            c.max_train_samples = self.max_train_samples;
-        }
-        let t = &mut c.train;
-        set!(t.epochs, self.epochs);
-        if self.max_steps.is_some() {
-            t.max_steps = self.max_steps;
-        }
-        set!(t.batch_size, self.batch_size);
-        set!(t.accum_steps, self.accum_steps);
-        if self.lr.is_some() {
-            t.lr = self.lr;
-        }
-        set!(t.blr, self.blr);
-        set!(t.min_lr, self.min_lr);
-        set!(t.warmup_epochs, self.warmup_epochs);
-        set!(t.weight_decay, self.weight_decay);
-        if self.clip_grad.is_some() {
-            t.clip_grad = self.clip_grad;
-        }
-        set!(t.seed, self.seed);
-        if self.save_every.is_some() {
-            t.save_every = self.save_every;
-        }
-        set!(t.keep_checkpoints, self.keep_checkpoints);
-        set!(t.log_every, self.log_every);
-        set!(t.max_bad_steps, self.max_bad_steps);
-        let m = &mut c.memvp;
-        set!(m.slots, self.slots);
-        set!(m.hidden_proj, self.hidden_proj);
-        set!(m.visual_scale, self.visual_scale);
-        set!(m.adapter_scale, self.adapter_scale);
-        set!(m.memory_dropout, self.memory_dropout);
-        set!(m.vision_adapter_dim, self.vision_adapter_dim);
-        set!(m.vision_adapter_scale, self.vision_adapter_scale);
-        set!(m.vision_adapter_dropout, self.vision_adapter_dropout);
-        set!(m.vision_layer, self.vision_layer);
-        set!(m.norm, self.norm);
-        if self.memory_layers.is_some() {
-            m.memory_layers = self.memory_layers.clone();
-        }
-        set!(m.memory_sites, self.memory_sites);
-        set!(c.input_space.hidden_proj, self.hidden_proj);
-        set!(c.input_space.vision_layer, self.vision_layer);
-        set!(c.input_space.norm, self.norm);
-        let d = &mut c.data_options;
-        set!(d.prompt_format, self.prompt_format);
-        if self.use_caption {
-            d.use_caption = true;
-        }
-        if self.vqa_template.is_some() {
-            d.vqa_template = self.vqa_template.clone();
-        }
-        if self.caption_prompt.is_some() {
-            d.caption_prompt = self.caption_prompt.clone();
-        }
-        if self.skip_bad_images {
-            d.skip_bad_images = true;
-        }
-        let l = &mut c.lora;
-        set!(l.rank, self.lora_rank);
-        set!(l.alpha, self.lora_alpha);
-        set!(l.dropout, self.lora_dropout);
-        if let Some(ts) = &self.lora_targets {
-            l.targets = ts
-                .iter()
-                .map(|s| {
-                    crate::models::Proj::parse(s).ok_or_else(|| {
-                        anyhow::anyhow!("--lora-targets: unknown projection `{s}` (q_proj, k_proj, v_proj, o_proj)")
-                    })
-                })
-                .collect::<Result<_>>()?;
-        }
-        if c.train.batch_size == 0 || c.train.accum_steps == 0 || c.train.epochs == 0 {
+    /// The run's settings: the file's (or the defaults), with the given flags laid over them.
+    pub fn resolve(&self) -> Result<RunSettings> {
+        let c = RunSettings::layered(self.config.as_deref(), &self.settings.overrides()?)?;
+        if c.optim.batch_size == 0 || c.optim.accum_steps == 0 || c.optim.epochs == 0 {
             anyhow::bail!("--batch-size, --accum-steps and --epochs must be at least 1")
         }
         Ok(c)
@@ -377,7 +238,7 @@ impl TrainArgs {
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let cfg = a.resolve()?;
-    let r = crate::run::train_run(&cfg, &a.out, a.resume)?;
+    let r = super::run::train_run(&cfg, &a.out, a.resume)?;
     let s = &r.summary;
     println!(
         "trained {} steps in {:.1}s ({:.1} samples/s), final loss {:.4}, {} skipped steps, {} skipped images; run: {}",
@@ -430,11 +291,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let out = a.out.clone().unwrap_or_else(|| a.run.clone());
     std::fs::create_dir_all(&out)?;
-    let r = crate::run::evaluate(&vlm, ds.as_ref(), samples, a.batch_size, opts.skip_bad_images, Some(&out))?;
+    let r = super::run::evaluate(&vlm, ds.as_ref(), samples, a.batch_size, opts.skip_bad_images, Some(&out))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        crate::run::print_table(
+        super::run::print_table(
             &format!("{} on {} ({}), {} samples in {:.1}s", a.run.display(), a.data, a.split, r.n, r.seconds),
             &r.table,
         );
@@ -443,8 +304,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn quickstart(out: &Path, s: &crate::quickstart::QuickstartSettings, json: bool) -> Result<()> {
-    let r = crate::quickstart::run(out, s, !json)?;
+pub fn quickstart(out: &Path, s: &super::quickstart::QuickstartSettings, json: bool) -> Result<()> {
+    let r = super::quickstart::run(out, s, !json)?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

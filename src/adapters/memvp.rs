@@ -10,8 +10,12 @@
 //! ```
 //! Defaults are the released code's values; every constant is a setting.
 
+use super::{Adapter, Build, Installed, MethodSpec, Sections, Visual, section, to_section};
+use crate::data::image::Norm;
 use crate::models::clip::ClipVision;
+use crate::settings::{Flag, Kind};
 use crate::models::{LmHooks, Site, VisionHooks};
+use crate::ops::nn::{Projector, dropout, dropout_mask, linear_t, var, xavier_uniform};
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
 use anyhow::{Result, bail};
@@ -20,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 
 /// Which stacks of an encoder-decoder LM get the memory branch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemorySites {
     Encoder,
@@ -56,7 +60,7 @@ pub struct MemvpConfig {
     pub vision_adapter_dropout: f64,
     /// Hidden-state index of the vision tower (transformers' counting; -2 = penultimate).
     pub vision_layer: isize,
-    pub norm: crate::image::Norm,
+    pub norm: Norm,
     /// LM blocks that get memory; `None` = all.
     pub memory_layers: Option<Vec<usize>>,
     /// For encoder-decoder LMs.
@@ -75,45 +79,10 @@ impl Default for MemvpConfig {
             vision_adapter_scale: 0.1,
             vision_adapter_dropout: 0.1,
             vision_layer: -2,
-            norm: crate::image::Norm::Imagenet,
+            norm: Norm::Imagenet,
             memory_layers: None,
             memory_sites: MemorySites::Both,
         }
-    }
-}
-
-/// `P = Linear(c, h) -> SiLU -> Linear(h, d)`, Xavier-uniform weights, zero biases. Also the
-/// input-space baseline's projector.
-pub struct Projector {
-    pub fc1_weight: Var,
-    pub fc1_bias: Var,
-    pub fc2_weight: Var,
-    pub fc2_bias: Var,
-}
-
-impl Projector {
-    pub fn init(c: usize, h: usize, d: usize, rng: &mut Rng, dtype: DType, dev: &Device) -> Result<Self> {
-        Ok(Self {
-            fc1_weight: var(xavier_uniform(rng, h, c, dtype, dev)?)?,
-            fc1_bias: var(Tensor::zeros(h, dtype, dev)?)?,
-            fc2_weight: var(xavier_uniform(rng, d, h, dtype, dev)?)?,
-            fc2_bias: var(Tensor::zeros(d, dtype, dev)?)?,
-        })
-    }
-
-    pub fn named(&self) -> Vec<(String, Var)> {
-        vec![
-            ("projector.fc1.weight".to_string(), self.fc1_weight.clone()),
-            ("projector.fc1.bias".into(), self.fc1_bias.clone()),
-            ("projector.fc2.weight".into(), self.fc2_weight.clone()),
-            ("projector.fc2.bias".into(), self.fc2_bias.clone()),
-        ]
-    }
-
-    /// `[b, n, c]` → `[b, n, d]`.
-    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
-        let h = linear_t(features, self.fc1_weight.as_tensor(), Some(self.fc1_bias.as_tensor()))?;
-        linear_t(&ops::activation(&h, Activation::Silu)?, self.fc2_weight.as_tensor(), Some(self.fc2_bias.as_tensor()))
     }
 }
 
@@ -127,48 +96,6 @@ pub struct Memvp {
     pub vision_adapters: Vec<(Var, Var)>,
     /// The memory branch's activation: the FFN's own, or its gate's for gated FFNs.
     pub branch_act: Activation,
-}
-
-fn var(t: Tensor) -> Result<Var> {
-    Ok(Var::from_tensor(&t)?)
-}
-
-/// Xavier-uniform `[out, in]`.
-pub fn xavier_uniform(rng: &mut Rng, out: usize, inp: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
-    let a = (6.0 / (inp + out) as f64).sqrt();
-    let v: Vec<f32> = (0..out * inp).map(|_| ((rng.uniform() * 2.0 - 1.0) * a) as f32).collect();
-    Ok(Tensor::from_vec(v, (out, inp), dev)?.to_dtype(dtype)?)
-}
-
-/// `x Wᵀ + b` for trained `[out, in]` weights on `[.., in]` inputs.
-pub fn linear_t(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inp = *dims.last().unwrap();
-    let rows = x.elem_count() / inp;
-    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = dims;
-    *out.last_mut().unwrap() = w.dims()[0];
-    Ok(y.reshape(out)?)
-}
-
-/// An inverted-dropout mask (0 or 1/(1-p)) drawn from `rng`, of `like`'s dtype and device.
-pub fn dropout_mask(shape: &[usize], p: f64, rng: &mut Rng, like: &Tensor) -> Result<Tensor> {
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let n: usize = shape.iter().product();
-    let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
-    Ok(Tensor::from_vec(mask, shape, like.device())?.to_dtype(like.dtype())?)
-}
-
-/// Multiplies by a fresh inverted-dropout mask drawn from `rng`.
-pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    Ok(x.mul(&dropout_mask(x.dims(), p, rng, x)?)?)
 }
 
 impl Memvp {
@@ -348,3 +275,89 @@ impl VisionHooks for VisionAdapters<'_> {
         Ok(Some((linear_t(&a, up.as_tensor(), None)? * c.vision_adapter_scale)?))
     }
 }
+
+impl Adapter for Memvp {
+    fn method(&self) -> &'static str {
+        SPEC.name
+    }
+    fn named(&self) -> Vec<(String, Var)> {
+        Memvp::named(self)
+    }
+    fn norm(&self) -> Norm {
+        self.cfg.norm
+    }
+    fn install<'a>(
+        &'a self,
+        vision: &'a ClipVision,
+        visual: Visual<'_>,
+        train: bool,
+        rng: &'a RefCell<Rng>,
+    ) -> Result<Installed<'a>> {
+        let memory = self.memory(vision, visual.pixels, visual.indicator, train, rng)?;
+        Ok(Installed { hooks: Box::new(memory), prefix: None })
+    }
+    fn sections(&self) -> Result<Sections> {
+        Ok([to_section("memvp", &self.cfg)?].into())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
+    let cfg: MemvpConfig = section(s, "memvp")?;
+    b.vision_model.resolve_layer(cfg.vision_layer)?;
+    let per_stack = b.lm.layers_per_stack();
+    if let Some(layers) = &cfg.memory_layers {
+        if let Some(bad) = layers.iter().find(|&&l| l >= per_stack) {
+            bail!("memory layer {bad} does not exist: the LM has {per_stack} blocks per stack (valid: 0..{per_stack})")
+        }
+        if layers.is_empty() {
+            bail!("memory layers: the list is empty (leave it out to give every block memory)")
+        }
+    }
+    if b.vision.num_patches() > cfg.slots {
+        bail!(
+            "the vision tower gives {} visual tokens but MemVP has {} memory slots (raise slots)",
+            b.vision.num_patches(),
+            cfg.slots
+        )
+    }
+    let m = Memvp::init(
+        cfg,
+        b.vision.hidden_size,
+        b.vision.num_hidden_layers,
+        b.lm.width(),
+        b.lm.ffn_activation(),
+        b.seed,
+        DType::F32,
+        b.lm.device(),
+    )?;
+    Ok(Box::new(m))
+}
+
+fn resolve(s: &Sections) -> Result<Sections> {
+    Ok([to_section("memvp", &section::<MemvpConfig>(s, "memvp")?)?].into())
+}
+
+pub const SPEC: MethodSpec = MethodSpec {
+    name: "memvp",
+    about: "visual tokens as extra keys and values of every FFN (the default)",
+    sections: &["memvp"],
+    flags: &[
+        Flag { name: "slots", keys: &["memvp.slots"], kind: Kind::UInt, help: "MemVP memory slots M [default: 320]" },
+        Flag { name: "hidden-proj", keys: &["memvp.hidden_proj"], kind: Kind::UInt, help: "Projector width h [default: 128]" },
+        Flag { name: "visual-scale", keys: &["memvp.visual_scale"], kind: Kind::Float, help: "MemVP's lambda [default: 0.01]" },
+        Flag { name: "adapter-scale", keys: &["memvp.adapter_scale"], kind: Kind::Float, help: "MemVP's memory-branch scale s [default: 0.1]" },
+        Flag { name: "memory-dropout", keys: &["memvp.memory_dropout"], kind: Kind::Float, help: "Dropout on the memory branch [default: 0.1]" },
+        Flag { name: "vision-adapter-dim", keys: &["memvp.vision_adapter_dim"], kind: Kind::UInt, help: "Width of the vision blocks' parallel adapters (0 = none) [default: 12]" },
+        Flag { name: "vision-adapter-scale", keys: &["memvp.vision_adapter_scale"], kind: Kind::Float, help: "Scale of the vision adapters [default: 0.1]" },
+        Flag { name: "vision-adapter-dropout", keys: &["memvp.vision_adapter_dropout"], kind: Kind::Float, help: "Dropout in the vision adapters [default: 0.1]" },
+        Flag { name: "vision-layer", keys: &["memvp.vision_layer"], kind: Kind::Int, help: "Hidden-state index of the vision tower (-2 = penultimate block)" },
+        Flag { name: "norm", keys: &["memvp.norm"], kind: Kind::Str, help: "Image normalisation: imagenet (default) or clip" },
+        Flag { name: "memory-layers", keys: &["memvp.memory_layers"], kind: Kind::UIntList, help: "LM blocks that get memory, e.g. 0,1,2 (default all; per stack for encoder-decoder LMs)" },
+        Flag { name: "memory-sites", keys: &["memvp.memory_sites"], kind: Kind::Str, help: "Encoder-decoder LMs: which stacks get memory: encoder, decoder, both [default: both]" },
+    ],
+    build,
+    resolve,
+};

@@ -1,86 +1,20 @@
 //! Training and evaluation runs: settings (TOML file and flags), data preparation, the
 //! training task, and batched evaluation.
 
-use crate::baselines::lora::LoraConfig;
+use super::settings::RunSettings;
 use crate::data::batch::{BatchBuilder, ImageCache, Prefetcher, encode, eval_input, keep_first_and_tail, stack_pixels};
-use crate::data::{self, DataOptions, Sample};
+use crate::data::{self, Sample};
 use crate::generate::Sampling;
-use crate::lm::load_lm;
-use crate::memvp::MemvpConfig;
+use crate::models::{load_lm, load_vision};
 use crate::rng::Rng;
-use crate::train::{self, Batches, Summary, Task, TrainSettings};
-use crate::vision::load_vision;
-use crate::vlm::{InputSpaceConfig, Method, MethodSettings, Vlm};
+use crate::train::{self, Batches, Summary, Task};
+use crate::vlm::{Base, Vlm};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor, Var};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// Every setting of a training run. Written resolved into the run directory.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RunConfig {
-    pub vision: String,
-    pub lm: String,
-    pub data: String,
-    pub split: String,
-    pub method: Method,
-    /// Train with every image indicator at 0 (the image-blind control).
-    pub image_blind: bool,
-    pub max_len: usize,
-    /// Use only the first N training samples.
-    pub max_train_samples: Option<usize>,
-    /// Memory for decoded, resized images kept between epochs.
-    pub image_cache_mb: usize,
-    pub data_options: DataOptions,
-    pub train: TrainSettings,
-    pub memvp: MemvpConfig,
-    pub input_space: InputSpaceConfig,
-    pub lora: LoraConfig,
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        Self {
-            vision: String::new(),
-            lm: String::new(),
-            data: String::new(),
-            split: "train".into(),
-            method: Method::Memvp,
-            image_blind: false,
-            max_len: 512,
-            max_train_samples: None,
-            image_cache_mb: 1024,
-            data_options: DataOptions::default(),
-            train: TrainSettings::default(),
-            memvp: MemvpConfig::default(),
-            input_space: InputSpaceConfig::default(),
-            lora: LoraConfig::default(),
-        }
-    }
-}
-
-impl RunConfig {
-    pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-    }
-
-    pub fn method_settings(&self) -> MethodSettings {
-        MethodSettings {
-            method: self.method,
-            memvp: self.memvp.clone(),
-            input_space: self.input_space.clone(),
-            lora: self.lora.clone(),
-            prompt: self.data_options.clone(),
-            max_len: self.max_len,
-            image_blind: self.image_blind,
-            seed: self.train.seed,
-        }
-    }
-}
 
 /// The data of one split, tokenized, with a batch builder.
 pub struct Prepared {
@@ -101,7 +35,7 @@ pub fn prepare(
         bail!("no samples left after skipping unreadable images")
     }
     let eos = vlm.eos();
-    let tok = &vlm.lm.tok;
+    let tok = &vlm.lm().tok;
     let enc: Vec<_> = samples.par_iter().map(|s| encode(tok, s, eos, max_len)).collect::<Result<_>>()?;
     let builder = BatchBuilder {
         samples: enc,
@@ -169,20 +103,20 @@ impl Task for VlmTask<'_> {
     }
 }
 
-pub fn load_vlm(cfg: &RunConfig) -> Result<Vlm> {
-    if cfg.vision.is_empty() || cfg.lm.is_empty() {
+pub fn load_vlm(cfg: &RunSettings) -> Result<Vlm> {
+    if cfg.model.vision.is_empty() || cfg.model.lm.is_empty() {
         bail!("both --vision and --lm are needed (a CLIP directory or random:<preset>, and an LM directory or .gguf)")
     }
     let dev = crate::util::device();
-    let vision = load_vision(&cfg.vision, DType::F32, &dev)?;
-    let lm = load_lm(Path::new(&cfg.lm), DType::F32, &dev)?;
-    Vlm::new(vision, lm, &cfg.method_settings())
+    let vision = load_vision(&cfg.model.vision, DType::F32, &dev)?;
+    let lm = load_lm(Path::new(&cfg.model.lm), DType::F32, &dev)?;
+    Vlm::new(Arc::new(Base { vision, lm }), &cfg.adapter_settings())
 }
 
 #[derive(Serialize)]
 pub struct TrainReport {
     pub run: PathBuf,
-    pub method: Method,
+    pub method: String,
     pub image_blind: bool,
     pub train_samples: usize,
     pub skipped_images: usize,
@@ -191,8 +125,8 @@ pub struct TrainReport {
 }
 
 /// `memvp train`.
-pub fn train_run(cfg: &RunConfig, out: &Path, resume: bool) -> Result<TrainReport> {
-    if cfg.data.is_empty() {
+pub fn train_run(cfg: &RunSettings, out: &Path, resume: bool) -> Result<TrainReport> {
+    if cfg.data.source.is_empty() {
         bail!("--data KIND:PATH is needed")
     }
     if !resume && out.join("checkpoints").is_dir() && std::fs::read_dir(out.join("checkpoints"))?.next().is_some() {
@@ -201,40 +135,46 @@ pub fn train_run(cfg: &RunConfig, out: &Path, resume: bool) -> Result<TrainRepor
             out.display()
         )
     }
-    let ds = data::open(&cfg.data, &cfg.data_options)?;
+    let ds = data::open(&cfg.data.source, &cfg.data.prompt)?;
     let mut cfg = cfg.clone();
-    if cfg.data_options.vqa_template.is_none() {
-        cfg.data_options.vqa_template = ds.default_template().map(str::to_string);
+    if cfg.data.prompt.vqa_template.is_none() {
+        cfg.data.prompt.vqa_template = ds.default_template().map(str::to_string);
     }
     let cfg = &cfg;
     let vlm = load_vlm(cfg)?;
-    let mut samples = ds.samples(&cfg.split)?;
-    if let Some(n) = cfg.max_train_samples {
+    let mut samples = ds.samples(&cfg.data.split)?;
+    if let Some(n) = cfg.data.max_train_samples {
         samples.truncate(n);
     }
     let blind = !vlm.uses_images();
-    let prep = prepare(&vlm, samples, cfg.data_options.skip_bad_images, vlm.max_text_len(), cfg.image_cache_mb, blind)?;
+    let prep = prepare(
+        &vlm,
+        samples,
+        cfg.data.prompt.skip_bad_images,
+        vlm.max_text_len(),
+        cfg.data.image_cache_mb,
+        blind,
+    )?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    crate::util::write_atomic(&out.join("config.toml"), toml::to_string_pretty(cfg)?.as_bytes())?;
+    crate::util::write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let n = prep.builder.samples.len();
     eprintln!(
-        "training {:?}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
-        cfg.method,
-        if cfg.image_blind { " (image-blind control)" } else { "" },
+        "training {}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
+        cfg.method.name,
+        if cfg.method.image_blind { " (image-blind control)" } else { "" },
         n,
-        cfg.data,
+        cfg.data.source,
         vlm.cfg.trainable_parameters,
-        cfg.train.effective_lr()
+        cfg.optim.effective_lr()
     );
     let batches =
-        EpochBatches { builder: prep.builder.clone(), batch_size: cfg.train.batch_size, seed: cfg.train.seed };
-    let mut task = VlmTask { vlm: &vlm };
-    let title = format!("{:?} on {}", cfg.method, cfg.data);
-    let summary = train::train(&mut task, &batches, &cfg.train, out, resume, &title)?;
+        EpochBatches { builder: prep.builder.clone(), batch_size: cfg.optim.batch_size, seed: cfg.optim.seed };
+    let title = format!("{} on {}", cfg.method.name, cfg.data.source);
+    let summary = train::train(VlmTask { vlm: &vlm }, &batches, &cfg.train_settings(), out, resume, &title)?;
     let report = TrainReport {
         run: out.to_path_buf(),
-        method: cfg.method,
-        image_blind: cfg.image_blind,
+        method: cfg.method.name.clone(),
+        image_blind: cfg.method.image_blind,
         train_samples: n,
         skipped_images: prep.skipped_images,
         trainable_parameters: vlm.cfg.trainable_parameters,
@@ -270,14 +210,11 @@ pub fn evaluate(
         bail!("nothing to evaluate")
     }
     let cache = ImageCache::new(vlm.preprocess(), 256 << 20);
-    let tok = &vlm.lm.tok;
+    let tok = &vlm.lm().tok;
     let s = Sampling { max_new_tokens: ds.max_new_tokens(), ..Default::default() };
-    let pb = indicatif::ProgressBar::new(samples.len() as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "eval {bar:30.green/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
-        )
-        .unwrap(),
+    let pb = crate::train::logger::progress_bar(
+        samples.len() as u64,
+        "eval {bar:30.green/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
     );
     let mut outputs = Vec::with_capacity(samples.len());
     let size = vlm.preprocess().size;

@@ -1,0 +1,9 @@
+//! The commands: the command line (`cli`, the only user of clap besides the argument structs of
+//! `quickstart` and `bench`), the settings of a run, training and evaluation runs, the built-in
+//! demo and the bench. Nothing below `app/` imports it.
+
+pub mod bench;
+pub mod cli;
+pub mod quickstart;
+pub mod run;
+pub mod settings;

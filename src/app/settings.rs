@@ -1,0 +1,301 @@
+//! The settings of a training run: the sections that each layer owns (`[model]`, `[data]`,
+//! `[method]` here; `[data.prompt]` in `data`; `[optim]` and `[log]` in `train`; each method's
+//! sections in `adapters`), put together into the `config.toml` a run writes and `--config`
+//! reads. Flags given on the command line are laid over the file's values by key, and the whole
+//! is deserialised once. Files written by the first version (top-level `vision`/`lm`/`data`,
+//! `[data_options]`, `[train]`) are read too.
+
+use crate::adapters::{self, Sections};
+use crate::data::DataOptions;
+use crate::settings::{Flag, Kind, set_path};
+use crate::train::{LogSettings, OptimSettings};
+use crate::vlm::AdapterSettings;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// The run's settings that no method owns.
+pub const COMMON_FLAGS: &[Flag] = &[
+    Flag { name: "vision", keys: &["model.vision"], kind: Kind::Str, help: "CLIP checkpoint directory or random:<preset>[@seed] (presets: tiny, mini, small, bench, vit-b16, vit-l14)" },
+    Flag { name: "lm", keys: &["model.lm"], kind: Kind::Str, help: "LM directory (Hugging Face) or .gguf file" },
+    Flag { name: "data", keys: &["data.source"], kind: Kind::Str, help: "KIND:PATH with KIND one of scienceqa, easyvqa, jsonl, vqav2, gqa, coco-captions" },
+    Flag { name: "split", keys: &["data.split"], kind: Kind::Str, help: "Training split [default: train]" },
+    Flag { name: "max-train-samples", keys: &["data.max_train_samples"], kind: Kind::UInt, help: "Use only the first N training samples" },
+    Flag { name: "max-len", keys: &["data.max_len"], kind: Kind::UInt, help: "Longest prompt + answer in tokens [default: 512]" },
+    Flag { name: "image-cache-mb", keys: &["data.image_cache_mb"], kind: Kind::UInt, help: "Memory for decoded images kept between epochs [default: 1024]" },
+    Flag { name: "prompt-format", keys: &["data.prompt.prompt_format"], kind: Kind::Str, help: "ScienceQA prompt format (QCM-A, CQM-A, QCM-LA, QCM-EA, ...)" },
+    Flag { name: "use-caption", keys: &["data.prompt.use_caption"], kind: Kind::Bool, help: "ScienceQA: put the image caption into the context" },
+    Flag { name: "vqa-template", keys: &["data.prompt.vqa_template"], kind: Kind::Str, help: "Template for open-ended questions, with {question}" },
+    Flag { name: "caption-prompt", keys: &["data.prompt.caption_prompt"], kind: Kind::Str, help: "Prompt for captioning (coco-captions; default \"caption:\")" },
+    Flag { name: "skip-bad-images", keys: &["data.prompt.skip_bad_images"], kind: Kind::Bool, help: "Skip samples whose image cannot be decoded instead of stopping" },
+    Flag { name: "method", keys: &["method.name"], kind: Kind::Str, help: "What to train: memvp (default), input-space, lora" },
+    Flag { name: "image-blind", keys: &["method.image_blind"], kind: Kind::Bool, help: "Train with every image indicator at 0 (image-blind control)" },
+    Flag { name: "epochs", keys: &["optim.epochs"], kind: Kind::UInt, help: "Epochs of the schedule [default: 20]" },
+    Flag { name: "max-steps", keys: &["optim.max_steps"], kind: Kind::UInt, help: "Stop after this many optimizer steps (the schedule still spans --epochs)" },
+    Flag { name: "batch-size", keys: &["optim.batch_size"], kind: Kind::UInt, help: "Samples per micro-batch [default: 4]" },
+    Flag { name: "accum-steps", keys: &["optim.accum_steps"], kind: Kind::UInt, help: "Micro-batches per optimizer step [default: 1]" },
+    Flag { name: "lr", keys: &["optim.lr"], kind: Kind::Float, help: "Absolute learning rate (instead of --blr)" },
+    Flag { name: "blr", keys: &["optim.blr"], kind: Kind::Float, help: "Base learning rate, scaled by effective batch / 256 [default: 9e-3]" },
+    Flag { name: "min-lr", keys: &["optim.min_lr"], kind: Kind::Float, help: "Floor of the cosine schedule [default: 0]" },
+    Flag { name: "warmup-epochs", keys: &["optim.warmup_epochs"], kind: Kind::Float, help: "Linear warm-up length in epochs [default: 2]" },
+    Flag { name: "weight-decay", keys: &["optim.weight_decay"], kind: Kind::Float, help: "AdamW weight decay (not on 1-D tensors) [default: 0.02]" },
+    Flag { name: "beta1", keys: &["optim.beta1"], kind: Kind::Float, help: "AdamW beta1 [default: 0.9]" },
+    Flag { name: "beta2", keys: &["optim.beta2"], kind: Kind::Float, help: "AdamW beta2 [default: 0.95]" },
+    Flag { name: "clip-grad", keys: &["optim.clip_grad"], kind: Kind::Float, help: "Clip the global gradient norm to this value" },
+    Flag { name: "seed", keys: &["optim.seed"], kind: Kind::UInt, help: "Seeds initialisation, data order and dropout [default: 0]" },
+    Flag { name: "max-bad-steps", keys: &["optim.max_bad_steps"], kind: Kind::UInt, help: "Stop after this many steps with a non-finite loss or gradient [default: 20]" },
+    Flag { name: "save-every", keys: &["log.save_every"], kind: Kind::UInt, help: "Checkpoint every N optimizer steps (and always at the end)" },
+    Flag { name: "keep-checkpoints", keys: &["log.keep_checkpoints"], kind: Kind::UInt, help: "How many step checkpoints to keep [default: 3]" },
+    Flag { name: "log-every", keys: &["log.log_every"], kind: Kind::UInt, help: "Without a terminal, print a progress line every N steps [default: 50]" },
+];
+
+/// Every flag of `train`: the common ones and each method's, merged by name (a flag that
+/// several methods declare sets all their keys).
+pub fn all_flags() -> Vec<Flag> {
+    let mut out: Vec<Flag> = COMMON_FLAGS.to_vec();
+    let mut extra: Vec<(Flag, Vec<&'static str>)> = Vec::new();
+    for m in adapters::METHODS {
+        for f in m.flags {
+            match extra.iter_mut().find(|(g, _)| g.name == f.name) {
+                Some((_, keys)) => {
+                    for k in f.keys {
+                        if !keys.contains(k) {
+                            keys.push(k)
+                        }
+                    }
+                }
+                None => extra.push((*f, f.keys.to_vec())),
+            }
+        }
+    }
+    for (mut f, keys) in extra {
+        f.keys = Box::leak(keys.into_boxed_slice());
+        out.push(f);
+    }
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSettings {
+    /// CLIP checkpoint directory or `random:<preset>[@seed]`.
+    pub vision: String,
+    /// LM directory or `.gguf` file.
+    pub lm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSettings {
+    /// `KIND:PATH`.
+    pub source: String,
+    pub split: String,
+    /// Use only the first N training samples.
+    pub max_train_samples: Option<usize>,
+    /// Longest prompt + answer in tokens.
+    pub max_len: usize,
+    /// Memory for decoded, resized images kept between epochs.
+    pub image_cache_mb: usize,
+    pub prompt: DataOptions,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            source: String::new(),
+            split: "train".into(),
+            max_train_samples: None,
+            max_len: 512,
+            image_cache_mb: 1024,
+            prompt: DataOptions::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MethodSettings {
+    /// A registered method (`adapters::METHODS`).
+    pub name: String,
+    /// Train with every image indicator at 0 (the image-blind control).
+    pub image_blind: bool,
+}
+
+impl Default for MethodSettings {
+    fn default() -> Self {
+        Self { name: "memvp".into(), image_blind: false }
+    }
+}
+
+/// Every setting of a training run; written resolved into the run directory as `config.toml`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSettings {
+    pub model: ModelSettings,
+    pub data: DataSettings,
+    pub method: MethodSettings,
+    /// The methods' sections (`memvp`, `input_space`, `lora`), defaults filled in.
+    pub sections: Sections,
+    pub optim: OptimSettings,
+    pub log: LogSettings,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        Self::from_value(Value::Object(Map::new()), "defaults").expect("the defaults are valid")
+    }
+}
+
+const FIXED: &[&str] = &["model", "data", "method", "optim", "log"];
+
+impl RunSettings {
+    /// From a settings tree (a parsed `config.toml`, with flags laid over it). `origin` names
+    /// it in messages.
+    pub fn from_value(v: Value, origin: &str) -> Result<Self> {
+        let Value::Object(mut m) = upgrade(v)? else { bail!("{origin}: expected a table of settings") };
+        let mut take = |k: &str| m.remove(k).unwrap_or(Value::Object(Map::new()));
+        let model = serde_json::from_value(take("model")).map_err(|e| anyhow::anyhow!("{origin}: [model]: {e}"))?;
+        let data = serde_json::from_value(take("data")).map_err(|e| anyhow::anyhow!("{origin}: [data]: {e}"))?;
+        let method: MethodSettings =
+            serde_json::from_value(take("method")).map_err(|e| anyhow::anyhow!("{origin}: [method]: {e}"))?;
+        let optim = serde_json::from_value(take("optim")).map_err(|e| anyhow::anyhow!("{origin}: [optim]: {e}"))?;
+        let log = serde_json::from_value(take("log")).map_err(|e| anyhow::anyhow!("{origin}: [log]: {e}"))?;
+        let known = adapters::all_sections();
+        let mut given = Sections::new();
+        for (k, v) in m {
+            if !known.contains(&k.as_str()) {
+                let mut all: Vec<&str> = FIXED.to_vec();
+                all.extend(known.iter().copied());
+                bail!("{origin}: unknown section or key `{k}` (known: {})", all.join(", "))
+            }
+            given.insert(k, v);
+        }
+        adapters::spec(&method.name).with_context(|| format!("{origin}: [method] name"))?;
+        // Every method's sections, defaults filled in and checked.
+        let mut sections = Sections::new();
+        for spec in adapters::METHODS {
+            for (k, v) in (spec.resolve)(&given).with_context(|| format!("{origin}: method {}", spec.name))? {
+                sections.insert(k, v);
+            }
+        }
+        Ok(Self { model, data, method, sections, optim, log })
+    }
+
+    pub fn to_value(&self) -> Result<Value> {
+        let mut m = Map::new();
+        m.insert("model".into(), serde_json::to_value(&self.model)?);
+        m.insert("data".into(), serde_json::to_value(&self.data)?);
+        m.insert("method".into(), serde_json::to_value(&self.method)?);
+        m.insert("optim".into(), serde_json::to_value(&self.optim)?);
+        m.insert("log".into(), serde_json::to_value(&self.log)?);
+        for (k, v) in &self.sections {
+            m.insert(k.clone(), v.clone());
+        }
+        Ok(Value::Object(m))
+    }
+
+    /// `config.toml`'s text (unset optional settings are left out: TOML has no null).
+    pub fn to_toml(&self) -> Result<String> {
+        let mut v = self.to_value()?;
+        strip_nulls(&mut v);
+        Ok(toml::to_string_pretty(&v)?)
+    }
+
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let v = read_toml(path)?;
+        Self::from_value(v, &path.display().to_string())
+    }
+
+    /// The file's values (if any) with `overrides` (dotted key, value) laid over them.
+    pub fn layered(file: Option<&Path>, overrides: &[(String, Value)]) -> Result<Self> {
+        let (mut v, origin) = match file {
+            Some(p) => (upgrade(read_toml(p)?)?, p.display().to_string()),
+            None => (Value::Object(Map::new()), "settings".to_string()),
+        };
+        for (k, x) in overrides {
+            set_path(&mut v, k, x.clone());
+        }
+        Self::from_value(v, &origin)
+    }
+
+    pub fn train_settings(&self) -> crate::train::TrainSettings {
+        crate::train::TrainSettings { optim: self.optim.clone(), log: self.log.clone() }
+    }
+
+    /// Sets one key of a method's section (`memvp.slots`).
+    pub fn set(&mut self, key: &str, v: Value) {
+        let (sec, rest) = key.split_once('.').unwrap_or((key, ""));
+        let entry = self.sections.entry(sec.to_string()).or_insert_with(|| Value::Object(Map::new()));
+        set_path(entry, rest, v);
+    }
+
+    /// What a fresh adapter of this run is made from.
+    pub fn adapter_settings(&self) -> AdapterSettings {
+        AdapterSettings {
+            method: self.method.name.clone(),
+            sections: self.sections.clone(),
+            prompt: self.data.prompt.clone(),
+            max_len: self.data.max_len,
+            image_blind: self.method.image_blind,
+            seed: self.optim.seed,
+        }
+    }
+}
+
+fn read_toml(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let t: toml::Value = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(serde_json::to_value(t)?)
+}
+
+fn strip_nulls(v: &mut Value) {
+    if let Value::Object(m) = v {
+        m.retain(|_, x| !x.is_null());
+        m.values_mut().for_each(strip_nulls);
+    }
+}
+
+/// Keys of the engine's settings that the first layout kept in `[train]` and that now live in
+/// `[log]`.
+const LOG_KEYS: &[&str] = &["save_every", "keep_checkpoints", "log_every"];
+
+/// The layout of the first version (`vision`, `lm`, `data`, `split`, `method`, `image_blind`,
+/// `max_len`, `max_train_samples`, `image_cache_mb` at the top, `[data_options]`, `[train]`)
+/// moved into today's sections; today's layout passes through unchanged.
+fn upgrade(v: Value) -> Result<Value> {
+    let Value::Object(mut m) = v else { return Ok(v) };
+    let legacy = m.get("data").is_some_and(Value::is_string)
+        || ["vision", "lm", "split", "train", "data_options", "image_blind", "max_len"].iter().any(|k| m.contains_key(*k))
+        || m.get("method").is_some_and(Value::is_string);
+    if !legacy {
+        return Ok(Value::Object(m));
+    }
+    let mut out = Value::Object(Map::new());
+    let moves: &[(&str, &str)] = &[
+        ("vision", "model.vision"),
+        ("lm", "model.lm"),
+        ("data", "data.source"),
+        ("split", "data.split"),
+        ("max_train_samples", "data.max_train_samples"),
+        ("max_len", "data.max_len"),
+        ("image_cache_mb", "data.image_cache_mb"),
+        ("data_options", "data.prompt"),
+        ("method", "method.name"),
+        ("image_blind", "method.image_blind"),
+    ];
+    for (from, to) in moves {
+        if let Some(x) = m.remove(*from) {
+            set_path(&mut out, to, x);
+        }
+    }
+    if let Some(Value::Object(t)) = m.remove("train") {
+        for (k, x) in t {
+            let sec = if LOG_KEYS.contains(&k.as_str()) { "log" } else { "optim" };
+            set_path(&mut out, &format!("{sec}.{k}"), x);
+        }
+    }
+    for (k, x) in m {
+        set_path(&mut out, &k, x);
+    }
+    Ok(out)
+}

@@ -1,0 +1,130 @@
+//! Checkpoints of a run: `checkpoints/step-NNNNNNNN/` with the adapter, the optimizer moments
+//! and `state.json` (schedule and data position, RNG state, the settings that must not change).
+//! Each is written into a temporary directory and renamed into place, so a killed run leaves
+//! only complete checkpoints.
+
+use super::{OptimSettings, Task, Trainer};
+use crate::rng::Rng;
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct State {
+    pub opt_step: u64,
+    pub epoch: usize,
+    pub next_batch: usize,
+    pub rng: Rng,
+    pub skipped_steps: u64,
+    pub skipped_samples: u64,
+    pub optimizer_t: u64,
+    /// [`OptimSettings::identity`] of the run (files of the first version hold the logging
+    /// settings beside them).
+    pub settings: serde_json::Value,
+}
+
+/// Keys that the first version's `settings` held besides today's [`OptimSettings`].
+const OLD_LOG_KEYS: &[&str] = &["save_every", "keep_checkpoints", "log_every"];
+
+impl State {
+    pub fn fresh(s: &OptimSettings) -> Self {
+        State {
+            opt_step: 0,
+            epoch: 0,
+            next_batch: 0,
+            rng: Rng::derive(s.seed, "dropout"),
+            skipped_steps: 0,
+            skipped_samples: 0,
+            optimizer_t: 0,
+            settings: serde_json::to_value(s.identity()).expect("settings serialise"),
+        }
+    }
+
+    fn saved_settings(&self) -> Result<OptimSettings> {
+        let mut v = self.settings.clone();
+        if let Some(m) = v.as_object_mut() {
+            m.retain(|k, _| !OLD_LOG_KEYS.contains(&k.as_str()));
+        }
+        Ok(serde_json::from_value(v)?)
+    }
+}
+
+/// Complete checkpoints of `run`, oldest first.
+pub fn list(run: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(run.join("checkpoints")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
+                && e.path().join("state.json").is_file()
+            {
+                v.push((n, e.path()));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Writes a checkpoint of the trainer's state, the newest adapter at the run's top level, and
+/// keeps the newest `keep` checkpoints.
+pub fn write<T: Task>(tr: &Trainer<'_, T>, run: &Path, keep: usize) -> Result<PathBuf> {
+    let state = &tr.st;
+    let dir = run.join("checkpoints");
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let final_dir = dir.join(format!("step-{:08}", state.opt_step));
+    let tmp = dir.join(format!(".step-{:08}.tmp-{}", state.opt_step, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    tr.task.save_adapter(&tmp)?;
+    crate::checkpoint::save_safetensors_atomic(&tr.opt.state_tensors(), None, &tmp.join("optimizer.safetensors"))?;
+    crate::util::write_json_atomic(&tmp.join("state.json"), state)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
+    // The run directory's top level always holds the newest adapter.
+    tr.task.save_adapter(run)?;
+    let all = list(run);
+    if all.len() > keep.max(1) {
+        for (_, p) in &all[..all.len() - keep.max(1)] {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Restores the newest checkpoint of `run` into the trainer; returns its step.
+pub fn resume<T: Task>(tr: &mut Trainer<'_, T>, run: &Path) -> Result<u64> {
+    let Some((step, dir)) = list(run).pop() else {
+        bail!("{}: --resume given but no checkpoint found in checkpoints/", run.display())
+    };
+    let saved: State = serde_json::from_value(crate::checkpoint::read_json(&dir.join("state.json"))?)
+        .with_context(|| format!("{}: malformed state", dir.join("state.json").display()))?;
+    let given = tr.s.identity();
+    let was = saved.saved_settings().with_context(|| format!("{}: malformed settings", dir.display()))?;
+    if was != given {
+        bail!(
+            "{}: the checkpoint was made with other settings; resume with the same ones.\n saved: {:?}\n given: {:?}",
+            dir.display(),
+            was,
+            given
+        )
+    }
+    let ad = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .with_context(|| format!("{}: cannot read the adapter", dir.display()))?;
+    for (name, v) in tr.task.params() {
+        let t = ad.get(&name).with_context(|| format!("{}: tensor `{name}` missing from the checkpoint", dir.display()))?;
+        v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
+    }
+    let os = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
+        .with_context(|| format!("{}: cannot read the optimizer state", dir.display()))?;
+    tr.opt.load_state(saved.optimizer_t, &os)?;
+    eprintln!("resuming from {} (step {step}, epoch {}, batch {})", dir.display(), saved.epoch, saved.next_batch);
+    tr.st = State { settings: serde_json::to_value(&given)?, ..saved };
+    tr.stream = None;
+    Ok(step)
+}
