@@ -7,7 +7,7 @@
 mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use memvp::beam::{self, BeamOptions, EarlyStopping};
+use memvp::generate::beam::{self, BeamOptions, EarlyStopping};
 use memvp::checkpoint::{self, Cfg, Tok, Weights};
 use memvp::generate::{self, Sampling};
 use memvp::models::bart::{Bart, BartConfig};

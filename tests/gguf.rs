@@ -5,8 +5,9 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use memvp::generate::{self, LlamaStepper, Sampling};
-use memvp::lm::load_lm;
+use memvp::generate::{self, Sampling};
+use memvp::models::llama::LlamaStepper;
+use memvp::models::load_lm;
 use memvp::models::NoHooks;
 
 fn reference(name: &str) -> serde_json::Value {

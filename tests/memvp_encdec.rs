@@ -24,9 +24,9 @@ use memvp::checkpoint::{Cfg, Tok, Weights};
 use memvp::data::DataOptions;
 use memvp::data::batch::Batch;
 use memvp::generate::{self, Sampling};
-use memvp::image::Norm;
-use memvp::lm::{LanguageModel, LoadedLm};
-use memvp::memvp::{Memory, MemorySites, Memvp, MemvpConfig};
+use memvp::data::image::Norm;
+use memvp::models::{LanguageModel, LoadedLm};
+use memvp::adapters::memvp::{Memory, MemorySites, Memvp, MemvpConfig};
 use memvp::models::bart::{Bart, BartConfig};
 use memvp::models::clip::{ClipVision, ClipVisionConfig};
 use memvp::models::encdec::{EncDecStepper, EncoderDecoder};
@@ -34,8 +34,10 @@ use memvp::models::t5::{T5, T5Config, relative_position_bucket};
 use memvp::models::{LmHooks, NoHooks, Proj, Site};
 use memvp::ops::{self, Activation};
 use memvp::rng::Rng;
-use memvp::vision::LoadedVision;
-use memvp::vlm::{ADAPTER_FORMAT, AdapterConfig, BaseModel, Dims, Method, Params, Vlm, lm_shape};
+use memvp::models::LoadedVision;
+use memvp::adapters::file::{ADAPTER_FORMAT, AdapterConfig, BaseModel, Dims};
+use memvp::vlm::{Base, Vlm};
+use std::sync::Arc;
 use serde_json::json;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -135,9 +137,9 @@ fn tiny_lm(fam: Family, seed: u64) -> (LoadedLm, W) {
         Family::T5V10 => {}
     }
     let ws = Weights::from_tensors("tiny", w.clone(), F64, &cpu());
-    let (model, family) = match fam {
-        Family::Bart => (LanguageModel::Bart(Bart::load(&ws, BartConfig::from_hf(&cfg).unwrap()).unwrap()), "bart"),
-        _ => (LanguageModel::T5(T5::load(&ws, T5Config::from_hf(&cfg).unwrap()).unwrap()), "t5"),
+    let model: Box<dyn LanguageModel> = match fam {
+        Family::Bart => Box::new(Bart::load(&ws, BartConfig::from_hf(&cfg).unwrap()).unwrap()),
+        _ => Box::new(T5::load(&ws, T5Config::from_hf(&cfg).unwrap()).unwrap()),
     };
     let tok = Tok::from_file(&fixtures().join(fam.fixture()).join("tokenizer.json")).unwrap();
     let lm = LoadedLm {
@@ -146,13 +148,17 @@ fn tiny_lm(fam: Family, seed: u64) -> (LoadedLm, W) {
         eos: vec![1],
         path: PathBuf::from("tiny"),
         fingerprint: format!("tiny-{fam:?}-{seed}"),
-        family,
     };
     (lm, w)
 }
 
 fn ed(lm: &LoadedLm) -> &dyn EncoderDecoder {
-    lm.model.encdec().unwrap()
+    lm.encdec().unwrap()
+}
+
+/// (width, blocks over both stacks, the memory branch's activation) of an LM.
+fn lm_shape(lm: &LoadedLm) -> (usize, usize, Activation) {
+    (lm.model.width(), lm.model.total_layers(), lm.model.ffn_activation())
 }
 
 /// A tiny f64 CLIP vision tower (4 patches of width 12) with perturbed weights.
@@ -841,7 +847,7 @@ fn memvp_bart_forward_matches_formula() {
 #[test]
 fn fixture_branch_activations() {
     for fam in FAMILIES {
-        let lm = memvp::lm::load_lm(&fixtures().join(fam.fixture()), F64, &cpu()).unwrap();
+        let lm = memvp::models::load_lm(&fixtures().join(fam.fixture()), F64, &cpu()).unwrap();
         let (_, _, a) = lm_shape(&lm);
         assert_eq!(a, fam.branch_act(), "{}", fam.fixture());
     }
@@ -1012,19 +1018,18 @@ fn vlm_loss_encdec_matches_hand_and_finite_differences() {
         let want = hand_cross_entropy(&Tensor::stack(&rows, 0).unwrap(), &targets);
 
         let d = lm_shape(&lm).0;
+        let family = lm.family();
+        let sections = [("memvp".to_string(), serde_json::to_value(&mv.cfg).unwrap())].into();
         let vlm = Vlm {
-            vision: LoadedVision { model: clip, source: "tiny-clip".into(), fingerprint: String::new() },
             cfg: AdapterConfig {
                 format: ADAPTER_FORMAT.into(),
-                method: Method::Memvp,
+                method: "memvp".into(),
                 image_blind: false,
-                memvp: Some(mv.cfg.clone()),
-                input_space: None,
-                lora: None,
+                sections,
                 prompt: DataOptions::default(),
                 max_len: 64,
                 vision: BaseModel { source: "tiny-clip".into(), sha256: String::new(), family: "clip".into() },
-                lm: BaseModel { source: "tiny".into(), sha256: String::new(), family: lm.family.into() },
+                lm: BaseModel { source: "tiny".into(), sha256: String::new(), family: family.into() },
                 dims: Dims {
                     vision_width: FEAT,
                     vision_blocks: 2,
@@ -1035,8 +1040,11 @@ fn vlm_loss_encdec_matches_hand_and_finite_differences() {
                 },
                 trainable_parameters: 0,
             },
-            lm,
-            params: Params::Memvp(mv),
+            base: Arc::new(Base {
+                vision: LoadedVision { model: clip, source: "tiny-clip".into(), fingerprint: String::new() },
+                lm,
+            }),
+            adapter: Box::new(mv),
         };
         let batch = Batch {
             input_ids: x.src_t(),

@@ -7,20 +7,22 @@ mod common;
 use anyhow::anyhow;
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use common::*;
-use memvp::baselines::lora::{Lora, LoraConfig, LoraHooks};
+use memvp::adapters::lora::{Lora, LoraConfig, LoraHooks};
 use memvp::checkpoint::{Cfg, Weights};
 use memvp::data::DataOptions;
 use memvp::data::batch::Batch;
-use memvp::image::Norm;
-use memvp::lm::load_lm;
-use memvp::memvp::{Memvp, MemvpConfig};
+use memvp::data::image::Norm;
+use memvp::models::load_lm;
+use memvp::adapters::memvp::{Memvp, MemvpConfig};
 use memvp::models::clip::{ClipVision, ClipVisionConfig};
 use memvp::models::llama::{Llama, LlamaConfig, Positions};
 use memvp::models::{NoHooks, Proj, Site};
 use memvp::ops::{self, Activation};
 use memvp::rng::Rng;
-use memvp::vision::load_vision;
-use memvp::vlm::{InputSpaceConfig, Method, MethodSettings, Params, Vlm};
+use memvp::models::load_vision;
+use memvp::adapters::input_space::{InputSpace, InputSpaceConfig};
+use memvp::vlm::{AdapterSettings, Base, Vlm};
+use std::sync::Arc;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -379,7 +381,7 @@ fn memvp_cfg(slots: usize, vision_layer: isize) -> MemvpConfig {
         vision_layer,
         norm: Norm::Imagenet,
         memory_layers: None,
-        memory_sites: memvp::memvp::MemorySites::Both,
+        memory_sites: memvp::adapters::memvp::MemorySites::Both,
     }
 }
 
@@ -895,21 +897,30 @@ fn input_space_loss_matches_concatenation_by_hand() {
     let vision = load_vision("random:tiny", DType::F32, &cpu()).unwrap();
     let lm_dir = fixtures().join("llama_gqa_tied");
     let lm = load_lm(&lm_dir, DType::F32, &cpu()).unwrap();
-    let settings = MethodSettings {
-        method: Method::InputSpace,
-        memvp: MemvpConfig::default(),
-        input_space: InputSpaceConfig { hidden_proj: 8, vision_layer: -2, norm: Norm::Imagenet },
-        lora: LoraConfig { rank: 4, alpha: 8.0, dropout: 0.05, targets: vec![Proj::Q, Proj::V] },
+    let sections = [
+        (
+            "input_space".to_string(),
+            serde_json::to_value(InputSpaceConfig { hidden_proj: 8, vision_layer: -2, norm: Norm::Imagenet }).unwrap(),
+        ),
+        (
+            "lora".to_string(),
+            serde_json::to_value(LoraConfig { rank: 4, alpha: 8.0, dropout: 0.05, targets: vec![Proj::Q, Proj::V] })
+                .unwrap(),
+        ),
+    ]
+    .into();
+    let settings = AdapterSettings {
+        method: "input-space".into(),
+        sections,
         prompt: DataOptions::default(),
         max_len: 64,
         image_blind: false,
         seed: 5,
     };
-    let vlm = Vlm::new(vision, lm, &settings).unwrap();
+    let vlm = Vlm::new(Arc::new(Base { vision, lm }), &settings).unwrap();
     randomize(&vlm.named(), &mut rng, 0.2);
-    let (projector, lora) = match &vlm.params {
-        Params::InputSpace { projector, lora } => (projector, lora),
-        _ => panic!("not the input-space method"),
+    let Some(InputSpace { projector, lora, .. }) = vlm.adapter.downcast::<InputSpace>() else {
+        panic!("not the input-space method")
     };
     let t = 7;
     let ids = random_ids(&mut rng, 2, t, 128);
@@ -945,7 +956,7 @@ fn input_space_loss_matches_concatenation_by_hand() {
             w.insert(n, nw);
         }
     }
-    let feats = vlm.vision.model.patch_features(&px, -2, &NoHooks).unwrap();
+    let feats = vlm.vision().model.patch_features(&px, -2, &NoHooks).unwrap();
     let vis_tokens = lin(
         &silu(&lin(&feats, projector.fc1_weight.as_tensor(), Some(projector.fc1_bias.as_tensor()))),
         projector.fc2_weight.as_tensor(),

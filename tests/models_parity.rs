@@ -5,8 +5,9 @@
 mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
-use memvp::generate::{self, LlamaStepper, Sampling};
-use memvp::lm::load_lm;
+use memvp::generate::{self, Sampling};
+use memvp::models::llama::LlamaStepper;
+use memvp::models::load_lm;
 use memvp::models::NoHooks;
 use std::collections::HashMap;
 
@@ -87,7 +88,7 @@ fn left_padded_batch_generation_equals_single() {
 }
 
 fn check_clip(dir: &str) {
-    let v = memvp::vision::load_vision(fixtures().join(dir).to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let v = memvp::models::load_vision(fixtures().join(dir).to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
     let r = reference(dir);
     let px = &r["pixel_values"];
     let hs = v.model.hidden_states(px).unwrap();
@@ -119,7 +120,7 @@ fn clip_model_vision_half_gelu_f16() {
 
 #[test]
 fn image_preprocessing_matches_pil_and_torchvision() {
-    use memvp::image::{Norm, Preprocess, load_rgb, resize_bicubic};
+    use memvp::data::image::{Norm, Preprocess, load_rgb, resize_bicubic};
     let dir = fixtures().join("images");
     let r = reference("images");
     for name in ["rgb", "rgba", "gray", "pal", "photo", "photo444"] {
@@ -146,7 +147,7 @@ fn image_preprocessing_matches_pil_and_torchvision() {
         }
         // Resizing from PIL's own decoded pixels is bit-exact.
         let want_dec = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let pil = memvp::image::Rgb { w: img.w, h: img.h, data: want_dec.iter().map(|&x| x as u8).collect() };
+        let pil = memvp::data::image::Rgb { w: img.w, h: img.h, data: want_dec.iter().map(|&x| x as u8).collect() };
         let resized = resize_bicubic(&pil, 32, 32);
         let got = Tensor::from_vec(
             resized.data.iter().map(|&b| b as f32 / 255.0).collect::<Vec<_>>(),

@@ -236,7 +236,7 @@ fn memory_branch_grads_and_forward() {
     let k = randn(&mut rng, &[b, m, d], 1.0, F64);
     let v = randn(&mut rng, &[b, m, d], 1.0, F64);
     let r = randn(&mut rng, &[b, t, d], 1.0, F64);
-    let mask = memvp::memvp::dropout_mask(&[b, t, m], 0.3, &mut rng, &u).unwrap();
+    let mask = memvp::ops::nn::dropout_mask(&[b, t, m], 0.3, &mut rng, &u).unwrap();
     for (act, mk) in [
         (Activation::Silu, None),
         (Activation::Silu, Some(&mask)),

@@ -7,8 +7,9 @@ use candle_core::Device;
 use common::*;
 use memvp::generate::Sampling;
 use memvp::rng::Rng;
-use memvp::run::{EpochBatches, RunConfig, VlmTask, load_vlm, prepare};
-use memvp::train::TrainSettings;
+use memvp::app::run::{EpochBatches, VlmTask, load_vlm, prepare};
+use memvp::app::settings::RunSettings;
+use memvp::train::OptimSettings;
 use memvp::vlm::Vlm;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -112,33 +113,33 @@ fn adapter_files_and_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
     let data = shapes(tmp.path(), 3);
     let out = tmp.path().join("run");
-    let cfg = RunConfig {
-        vision: "random:tiny".into(),
-        lm: s(lm_dir()),
-        data: format!("jsonl:{}", data.display()),
-        max_len: 64,
-        train: TrainSettings {
-            epochs: 2,
-            batch_size: 2,
-            max_steps: Some(4),
-            seed: 3,
-            lr: Some(1e-2),
-            warmup_epochs: 0.0,
-            ..TrainSettings::default()
-        },
-        memvp: memvp::memvp::MemvpConfig { slots: 16, hidden_proj: 8, vision_adapter_dim: 4, ..Default::default() },
-        ..RunConfig::default()
+    let mut cfg = RunSettings::default();
+    cfg.model.vision = "random:tiny".into();
+    cfg.model.lm = s(lm_dir());
+    cfg.data.source = format!("jsonl:{}", data.display());
+    cfg.data.max_len = 64;
+    cfg.optim = OptimSettings {
+        epochs: 2,
+        batch_size: 2,
+        max_steps: Some(4),
+        seed: 3,
+        lr: Some(1e-2),
+        warmup_epochs: 0.0,
+        ..OptimSettings::default()
     };
-    // `memvp::run::train_run`, with the model kept in this process.
+    cfg.set("memvp.slots", serde_json::json!(16));
+    cfg.set("memvp.hidden_proj", serde_json::json!(8));
+    cfg.set("memvp.vision_adapter_dim", serde_json::json!(4));
+    // `memvp::app::run::train_run`, with the model kept in this process.
     let vlm = load_vlm(&cfg).unwrap();
-    let ds = memvp::data::open(&cfg.data, &cfg.data_options).unwrap();
+    let ds = memvp::data::open(&cfg.data.source, &cfg.data.prompt).unwrap();
     let samples = ds.samples("train").unwrap();
     assert_eq!(samples.len(), 6);
     let test_samples = ds.samples("test").unwrap();
-    let prep = prepare(&vlm, samples, false, cfg.max_len, 16, false).unwrap();
+    let prep = prepare(&vlm, samples, false, cfg.data.max_len, 16, false).unwrap();
     let batches = EpochBatches { builder: prep.builder.clone(), batch_size: 2, seed: 3 };
-    let mut task = VlmTask { vlm: &vlm };
-    let sum = memvp::train::train(&mut task, &batches, &cfg.train, &out, false, "t").unwrap();
+    let task = VlmTask { vlm: &vlm };
+    let sum = memvp::train::train(task, &batches, &cfg.train_settings(), &out, false, "t").unwrap();
     assert_eq!(sum.steps, 4);
 
     // adapter_model.safetensors: exactly the trained tensors, f32, documented names and shapes.
@@ -201,7 +202,7 @@ fn adapter_files_and_round_trip() {
     assert_eq!(ac["vision"]["source"], "random:tiny");
     let vsha = ac["vision"]["sha256"].as_str().unwrap();
     assert_eq!(vsha.len(), 64);
-    assert_eq!(vsha, vlm.vision.fingerprint);
+    assert_eq!(vsha, vlm.vision().fingerprint);
     let n_params: usize = want.values().map(|s| s.iter().product::<usize>()).sum();
     assert_eq!(ac["trainable_parameters"], n_params);
     assert_eq!(ac["dims"]["visual_tokens"], 16);
@@ -218,7 +219,7 @@ fn adapter_files_and_round_trip() {
     let la = vlm.loss(&batch, &mut Rng::new(0), false).unwrap().to_scalar::<f32>().unwrap();
     let lb = re.loss(&batch, &mut Rng::new(0), false).unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(la.to_bits(), lb.to_bits(), "loss {la} vs reloaded {lb}");
-    let tok = &vlm.lm.tok;
+    let tok = &vlm.lm().tok;
     let prompts: Vec<Vec<u32>> = test_samples.iter().map(|s| memvp::data::batch::eval_input(tok, s).unwrap()).collect();
     let pre = vlm.preprocess();
     let mut px = Vec::new();

@@ -48,6 +48,7 @@ pub struct Scored {
 
 /// Options that shape prompts and image handling.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct DataOptions {
     /// ScienceQA prompt format (`QCM-A`, `CQM-A`, `QCM-LA`, `QCM-EA`, ...).
     pub prompt_format: String,
