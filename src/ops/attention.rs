@@ -4,7 +4,7 @@
 //! matmuls, mask add and softmax: no copies, and the probabilities are kept for the backward
 //! pass only when a gradient can flow.
 
-use super::{Real, fast_path, gemm_strided};
+use super::{Real, dispatch, fast_path, gemm_strided};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -444,21 +444,24 @@ fn inner_contiguous(t: &Tensor) -> Result<Tensor> {
 /// `softmax(scale · q kᵀ + bias + masks) v` per head. `q: [b, tq, h, d]`, `k, v: [b, tk, kvh, d]`
 /// with `h` a multiple of `kvh`; returns `[b, tq, h, d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, o: AttentionOpts) -> Result<Tensor> {
-    if fast_path(q) {
-        let track = q.track_op() || k.track_op() || v.track_op();
-        let op = AttnOp {
-            scale: o.scale,
-            causal: o.causal_offset,
-            bias: o.bias.map(|b| b.to_dtype(q.dtype())).transpose()?,
-            mask: o.key_mask.map(|m| m.to_dtype(q.dtype())).transpose()?,
-            keep: track,
-            probs: Mutex::new(None),
-        };
-        let (q, k, v) = (inner_contiguous(q)?, inner_contiguous(k)?, inner_contiguous(v)?);
-        if track { q.apply_op3(&k, &v, op) } else { q.apply_op3_no_bwd(&k, &v, &op) }
-    } else {
-        attention_reference(q, k, v, o)
-    }
+    dispatch(
+        fast_path(q),
+        [q, k, v],
+        inner_contiguous,
+        || {
+            let track = q.track_op() || k.track_op() || v.track_op();
+            let op = AttnOp {
+                scale: o.scale,
+                causal: o.causal_offset,
+                bias: o.bias.map(|b| b.to_dtype(q.dtype())).transpose()?,
+                mask: o.key_mask.map(|m| m.to_dtype(q.dtype())).transpose()?,
+                keep: track,
+                probs: Mutex::new(None),
+            };
+            Ok((op, track))
+        },
+        || attention_reference(q, k, v, o),
+    )
 }
 
 /// Plain candle composition of the same computation: used off the CPU and as a test oracle.

@@ -2,7 +2,7 @@
 //! candle's matmul backward would also form `xᵀ dy` for the weight, a full extra matrix product
 //! per projection, and keep it in memory, although nothing frozen is ever updated.
 
-use super::{Real, cpu_slice, fast_path, gemm_strided, num_threads};
+use super::{Real, cpu_slice, dispatch, fast_path, gemm_strided, num_threads};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
@@ -164,20 +164,23 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // A weight that is itself being trained (pre-training a tiny LM) takes candle's matmul,
         // whose backward forms the weight gradient.
-        if fast_path(x)
+        let fast = fast_path(x)
             && !self.weight.is_variable()
             && !CANDLE_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
             && self.weight.is_contiguous()
-            && x.dtype() == self.weight.dtype()
-        {
-            let op = LinearOp { weight: self.weight.clone(), bias: self.bias.clone() };
-            if x.track_op() { x.contiguous()?.apply_op1(op) } else { x.contiguous()?.apply_op1_no_bwd(&op) }
-        } else {
-            let y = x.broadcast_matmul(&self.weight.t()?)?;
-            match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        }
+            && x.dtype() == self.weight.dtype();
+        dispatch(
+            fast,
+            [x],
+            Tensor::contiguous,
+            || Ok((LinearOp { weight: self.weight.clone(), bias: self.bias.clone() }, x.track_op())),
+            || {
+                let y = x.broadcast_matmul(&self.weight.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            },
+        )
     }
 }

@@ -3,7 +3,7 @@
 //! returns gradients only for the inputs that can reach a trained tensor (in the first block
 //! `u` comes from frozen layers alone, so nothing is formed for it).
 
-use super::{Activation, Real, fast_path, gemm_strided, num_threads, with_slice};
+use super::{Activation, Real, dispatch, fast_path, gemm_strided, num_threads, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -316,23 +316,28 @@ pub fn memory_branch(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if fast_path(u) {
-        let keep = u.track_op() || k.track_op() || v.track_op();
-        let op = MemoryOp {
-            act,
-            scale,
-            mask: mask.map(|m| m.to_dtype(u.dtype())).transpose()?,
-            keep,
-            saved: Mutex::new(None),
-        };
-        let (u, k, v) = (u.contiguous()?, k.contiguous()?, v.contiguous()?);
-        if keep { u.apply_op3(&k, &v, op) } else { u.apply_op3_no_bwd(&k, &v, &op) }
-    } else {
-        let a = super::activation(&u.matmul(&k.transpose(1, 2)?)?, act)?;
-        let a = match mask {
-            Some(m) => a.mul(m)?,
-            None => a,
-        };
-        a.matmul(v)? * scale
-    }
+    dispatch(
+        fast_path(u),
+        [u, k, v],
+        Tensor::contiguous,
+        || {
+            let keep = u.track_op() || k.track_op() || v.track_op();
+            let op = MemoryOp {
+                act,
+                scale,
+                mask: mask.map(|m| m.to_dtype(u.dtype())).transpose()?,
+                keep,
+                saved: Mutex::new(None),
+            };
+            Ok((op, keep))
+        },
+        || {
+            let a = super::activation(&u.matmul(&k.transpose(1, 2)?)?, act)?;
+            let a = match mask {
+                Some(m) => a.mul(m)?,
+                None => a,
+            };
+            a.matmul(v)? * scale
+        },
+    )
 }

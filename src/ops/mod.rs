@@ -28,7 +28,9 @@ pub use norm::{layer_norm, rms_norm};
 pub use rope::{RopeTable, rope};
 pub use softmax::softmax_last_dim;
 
-use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Storage, Tensor, WithDType, bail,
+};
 
 /// Floating types the CPU kernels are written for: f32 for work, f64 for gradient checks.
 pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + 'static {
@@ -71,6 +73,61 @@ pub(crate) fn tensor_from_vec<T: WithDType>(v: Vec<T>, shape: &[usize], like: &T
 /// Whether the fast kernels apply: CPU tensors of a floating type they are written for.
 pub(crate) fn fast_path(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// How a kernel's inputs are laid out before its custom op runs: `Tensor::contiguous` for the
+/// kernels that read flat slices, a cheaper preparation for those that read strided views.
+pub(crate) type Prep = fn(&Tensor) -> Result<Tensor>;
+
+/// A candle custom op on `N` inputs, applied with a backward pass (`apply_opN`, which records a
+/// graph node when an input is tracked) or without one (`apply_opN_no_bwd`).
+pub(crate) trait Kernel<const N: usize> {
+    /// Runs the op on `inputs`, each passed through `prep` first (in order).
+    fn run(self, inputs: [&Tensor; N], prep: Prep, bwd: bool) -> Result<Tensor>;
+}
+
+impl<O: CustomOp1 + Send + Sync + 'static> Kernel<1> for O {
+    fn run(self, [x]: [&Tensor; 1], prep: Prep, bwd: bool) -> Result<Tensor> {
+        let x = prep(x)?;
+        if bwd { x.apply_op1(self) } else { x.apply_op1_no_bwd(&self) }
+    }
+}
+
+impl<O: CustomOp2 + Send + Sync + 'static> Kernel<2> for O {
+    fn run(self, [x, y]: [&Tensor; 2], prep: Prep, bwd: bool) -> Result<Tensor> {
+        let (x, y) = (prep(x)?, prep(y)?);
+        if bwd { x.apply_op2(&y, self) } else { x.apply_op2_no_bwd(&y, &self) }
+    }
+}
+
+impl<O: CustomOp3 + Send + Sync + 'static> Kernel<3> for O {
+    fn run(self, [x, y, z]: [&Tensor; 3], prep: Prep, bwd: bool) -> Result<Tensor> {
+        let (x, y, z) = (prep(x)?, prep(y)?, prep(z)?);
+        if bwd { x.apply_op3(&y, &z, self) } else { x.apply_op3_no_bwd(&y, &z, &self) }
+    }
+}
+
+/// The dispatch every kernel shares. Off the fast path (`fast` false: another device or dtype,
+/// or a case the kernel does not cover) `fallback` computes the result with candle's composite
+/// (differentiable) ops. On it, `op` builds the custom op together with whether it is applied
+/// with a backward pass (`true`: `apply_opN`) or without one (`false`: `apply_opN_no_bwd`, for
+/// ops that keep activations only when a gradient can flow), and the op runs on `inputs`
+/// passed through `prep`. The op is built before the inputs are prepared.
+pub(crate) fn dispatch<O, const N: usize>(
+    fast: bool,
+    inputs: [&Tensor; N],
+    prep: Prep,
+    op: impl FnOnce() -> Result<(O, bool)>,
+    fallback: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor>
+where
+    O: Kernel<N>,
+{
+    if !fast {
+        return fallback();
+    }
+    let (op, bwd) = op()?;
+    op.run(inputs, prep, bwd)
 }
 
 /// A raw pointer that may cross rayon tasks writing disjoint regions.
