@@ -57,6 +57,20 @@ impl<'a, T> View<'a, T> {
         let [_, t, h, d] = dims;
         Self { data, off: 0, st: [t * h * d, h * d, d], dims }
     }
+
+    /// Whether every element of the view lies inside `data` (the kernels read it through raw
+    /// pointers). A view with a zero dimension has no element and always fits.
+    fn fits(&self) -> bool {
+        if self.dims.contains(&0) {
+            return true;
+        }
+        // Offset of the last element, None on overflow.
+        let mut last = self.off.checked_add(self.dims[3] - 1);
+        for (&n, &s) in self.dims.iter().zip(&self.st) {
+            last = last.and_then(|l| (n - 1).checked_mul(s)?.checked_add(l));
+        }
+        last.is_some_and(|l| l < self.data.len())
+    }
 }
 
 fn view<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<View<'a, T>> {
@@ -103,6 +117,9 @@ fn geometry<T>(q: &View<T>, k: &View<T>, v: &View<T>, bias: Option<&Tensor>) -> 
     let [bk, tk, kvh, dk] = k.dims;
     if bk != b || dk != d || v.dims != k.dims || kvh == 0 || h % kvh != 0 {
         bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims, k.dims, v.dims)
+    }
+    if !(q.fits() && k.fits() && v.fits()) {
+        bail!("attention: q {:?}, k {:?} or v {:?} reaches past its buffer", q.dims, k.dims, v.dims)
     }
     let bias_b = match bias.map(|t| t.dims().to_vec()) {
         None => 1,
@@ -224,6 +241,9 @@ pub(crate) fn attn_bwd<T: Real>(
     dout: &[T],
 ) -> Result<Grads3<T>> {
     let Geometry { b, tq, tk, h, kvh, d, .. } = geometry(q, k, v, op.bias.as_ref())?;
+    if dout.len() < b * tq * h * d {
+        bail!("attention: output gradient of {} elements for [{b}, {tq}, {h}, {d}]", dout.len())
+    }
     let group = h / kvh;
     let mut dq = vec![T::zero(); b * tq * h * d];
     let mut dk = vec![T::zero(); b * tk * kvh * d];

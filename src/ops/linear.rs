@@ -37,6 +37,15 @@ pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k
         }
         None => vec![T::zero(); m * n],
     };
+    // The product below reads m·k elements of x and n·k of W and writes m·n of dst through raw
+    // pointers; callers derive m, k and n from shapes that nothing here ties to these buffers.
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && dst.len() == m * n,
+        "linear: buffers of {}, {} and {} elements do not fit [{m}, {k}] · [{n}, {k}]ᵀ",
+        x.len(),
+        w.len(),
+        dst.len()
+    );
     // dst[m,n] = x[m,k] · Wᵀ where Wᵀ[kk, j] = W[j, kk].
     unsafe {
         gemm_strided(
@@ -77,6 +86,14 @@ pub(crate) fn linear_input_grad<T: Real>(
     accumulate: bool,
 ) -> Result<()> {
     let (n, k) = l.weight.dims2()?;
+    // The product below reads m·n elements of dy and writes m·k of dst through raw pointers.
+    if dy.len() < m * n || dst.len() < m * k {
+        bail!(
+            "linear: input gradient buffers of {} and {} elements do not fit [{m}, {n}] · [{n}, {k}]",
+            dy.len(),
+            dst.len()
+        )
+    }
     storage_slice::<T, _>(&l.weight, |w| {
         unsafe {
             gemm_strided(

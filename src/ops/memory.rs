@@ -275,6 +275,9 @@ impl CustomOp3 for MemoryOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = dims(u.dims(), k.dims(), v.dims())?;
+        if dy.dims() != [g.b, g.t, g.d] {
+            bail!("memory branch: output gradient {:?} for an output [{}, {}, {}]", dy.dims(), g.b, g.t, g.d)
+        }
         let want = [u.track_op(), k.track_op(), v.track_op()];
         // Not taken: a graph may be differentiated more than once.
         let guard = self.saved.lock().unwrap();
