@@ -144,6 +144,11 @@ pub(crate) fn attn_fwd<T: Real>(
     let group = h / kvh;
     let mut out = vec![T::zero(); b * tq * h * d];
     let mut probs = if keep { vec![T::zero(); b * h * tq * tk] } else { Vec::new() };
+    // An empty shape leaves nothing to compute (the kernel below would produce these zeros), and
+    // returning here keeps it from forming strided offsets over buffers that may be empty.
+    if [b, tq, tk, h, d].contains(&0) {
+        return Ok((out, keep.then_some(probs)));
+    }
     let out_p = super::SendPtr(out.as_mut_ptr());
     let probs_p = super::SendPtr(probs.as_mut_ptr());
     let scale = T::from(op.scale).unwrap();
@@ -248,6 +253,10 @@ pub(crate) fn attn_bwd<T: Real>(
     let mut dq = vec![T::zero(); b * tq * h * d];
     let mut dk = vec![T::zero(); b * tk * kvh * d];
     let mut dv = vec![T::zero(); b * tk * kvh * d];
+    // As in the forward pass: an empty shape has all-zero (or empty) gradients.
+    if [b, tq, tk, h, d].contains(&0) {
+        return Ok((dq, dk, dv));
+    }
     let (dqp, dkp, dvp) =
         (super::SendPtr(dq.as_mut_ptr()), super::SendPtr(dk.as_mut_ptr()), super::SendPtr(dv.as_mut_ptr()));
     let scale = T::from(op.scale).unwrap();
