@@ -69,6 +69,8 @@ fn dims(u: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
 
 fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g: &Dims) -> (Vec<T>, Vec<T>) {
     let Dims { b, t, m, d } = *g;
+    // The products below read these through raw pointers with extents taken from g.
+    assert!(u.len() >= b * t * d && k.len() >= b * m * d && v.len() >= b * m * d, "memory branch: inputs do not fit");
     let mut a = vec![T::zero(); b * t * m];
     let mut y = vec![T::zero(); b * t * d];
     let (ap, yp) = (super::SendPtr(a.as_mut_ptr()), super::SendPtr(y.as_mut_ptr()));
@@ -137,6 +139,11 @@ fn bwd<T: Real>(
     want: [bool; 3],
 ) -> Grads<T> {
     let Dims { b, t, m, d } = *g;
+    // The products below read these through raw pointers with extents taken from g.
+    assert!(
+        u.len() >= b * t * d && k.len() >= b * m * d && v.len() >= b * m * d && dy.len() >= b * t * d,
+        "memory branch: inputs do not fit"
+    );
     let mut du = want[0].then(|| vec![T::zero(); b * t * d]);
     let mut dk = want[1].then(|| vec![T::zero(); b * m * d]);
     let mut dv = want[2].then(|| vec![T::zero(); b * m * d]);
