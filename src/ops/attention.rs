@@ -157,11 +157,20 @@ pub(crate) fn attn_fwd<T: Real>(
         let gi = hi / group;
         let mut local = Vec::new();
         let p: *mut T = if keep {
+            // SAFETY: bh < b·h, so the tq·tk block starting here lies inside probs (b·h·tq·tk
+            // elements, alive until the loop ends); only task bh uses it.
             unsafe { probs_p.get().add(bh * tq * tk) }
         } else {
             local.resize(tq * tk, T::zero());
             local.as_mut_ptr()
         };
+        // SAFETY: p is this task's own initialized tq·tk block (of probs, or the local buffer),
+        // written through p and through `s` one after the other, never both at once. The q, k
+        // and v offsets address elements [bi, i, hi or gi, c] of views that `geometry` checked
+        // to fit their data (bi < b, hi < h, gi < kvh, i < tq or tk, c < d, and no dimension is
+        // 0 here); they are only read. The output rows written, out[bi, i, hi, 0..d] (row stride
+        // h·d), lie inside out (b·tq·h·d elements) and belong to head (bi, hi) alone, so the
+        // tasks write disjoint elements. Neither buffer overlaps the inputs: both are fresh Vecs.
         unsafe {
             // S = Q_h K_gᵀ
             gemm_strided(
@@ -263,14 +272,27 @@ pub(crate) fn attn_bwd<T: Real>(
     (0..b * kvh).into_par_iter().with_min_len(super::min_rows(group * (tq * tk + tq * d) + tk * d)).for_each(|bg| {
         let (bi, gi) = (bg / kvh, bg % kvh);
         let mut ds = vec![T::zero(); tq * tk];
+        // SAFETY: element [bi, 0, gi, 0] of k, inside its data: `geometry` checked that the view
+        // fits, bi < b and gi < kvh, and no dimension is 0 here.
         let kbase = unsafe { k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]) };
+        // SAFETY: likewise element [bi, 0, gi, 0] of v (same dims as k, checked to fit).
         let vbase = unsafe { v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]) };
+        // SAFETY: element [bi, 0, gi, 0] of dk ([b, tk, kvh, d], alive until the loop ends).
         let dkb = unsafe { dkp.get().add((bi * tk * kvh + gi) * d) };
+        // SAFETY: element [bi, 0, gi, 0] of dv ([b, tk, kvh, d], alive until the loop ends).
         let dvb = unsafe { dvp.get().add((bi * tk * kvh + gi) * d) };
         for hi in gi * group..(gi + 1) * group {
             let p = &probs[(bi * h + hi) * tq * tk..][..tq * tk];
+            // SAFETY: element [bi, 0, hi, 0] of dout, whose length was checked to be at least
+            // b·tq·h·d; bi < b and hi < h.
             let dob = unsafe { dout.as_ptr().add(bi * tq * h * d + hi * d) };
+            // SAFETY: element [bi, 0, hi, 0] of q, inside its data (view checked to fit, hi < h).
             let qb = unsafe { q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]) };
+            // SAFETY: the products read p (a checked slice of probs), dout rows [bi, i, hi, ·]
+            // (i < tq, in bounds by the length check) and v rows [bi, j, gi, ·] (j < tk, view
+            // checked to fit). They write ds, this task's own tq·tk buffer, and dv[bi, j, gi, ·]
+            // for j < tk (row stride kvh·d): inside dv, and written only by task (bi, gi), so the
+            // tasks write disjoint elements. dv and ds are fresh Vecs overlapping no input.
             unsafe {
                 // dV_g += Pᵀ dO_h
                 gemm_strided(
@@ -315,6 +337,11 @@ pub(crate) fn attn_bwd<T: Real>(
                     *o = scale * x * (*o - dot);
                 }
             }
+            // SAFETY: the products read ds (tq·tk, this task's), k rows [bi, j, gi, ·] and q rows
+            // [bi, i, hi, ·] (views checked to fit). They write dq[bi, i, hi, ·] for i < tq (row
+            // stride h·d) and dk[bi, j, gi, ·] for j < tk (row stride kvh·d): inside dq and dk,
+            // and written only by task (bi, gi), whose heads hi are its own. dq and dk are fresh
+            // Vecs overlapping no input.
             unsafe {
                 // dQ_h = dS K_g
                 gemm_strided(

@@ -47,6 +47,9 @@ pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k
         dst.len()
     );
     // dst[m,n] = x[m,k] · Wᵀ where Wᵀ[kk, j] = W[j, kk].
+    // SAFETY: by the assert above, every element addressed is in bounds: dst[i·n + j] < m·n,
+    // x[i·k + kk] < m·k and W[kk + j·k] < n·k. dst is a fresh, initialized Vec, so it overlaps
+    // neither x nor W and nothing else accesses it.
     unsafe {
         gemm_strided(
             m,
@@ -95,6 +98,9 @@ pub(crate) fn linear_input_grad<T: Real>(
         )
     }
     storage_slice::<T, _>(&l.weight, |w| {
+        // SAFETY: dst[i·k + j] < m·k and dy[i·n + kk] < m·n by the check above, and W[kk·k + j]
+        // < n·k = w.len() (storage_slice yields exactly the [n, k] weight). dst is an exclusive
+        // borrow of initialized data, so it overlaps neither dy nor W and nothing else touches it.
         unsafe {
             gemm_strided(
                 m,

@@ -74,6 +74,11 @@ fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g:
     let mut a = vec![T::zero(); b * t * m];
     let mut y = vec![T::zero(); b * t * d];
     let (ap, yp) = (super::SendPtr(a.as_mut_ptr()), super::SendPtr(y.as_mut_ptr()));
+    // SAFETY: sample bi reads u[bi·t·d..][..t·d] and K, V[bi·m·d..][..m·d], in bounds by the
+    // assert above, and writes only its own blocks a[bi·t·m..][..t·m] (A, then read back as a
+    // slice once the product has returned) and y[bi·t·d..][..t·d], so samples run in parallel
+    // write disjoint elements; a and y are fresh Vecs that outlive per_sample and overlap no
+    // input. z is a local t·m Vec.
     per_sample(b, |bi, th| unsafe {
         let ab = ap.get().add(bi * t * m);
         // A = u Kᵀ
@@ -150,6 +155,11 @@ fn bwd<T: Real>(
     let ptr = |x: &mut Option<Vec<T>>| x.as_mut().map(|v| super::SendPtr(v.as_mut_ptr()));
     let (dup, dkp, dvp) = (ptr(&mut du), ptr(&mut dk), ptr(&mut dv));
     let s = T::from(op.scale).unwrap();
+    // SAFETY: sample bi reads dY and u at [bi·t·d..][..t·d] and K, V at [bi·m·d..][..m·d], in
+    // bounds by the assert above, plus its local z and dA (t·m each). It writes only its own
+    // blocks du[bi·t·d..][..t·d], dK and dV[bi·m·d..][..m·d], so samples run in parallel write
+    // disjoint elements; du, dK and dV are fresh Vecs that outlive per_sample and overlap no
+    // input.
     per_sample(b, |bi, th| unsafe {
         let ar = &a[bi * t * m..(bi + 1) * t * m];
         let dyb = dy.as_ptr().add(bi * t * d);

@@ -133,7 +133,14 @@ where
 /// A raw pointer that may cross rayon tasks writing disjoint regions.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);
+// SAFETY: sending the pointer itself is harmless; what matters is how it is dereferenced, and
+// every use in ops points into an f32/f64 buffer (Send + Sync) that the caller owns and keeps
+// alive until the rayon loop using it has returned, with each task writing only its own
+// disjoint region (as the comments at the uses explain). The impls do not bound `T`: a new use
+// must keep to the same rules.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for Send: shared across tasks, the pointer is only used to write disjoint regions
+// of a buffer that outlives the parallel loop.
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
     #[inline]
@@ -211,7 +218,18 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 
 /// `dst (+)= lhs · rhs` for a few rows, by loops the compiler vectorises along the contiguous
 /// dimension of `rhs`.
+///
+/// # Safety
+///
+/// As for [`gemm_strided`]: for every `i < m`, `j < n` and `kk < k`, `dst[i·dst_rs + j·dst_cs]`
+/// must be valid for reads and writes, `lhs[i·lhs_rs + kk·lhs_cs]` and `rhs[kk·rhs_rs +
+/// j·rhs_cs]` valid for reads (all offsets in elements, within one allocation each), the
+/// elements of `dst` must not overlap those of `lhs` or `rhs`, and nothing else may access
+/// those elements of `dst` during the call. When `k` is 0 the row and column starts
+/// (`lhs + i·lhs_rs`, `rhs + j·rhs_cs`) are still formed and must stay in bounds.
 #[allow(clippy::too_many_arguments)]
+// SAFETY: sound under the `# Safety` contract above; its only caller, gemm_strided, passes its
+// own (identical) contract on.
 unsafe fn small_gemm<T: Real>(
     m: usize,
     n: usize,
@@ -227,6 +245,11 @@ unsafe fn small_gemm<T: Real>(
     rhs_rs: isize,
     rhs_cs: isize,
 ) {
+    // SAFETY: every offset formed below is `i·*_rs + j·*_cs` (or with `kk`) for i < m, j < n,
+    // kk < k, which the caller guarantees to be in bounds. The slices cover exactly such
+    // elements: a column of rhs when rhs_rs == 1, a row of lhs when lhs_cs == 1, a row of dst
+    // when dst_cs == 1. The one mutable slice (a row of dst) overlaps no lhs/rhs slice alive
+    // with it because dst overlaps neither operand, and no other thread touches it.
     unsafe {
         for i in 0..m as isize {
             let l = |kk: isize| *lhs.offset(i * lhs_rs + kk * lhs_cs);
@@ -274,7 +297,22 @@ unsafe fn small_gemm<T: Real>(
 
 /// `dst[m,n] (+)= alpha? ..` thin wrapper over gemm for strided row-major operands:
 /// dst = (read_dst ? dst : 0) + lhs[m,k] * rhs[k,n].
+///
+/// # Safety
+///
+/// Strides are in elements. For every `i < m`, `j < n` and `kk < k`:
+/// - `dst.offset(i·dst_rs + j·dst_cs)` must be valid for reads and writes (initialized even
+///   when `read_dst` is false: the small-product path forms `&mut` slices over it),
+/// - `lhs.offset(i·lhs_rs + kk·lhs_cs)` and `rhs.offset(kk·rhs_rs + j·rhs_cs)` must be valid
+///   for reads,
+///
+/// each within a single allocation (when `k` is 0, the row and column starts `lhs + i·lhs_rs`
+/// and `rhs + j·rhs_cs` must still be in bounds); the elements of `dst` must not overlap those
+/// of `lhs` or `rhs`, and no other thread may read or write those elements of `dst` until the
+/// call returns (the product itself may use `threads` rayon workers, all inside this region).
 #[allow(clippy::too_many_arguments)]
+// SAFETY: sound under the `# Safety` contract above, which each call site (linear, attention,
+// memory branch) shows it meets in the comment above the call.
 pub(crate) unsafe fn gemm_strided<T: Real>(
     m: usize,
     n: usize,
@@ -294,10 +332,14 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
     // A few rows (decoding: one query per head or sample) are dot products and axpys: a direct
     // loop beats gemm's packing and dispatch there.
     if m <= 4 && m * n * k <= 1 << 20 {
+        // SAFETY: small_gemm has exactly this function's contract, which the caller upholds.
         unsafe { small_gemm(m, n, k, dst, dst_rs, dst_cs, read_dst, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs) };
         return;
     }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: gemm::gemm reads and writes exactly the m×n, m×k and k×n strided elements this
+    // function's contract makes valid (strides passed column-first, as gemm takes them), only
+    // reads dst when read_dst, and T is f32 or f64 (the only Real types), which gemm supports.
     unsafe {
         gemm::gemm(
             m,
