@@ -73,12 +73,17 @@ fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g:
     assert!(u.len() >= b * t * d && k.len() >= b * m * d && v.len() >= b * m * d, "memory branch: inputs do not fit");
     let mut a = vec![T::zero(); b * t * m];
     let mut y = vec![T::zero(); b * t * d];
+    // An empty shape leaves nothing to compute (the products would produce these zeros), and
+    // returning here keeps them from forming row starts over empty buffers.
+    if [b, t, m, d].contains(&0) {
+        return (a, y);
+    }
     let (ap, yp) = (super::SendPtr(a.as_mut_ptr()), super::SendPtr(y.as_mut_ptr()));
-    // SAFETY: sample bi reads u[bi·t·d..][..t·d] and K, V[bi·m·d..][..m·d], in bounds by the
-    // assert above, and writes only its own blocks a[bi·t·m..][..t·m] (A, then read back as a
-    // slice once the product has returned) and y[bi·t·d..][..t·d], so samples run in parallel
-    // write disjoint elements; a and y are fresh Vecs that outlive per_sample and overlap no
-    // input. z is a local t·m Vec.
+    // SAFETY: no dimension is 0 here. Sample bi reads u[bi·t·d..][..t·d] and K, V at
+    // [bi·m·d..][..m·d], in bounds by the assert above, and writes only its own blocks
+    // a[bi·t·m..][..t·m] (A, then read back as a slice once the product has returned) and
+    // y[bi·t·d..][..t·d], so samples run in parallel write disjoint elements; a and y are fresh
+    // Vecs that outlive per_sample and overlap no input. z is a local t·m Vec.
     per_sample(b, |bi, th| unsafe {
         let ab = ap.get().add(bi * t * m);
         // A = u Kᵀ
@@ -152,14 +157,18 @@ fn bwd<T: Real>(
     let mut du = want[0].then(|| vec![T::zero(); b * t * d]);
     let mut dk = want[1].then(|| vec![T::zero(); b * m * d]);
     let mut dv = want[2].then(|| vec![T::zero(); b * m * d]);
+    // As in the forward pass: an empty shape has all-zero (or empty) gradients.
+    if [b, t, m, d].contains(&0) {
+        return (du, dk, dv);
+    }
     let ptr = |x: &mut Option<Vec<T>>| x.as_mut().map(|v| super::SendPtr(v.as_mut_ptr()));
     let (dup, dkp, dvp) = (ptr(&mut du), ptr(&mut dk), ptr(&mut dv));
     let s = T::from(op.scale).unwrap();
-    // SAFETY: sample bi reads dY and u at [bi·t·d..][..t·d] and K, V at [bi·m·d..][..m·d], in
-    // bounds by the assert above, plus its local z and dA (t·m each). It writes only its own
-    // blocks du[bi·t·d..][..t·d], dK and dV[bi·m·d..][..m·d], so samples run in parallel write
-    // disjoint elements; du, dK and dV are fresh Vecs that outlive per_sample and overlap no
-    // input.
+    // SAFETY: no dimension is 0 here. Sample bi reads dY and u at [bi·t·d..][..t·d] and K, V
+    // at [bi·m·d..][..m·d], in bounds by the assert above, plus its local z and dA (t·m each).
+    // It writes only its own blocks du[bi·t·d..][..t·d], dK and dV[bi·m·d..][..m·d], so samples
+    // run in parallel write disjoint elements; du, dK and dV are fresh Vecs that outlive
+    // per_sample and overlap no input.
     per_sample(b, |bi, th| unsafe {
         let ar = &a[bi * t * m..(bi + 1) * t * m];
         let dyb = dy.as_ptr().add(bi * t * d);
