@@ -79,12 +79,18 @@ fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // candle asks for the thread count on every matmul and, without this variable, reads
         // /proc/cpuinfo each time. Set before any thread exists.
+        // SAFETY: set_var is unsound only while another thread may read or write the
+        // environment. This is the start of main: no thread has been spawned yet (Rust runs no
+        // code before main, get_num_threads above only reads the environment and CPU counts,
+        // and the rayon pool is built below), so the process is single-threaded here.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // candle's elementwise ops have their own spinning thread pool; beside rayon's on the
         // same cores it oversubscribes them (measured: MemVP training steps ~15% slower).
         // memvp's heavy elementwise work is in its own rayon kernels.
+        // SAFETY: as above: still single-threaded, before the rayon pool or any other thread
+        // exists.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();

@@ -119,6 +119,8 @@ fn peak_rss_mb() -> f64 {
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
+// SAFETY: this is glibc's `int malloc_trim(size_t pad)` (declared in <malloc.h>): `usize` is
+// `size_t` and `i32` is `int` on the Linux targets this is compiled for (gnu env only).
 unsafe extern "C" {
     fn malloc_trim(pad: usize) -> i32;
 }
@@ -127,6 +129,9 @@ unsafe extern "C" {
 /// the peak (Linux: writing 5 to clear_refs resets VmHWM to the current RSS).
 fn reset_peak_rss() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and has no preconditions: it locks the allocator's
+    // arenas itself and only returns free memory to the system, so it may run at any time, on
+    // any thread.
     unsafe {
         malloc_trim(0);
     }

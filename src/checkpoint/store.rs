@@ -44,6 +44,11 @@ impl Weights {
         let mut index = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             let file = std::fs::File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
+            // SAFETY: the map is read as `&[u8]` for as long as these Weights live, which is sound
+            // only if nobody modifies or truncates the file meanwhile (that would change bytes
+            // behind a shared reference, or fault with SIGBUS). memvp opens checkpoints read-only
+            // and never writes them while loaded, but cannot stop another process from doing so:
+            // do not overwrite a checkpoint while a run is using it.
             let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", f.display()))?;
             let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
                 anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", f.display())

@@ -1,6 +1,6 @@
 //! Activations and gated activations (SwiGLU, GeGLU) with backward passes.
 
-use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
+use super::{Real, cpu_slice, dispatch, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -150,7 +150,7 @@ impl CustomOp1 for Act {
 
 /// `act(x)`, differentiable.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
-    if fast_path(x) { x.contiguous()?.apply_op1(Act(act)) } else { act.candle(x) }
+    dispatch(fast_path(x), [x], Tensor::contiguous, || Ok((Act(act), true)), || act.candle(x))
 }
 
 struct Gated(Activation);
@@ -216,9 +216,5 @@ impl CustomOp2 for Gated {
 
 /// `act(gate) * up` (SwiGLU for LLaMA, GeGLU for T5 v1.1), differentiable.
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
-    if fast_path(gate) {
-        gate.contiguous()?.apply_op2(&up.contiguous()?, Gated(act))
-    } else {
-        act.candle(gate)?.mul(up)
-    }
+    dispatch(fast_path(gate), [gate, up], Tensor::contiguous, || Ok((Gated(act), true)), || act.candle(gate)?.mul(up))
 }

@@ -4,7 +4,7 @@
 //! matmuls, mask add and softmax: no copies, and the probabilities are kept for the backward
 //! pass only when a gradient can flow.
 
-use super::{Real, fast_path, gemm_strided};
+use super::{Real, dispatch, fast_path, gemm_strided};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -57,6 +57,20 @@ impl<'a, T> View<'a, T> {
         let [_, t, h, d] = dims;
         Self { data, off: 0, st: [t * h * d, h * d, d], dims }
     }
+
+    /// Whether every element of the view lies inside `data` (the kernels read it through raw
+    /// pointers). A view with a zero dimension has no element and always fits.
+    fn fits(&self) -> bool {
+        if self.dims.contains(&0) {
+            return true;
+        }
+        // Offset of the last element, None on overflow.
+        let mut last = self.off.checked_add(self.dims[3] - 1);
+        for (&n, &s) in self.dims.iter().zip(&self.st) {
+            last = last.and_then(|l| (n - 1).checked_mul(s)?.checked_add(l));
+        }
+        last.is_some_and(|l| l < self.data.len())
+    }
 }
 
 fn view<'a, T: Real>(s: &'a CpuStorage, l: &Layout) -> Result<View<'a, T>> {
@@ -104,6 +118,9 @@ fn geometry<T>(q: &View<T>, k: &View<T>, v: &View<T>, bias: Option<&Tensor>) -> 
     if bk != b || dk != d || v.dims != k.dims || kvh == 0 || h % kvh != 0 {
         bail!("attention: q {:?}, k {:?}, v {:?} do not fit together", q.dims, k.dims, v.dims)
     }
+    if !(q.fits() && k.fits() && v.fits()) {
+        bail!("attention: q {:?}, k {:?} or v {:?} reaches past its buffer", q.dims, k.dims, v.dims)
+    }
     let bias_b = match bias.map(|t| t.dims().to_vec()) {
         None => 1,
         Some(bd) if bd.len() == 4 && (bd[0] == 1 || bd[0] == b) && bd[1] == h && bd[2] == tq && bd[3] == tk => bd[0],
@@ -127,6 +144,11 @@ pub(crate) fn attn_fwd<T: Real>(
     let group = h / kvh;
     let mut out = vec![T::zero(); b * tq * h * d];
     let mut probs = if keep { vec![T::zero(); b * h * tq * tk] } else { Vec::new() };
+    // An empty shape leaves nothing to compute (the kernel below would produce these zeros), and
+    // returning here keeps it from forming strided offsets over buffers that may be empty.
+    if [b, tq, tk, h, d].contains(&0) {
+        return Ok((out, keep.then_some(probs)));
+    }
     let out_p = super::SendPtr(out.as_mut_ptr());
     let probs_p = super::SendPtr(probs.as_mut_ptr());
     let scale = T::from(op.scale).unwrap();
@@ -135,11 +157,20 @@ pub(crate) fn attn_fwd<T: Real>(
         let gi = hi / group;
         let mut local = Vec::new();
         let p: *mut T = if keep {
+            // SAFETY: bh < b·h, so the tq·tk block starting here lies inside probs (b·h·tq·tk
+            // elements, alive until the loop ends); only task bh uses it.
             unsafe { probs_p.get().add(bh * tq * tk) }
         } else {
             local.resize(tq * tk, T::zero());
             local.as_mut_ptr()
         };
+        // SAFETY: p is this task's own initialized tq·tk block (of probs, or the local buffer),
+        // written through p and through `s` one after the other, never both at once. The q, k
+        // and v offsets address elements [bi, i, hi or gi, c] of views that `geometry` checked
+        // to fit their data (bi < b, hi < h, gi < kvh, i < tq or tk, c < d, and no dimension is
+        // 0 here); they are only read. The output rows written, out[bi, i, hi, 0..d] (row stride
+        // h·d), lie inside out (b·tq·h·d elements) and belong to head (bi, hi) alone, so the
+        // tasks write disjoint elements. Neither buffer overlaps the inputs: both are fresh Vecs.
         unsafe {
             // S = Q_h K_gᵀ
             gemm_strided(
@@ -224,24 +255,44 @@ pub(crate) fn attn_bwd<T: Real>(
     dout: &[T],
 ) -> Result<Grads3<T>> {
     let Geometry { b, tq, tk, h, kvh, d, .. } = geometry(q, k, v, op.bias.as_ref())?;
+    if dout.len() < b * tq * h * d {
+        bail!("attention: output gradient of {} elements for [{b}, {tq}, {h}, {d}]", dout.len())
+    }
     let group = h / kvh;
     let mut dq = vec![T::zero(); b * tq * h * d];
     let mut dk = vec![T::zero(); b * tk * kvh * d];
     let mut dv = vec![T::zero(); b * tk * kvh * d];
+    // As in the forward pass: an empty shape has all-zero (or empty) gradients.
+    if [b, tq, tk, h, d].contains(&0) {
+        return Ok((dq, dk, dv));
+    }
     let (dqp, dkp, dvp) =
         (super::SendPtr(dq.as_mut_ptr()), super::SendPtr(dk.as_mut_ptr()), super::SendPtr(dv.as_mut_ptr()));
     let scale = T::from(op.scale).unwrap();
     (0..b * kvh).into_par_iter().with_min_len(super::min_rows(group * (tq * tk + tq * d) + tk * d)).for_each(|bg| {
         let (bi, gi) = (bg / kvh, bg % kvh);
         let mut ds = vec![T::zero(); tq * tk];
+        // SAFETY: element [bi, 0, gi, 0] of k, inside its data: `geometry` checked that the view
+        // fits, bi < b and gi < kvh, and no dimension is 0 here.
         let kbase = unsafe { k.data.as_ptr().add(k.off + bi * k.st[0] + gi * k.st[2]) };
+        // SAFETY: likewise element [bi, 0, gi, 0] of v (same dims as k, checked to fit).
         let vbase = unsafe { v.data.as_ptr().add(v.off + bi * v.st[0] + gi * v.st[2]) };
+        // SAFETY: element [bi, 0, gi, 0] of dk ([b, tk, kvh, d], alive until the loop ends).
         let dkb = unsafe { dkp.get().add((bi * tk * kvh + gi) * d) };
+        // SAFETY: element [bi, 0, gi, 0] of dv ([b, tk, kvh, d], alive until the loop ends).
         let dvb = unsafe { dvp.get().add((bi * tk * kvh + gi) * d) };
         for hi in gi * group..(gi + 1) * group {
             let p = &probs[(bi * h + hi) * tq * tk..][..tq * tk];
+            // SAFETY: element [bi, 0, hi, 0] of dout, whose length was checked to be at least
+            // b·tq·h·d; bi < b and hi < h.
             let dob = unsafe { dout.as_ptr().add(bi * tq * h * d + hi * d) };
+            // SAFETY: element [bi, 0, hi, 0] of q, inside its data (view checked to fit, hi < h).
             let qb = unsafe { q.data.as_ptr().add(q.off + bi * q.st[0] + hi * q.st[2]) };
+            // SAFETY: the products read p (a checked slice of probs), dout rows [bi, i, hi, ·]
+            // (i < tq, in bounds by the length check) and v rows [bi, j, gi, ·] (j < tk, view
+            // checked to fit). They write ds, this task's own tq·tk buffer, and dv[bi, j, gi, ·]
+            // for j < tk (row stride kvh·d): inside dv, and written only by task (bi, gi), so the
+            // tasks write disjoint elements. dv and ds are fresh Vecs overlapping no input.
             unsafe {
                 // dV_g += Pᵀ dO_h
                 gemm_strided(
@@ -286,6 +337,11 @@ pub(crate) fn attn_bwd<T: Real>(
                     *o = scale * x * (*o - dot);
                 }
             }
+            // SAFETY: the products read ds (tq·tk, this task's), k rows [bi, j, gi, ·] and q rows
+            // [bi, i, hi, ·] (views checked to fit). They write dq[bi, i, hi, ·] for i < tq (row
+            // stride h·d) and dk[bi, j, gi, ·] for j < tk (row stride kvh·d): inside dq and dk,
+            // and written only by task (bi, gi), whose heads hi are its own. dq and dk are fresh
+            // Vecs overlapping no input.
             unsafe {
                 // dQ_h = dS K_g
                 gemm_strided(
@@ -444,21 +500,24 @@ fn inner_contiguous(t: &Tensor) -> Result<Tensor> {
 /// `softmax(scale · q kᵀ + bias + masks) v` per head. `q: [b, tq, h, d]`, `k, v: [b, tk, kvh, d]`
 /// with `h` a multiple of `kvh`; returns `[b, tq, h, d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, o: AttentionOpts) -> Result<Tensor> {
-    if fast_path(q) {
-        let track = q.track_op() || k.track_op() || v.track_op();
-        let op = AttnOp {
-            scale: o.scale,
-            causal: o.causal_offset,
-            bias: o.bias.map(|b| b.to_dtype(q.dtype())).transpose()?,
-            mask: o.key_mask.map(|m| m.to_dtype(q.dtype())).transpose()?,
-            keep: track,
-            probs: Mutex::new(None),
-        };
-        let (q, k, v) = (inner_contiguous(q)?, inner_contiguous(k)?, inner_contiguous(v)?);
-        if track { q.apply_op3(&k, &v, op) } else { q.apply_op3_no_bwd(&k, &v, &op) }
-    } else {
-        attention_reference(q, k, v, o)
-    }
+    dispatch(
+        fast_path(q),
+        [q, k, v],
+        inner_contiguous,
+        || {
+            let track = q.track_op() || k.track_op() || v.track_op();
+            let op = AttnOp {
+                scale: o.scale,
+                causal: o.causal_offset,
+                bias: o.bias.map(|b| b.to_dtype(q.dtype())).transpose()?,
+                mask: o.key_mask.map(|m| m.to_dtype(q.dtype())).transpose()?,
+                keep: track,
+                probs: Mutex::new(None),
+            };
+            Ok((op, track))
+        },
+        || attention_reference(q, k, v, o),
+    )
 }
 
 /// Plain candle composition of the same computation: used off the CPU and as a test oracle.

@@ -8,7 +8,7 @@ use super::attention::{AttnOp, View, attn_bwd, attn_fwd};
 use super::linear::{linear_input_grad, linear_rows, storage_slice};
 use super::norm::{ln_bwd, ln_fwd, rms_bwd, rms_fwd};
 use super::rope::rope_kernel;
-use super::{Linear, Real, cpu_slice, with_slice};
+use super::{Linear, Real, cpu_slice, dispatch, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use std::sync::Mutex;
@@ -203,16 +203,24 @@ impl FrozenAttnBlock {
 
     /// `x + attention(norm(x))` for `x: [b, t, d]` (no KV cache, no key mask).
     pub fn forward(&self, x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-        if !self.fusable(x, rope) {
-            bail!("attention block: not fusable here (use the op-by-op path)")
-        }
-        let op = BlockOp {
-            blk: self.clone(),
-            rope: rope.map(|(c, s)| Ok::<_, candle_core::Error>((c.contiguous()?, s.contiguous()?))).transpose()?,
-            keep: x.track_op(),
-            saved: Mutex::new(None),
-        };
-        let x = x.contiguous()?;
-        if op.keep { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
+        dispatch(
+            self.fusable(x, rope),
+            [x],
+            Tensor::contiguous,
+            || {
+                let op = BlockOp {
+                    blk: self.clone(),
+                    rope: rope
+                        .map(|(c, s)| Ok::<_, candle_core::Error>((c.contiguous()?, s.contiguous()?)))
+                        .transpose()?,
+                    keep: x.track_op(),
+                    saved: Mutex::new(None),
+                };
+                let keep = op.keep;
+                Ok((op, keep))
+            },
+            // No composite fallback: callers check `fusable` and take the op-by-op path.
+            || -> Result<Tensor> { bail!("attention block: not fusable here (use the op-by-op path)") },
+        )
     }
 }

@@ -2,7 +2,7 @@
 //! candle's matmul backward would also form `xᵀ dy` for the weight, a full extra matrix product
 //! per projection, and keep it in memory, although nothing frozen is ever updated.
 
-use super::{Real, cpu_slice, fast_path, gemm_strided, num_threads};
+use super::{Real, cpu_slice, dispatch, fast_path, gemm_strided, num_threads};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
 
@@ -37,7 +37,19 @@ pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k
         }
         None => vec![T::zero(); m * n],
     };
+    // The product below reads m·k elements of x and n·k of W and writes m·n of dst through raw
+    // pointers; callers derive m, k and n from shapes that nothing here ties to these buffers.
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && dst.len() == m * n,
+        "linear: buffers of {}, {} and {} elements do not fit [{m}, {k}] · [{n}, {k}]ᵀ",
+        x.len(),
+        w.len(),
+        dst.len()
+    );
     // dst[m,n] = x[m,k] · Wᵀ where Wᵀ[kk, j] = W[j, kk].
+    // SAFETY: by the assert above, every element addressed is in bounds: dst[i·n + j] < m·n,
+    // x[i·k + kk] < m·k and W[kk + j·k] < n·k. dst is a fresh, initialized Vec, so it overlaps
+    // neither x nor W and nothing else accesses it.
     unsafe {
         gemm_strided(
             m,
@@ -77,7 +89,18 @@ pub(crate) fn linear_input_grad<T: Real>(
     accumulate: bool,
 ) -> Result<()> {
     let (n, k) = l.weight.dims2()?;
+    // The product below reads m·n elements of dy and writes m·k of dst through raw pointers.
+    if dy.len() < m * n || dst.len() < m * k {
+        bail!(
+            "linear: input gradient buffers of {} and {} elements do not fit [{m}, {n}] · [{n}, {k}]",
+            dy.len(),
+            dst.len()
+        )
+    }
     storage_slice::<T, _>(&l.weight, |w| {
+        // SAFETY: dst[i·k + j] < m·k and dy[i·n + kk] < m·n by the check above, and W[kk·k + j]
+        // < n·k = w.len() (storage_slice yields exactly the [n, k] weight). dst is an exclusive
+        // borrow of initialized data, so it overlaps neither dy nor W and nothing else touches it.
         unsafe {
             gemm_strided(
                 m,
@@ -164,20 +187,23 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // A weight that is itself being trained (pre-training a tiny LM) takes candle's matmul,
         // whose backward forms the weight gradient.
-        if fast_path(x)
+        let fast = fast_path(x)
             && !self.weight.is_variable()
             && !CANDLE_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
             && self.weight.is_contiguous()
-            && x.dtype() == self.weight.dtype()
-        {
-            let op = LinearOp { weight: self.weight.clone(), bias: self.bias.clone() };
-            if x.track_op() { x.contiguous()?.apply_op1(op) } else { x.contiguous()?.apply_op1_no_bwd(&op) }
-        } else {
-            let y = x.broadcast_matmul(&self.weight.t()?)?;
-            match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            }
-        }
+            && x.dtype() == self.weight.dtype();
+        dispatch(
+            fast,
+            [x],
+            Tensor::contiguous,
+            || Ok((LinearOp { weight: self.weight.clone(), bias: self.bias.clone() }, x.track_op())),
+            || {
+                let y = x.broadcast_matmul(&self.weight.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            },
+        )
     }
 }

@@ -1,7 +1,7 @@
 //! Mean cross-entropy over rows of logits, fused: the `[rows, vocab]` log-softmax is never
 //! materialised, and the backward pass forms `softmax - onehot` in one sweep.
 
-use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
+use super::{Real, cpu_slice, dispatch, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -79,10 +79,14 @@ impl CustomOp1 for CrossEntropy {
 
 /// Mean over rows of `-log softmax(logits)[target]`; `logits: [rows, vocab]`.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    if fast_path(logits) {
-        logits.contiguous()?.apply_op1(CrossEntropy { targets: targets.to_vec() })
-    } else {
-        let t = Tensor::from_slice(targets, targets.len(), logits.device())?;
-        candle_nn::loss::cross_entropy(logits, &t)
-    }
+    dispatch(
+        fast_path(logits),
+        [logits],
+        Tensor::contiguous,
+        || Ok((CrossEntropy { targets: targets.to_vec() }, true)),
+        || {
+            let t = Tensor::from_slice(targets, targets.len(), logits.device())?;
+            candle_nn::loss::cross_entropy(logits, &t)
+        },
+    )
 }

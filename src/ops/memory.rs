@@ -3,7 +3,7 @@
 //! returns gradients only for the inputs that can reach a trained tensor (in the first block
 //! `u` comes from frozen layers alone, so nothing is formed for it).
 
-use super::{Activation, Real, fast_path, gemm_strided, num_threads, with_slice};
+use super::{Activation, Real, dispatch, fast_path, gemm_strided, num_threads, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -15,21 +15,29 @@ struct MemoryOp {
     mask: Option<Tensor>,
     keep: bool,
     /// Pre-activations `u Kᵀ`, kept for the backward pass.
-    saved: Mutex<Option<Vec<u8>>>,
+    saved: Mutex<Option<Saved>>,
 }
 
-fn as_bytes<T: Real>(v: Vec<T>) -> Vec<u8> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    let (p, l, c) = (v.as_mut_ptr(), v.len(), v.capacity());
-    let s = std::mem::size_of::<T>();
-    unsafe { Vec::from_raw_parts(p as *mut u8, l * s, c * s) }
+/// The pre-activations in the dtype of the forward pass that formed them.
+enum Saved {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
 }
 
-fn from_bytes<T: Real>(v: Vec<u8>) -> Vec<T> {
-    let mut v = std::mem::ManuallyDrop::new(v);
-    let (p, l, c) = (v.as_mut_ptr(), v.len(), v.capacity());
-    let s = std::mem::size_of::<T>();
-    unsafe { Vec::from_raw_parts(p as *mut T, l / s, c / s) }
+impl Saved {
+    fn as_f32(&self) -> Result<&[f32]> {
+        match self {
+            Saved::F32(a) => Ok(a),
+            Saved::F64(_) => bail!("memory branch: saved activations are f64, the backward pass is f32"),
+        }
+    }
+
+    fn as_f64(&self) -> Result<&[f64]> {
+        match self {
+            Saved::F64(a) => Ok(a),
+            Saved::F32(_) => bail!("memory branch: saved activations are f32, the backward pass is f64"),
+        }
+    }
 }
 
 /// Runs `f(bi)` for every sample: in parallel across samples when there are enough of them,
@@ -61,9 +69,21 @@ fn dims(u: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
 
 fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g: &Dims) -> (Vec<T>, Vec<T>) {
     let Dims { b, t, m, d } = *g;
+    // The products below read these through raw pointers with extents taken from g.
+    assert!(u.len() >= b * t * d && k.len() >= b * m * d && v.len() >= b * m * d, "memory branch: inputs do not fit");
     let mut a = vec![T::zero(); b * t * m];
     let mut y = vec![T::zero(); b * t * d];
+    // An empty shape leaves nothing to compute (the products would produce these zeros), and
+    // returning here keeps them from forming row starts over empty buffers.
+    if [b, t, m, d].contains(&0) {
+        return (a, y);
+    }
     let (ap, yp) = (super::SendPtr(a.as_mut_ptr()), super::SendPtr(y.as_mut_ptr()));
+    // SAFETY: no dimension is 0 here. Sample bi reads u[bi·t·d..][..t·d] and K, V at
+    // [bi·m·d..][..m·d], in bounds by the assert above, and writes only its own blocks
+    // a[bi·t·m..][..t·m] (A, then read back as a slice once the product has returned) and
+    // y[bi·t·d..][..t·d], so samples run in parallel write disjoint elements; a and y are fresh
+    // Vecs that outlive per_sample and overlap no input. z is a local t·m Vec.
     per_sample(b, |bi, th| unsafe {
         let ab = ap.get().add(bi * t * m);
         // A = u Kᵀ
@@ -129,12 +149,26 @@ fn bwd<T: Real>(
     want: [bool; 3],
 ) -> Grads<T> {
     let Dims { b, t, m, d } = *g;
+    // The products below read these through raw pointers with extents taken from g.
+    assert!(
+        u.len() >= b * t * d && k.len() >= b * m * d && v.len() >= b * m * d && dy.len() >= b * t * d,
+        "memory branch: inputs do not fit"
+    );
     let mut du = want[0].then(|| vec![T::zero(); b * t * d]);
     let mut dk = want[1].then(|| vec![T::zero(); b * m * d]);
     let mut dv = want[2].then(|| vec![T::zero(); b * m * d]);
+    // As in the forward pass: an empty shape has all-zero (or empty) gradients.
+    if [b, t, m, d].contains(&0) {
+        return (du, dk, dv);
+    }
     let ptr = |x: &mut Option<Vec<T>>| x.as_mut().map(|v| super::SendPtr(v.as_mut_ptr()));
     let (dup, dkp, dvp) = (ptr(&mut du), ptr(&mut dk), ptr(&mut dv));
     let s = T::from(op.scale).unwrap();
+    // SAFETY: no dimension is 0 here. Sample bi reads dY and u at [bi·t·d..][..t·d] and K, V
+    // at [bi·m·d..][..m·d], in bounds by the assert above, plus its local z and dA (t·m each).
+    // It writes only its own blocks du[bi·t·d..][..t·d], dK and dV[bi·m·d..][..m·d], so samples
+    // run in parallel write disjoint elements; du, dK and dV are fresh Vecs that outlive
+    // per_sample and overlap no input.
     per_sample(b, |bi, th| unsafe {
         let ar = &a[bi * t * m..(bi + 1) * t * m];
         let dyb = dy.as_ptr().add(bi * t * d);
@@ -224,26 +258,35 @@ impl CustomOp3 for MemoryOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = dims(l1.dims(), l2.dims(), l3.dims())?;
-        fn go<T: Real>(op: &MemoryOp, s: [(&CpuStorage, &Layout); 3], g: &Dims) -> Result<Vec<T>> {
+        // The pre-activations `A` and the output `Y`.
+        fn go<T: Real>(op: &MemoryOp, s: [(&CpuStorage, &Layout); 3], g: &Dims) -> Result<(Vec<T>, Vec<T>)> {
             let (u, k, v) = (
                 super::cpu_slice::<T>(s[0].0, s[0].1)?,
                 super::cpu_slice::<T>(s[1].0, s[1].1)?,
                 super::cpu_slice::<T>(s[2].0, s[2].1)?,
             );
             let run = |mask: Option<&[T]>| Ok(fwd(op, u, k, v, mask, g));
-            let (a, y) = match &op.mask {
-                Some(mk) => with_slice::<T, _>(mk, |mk| run(Some(mk)))?,
-                None => run(None)?,
-            };
-            if op.keep {
-                *op.saved.lock().unwrap() = Some(as_bytes(a));
+            match &op.mask {
+                Some(mk) => with_slice::<T, _>(mk, |mk| run(Some(mk))),
+                None => run(None),
             }
-            Ok(y)
         }
         let st = [(s1, l1), (s2, l2), (s3, l3)];
         let out = match s1.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(go::<f32>(self, st, &g)?),
-            DType::F64 => f64::to_cpu_storage_owned(go::<f64>(self, st, &g)?),
+            DType::F32 => {
+                let (a, y) = go::<f32>(self, st, &g)?;
+                if self.keep {
+                    *self.saved.lock().unwrap() = Some(Saved::F32(a));
+                }
+                f32::to_cpu_storage_owned(y)
+            }
+            DType::F64 => {
+                let (a, y) = go::<f64>(self, st, &g)?;
+                if self.keep {
+                    *self.saved.lock().unwrap() = Some(Saved::F64(a));
+                }
+                f64::to_cpu_storage_owned(y)
+            }
             dt => bail!("memory branch: unsupported dtype {dt:?}"),
         };
         Ok((out, Shape::from((g.b, g.t, g.d))))
@@ -258,8 +301,13 @@ impl CustomOp3 for MemoryOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = dims(u.dims(), k.dims(), v.dims())?;
+        if dy.dims() != [g.b, g.t, g.d] {
+            bail!("memory branch: output gradient {:?} for an output [{}, {}, {}]", dy.dims(), g.b, g.t, g.d)
+        }
         let want = [u.track_op(), k.track_op(), v.track_op()];
-        let Some(saved) = self.saved.lock().unwrap().take() else { bail!("memory branch: no saved activations") };
+        // Not taken: a graph may be differentiated more than once.
+        let guard = self.saved.lock().unwrap();
+        let Some(saved) = guard.as_ref() else { bail!("memory branch: no saved activations") };
         #[allow(clippy::too_many_arguments)]
         fn go<T: Real>(
             op: &MemoryOp,
@@ -282,26 +330,16 @@ impl CustomOp3 for MemoryOp {
                 })
             })
         }
-        let dev = u.device();
-        let wrap = |x: Option<Vec<f64>>, like: &Tensor| x.map(|v| Tensor::from_vec(v, like.dims(), dev)).transpose();
+        type Out = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+        // The gradients as tensors shaped like `u`, `K` and `V`, on `u`'s device.
+        fn wrap<T: Real>((a, b, c): Grads<T>, [u, k, v]: [&Tensor; 3]) -> Result<Out> {
+            let dev = u.device();
+            let w = |x: Option<Vec<T>>, like: &Tensor| x.map(|v| Tensor::from_vec(v, like.dims(), dev)).transpose();
+            Ok((w(a, u)?, w(b, k)?, w(c, v)?))
+        }
         match u.dtype() {
-            DType::F32 => {
-                let a32: Vec<f32> = from_bytes(saved);
-                let r = go::<f32>(self, u, k, v, dy, &a32, &g, want);
-                // Kept so that a graph can be differentiated more than once.
-                *self.saved.lock().unwrap() = Some(as_bytes(a32));
-                let (a, b, c) = r?;
-                let w =
-                    |x: Option<Vec<f32>>, like: &Tensor| x.map(|v| Tensor::from_vec(v, like.dims(), dev)).transpose();
-                Ok((w(a, u)?, w(b, k)?, w(c, v)?))
-            }
-            DType::F64 => {
-                let a64: Vec<f64> = from_bytes(saved);
-                let r = go::<f64>(self, u, k, v, dy, &a64, &g, want);
-                *self.saved.lock().unwrap() = Some(as_bytes(a64));
-                let (a, b, c) = r?;
-                Ok((wrap(a, u)?, wrap(b, k)?, wrap(c, v)?))
-            }
+            DType::F32 => wrap(go::<f32>(self, u, k, v, dy, saved.as_f32()?, &g, want)?, [u, k, v]),
+            DType::F64 => wrap(go::<f64>(self, u, k, v, dy, saved.as_f64()?, &g, want)?, [u, k, v]),
             dt => bail!("memory branch: unsupported dtype {dt:?}"),
         }
     }
@@ -316,23 +354,28 @@ pub fn memory_branch(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    if fast_path(u) {
-        let keep = u.track_op() || k.track_op() || v.track_op();
-        let op = MemoryOp {
-            act,
-            scale,
-            mask: mask.map(|m| m.to_dtype(u.dtype())).transpose()?,
-            keep,
-            saved: Mutex::new(None),
-        };
-        let (u, k, v) = (u.contiguous()?, k.contiguous()?, v.contiguous()?);
-        if keep { u.apply_op3(&k, &v, op) } else { u.apply_op3_no_bwd(&k, &v, &op) }
-    } else {
-        let a = super::activation(&u.matmul(&k.transpose(1, 2)?)?, act)?;
-        let a = match mask {
-            Some(m) => a.mul(m)?,
-            None => a,
-        };
-        a.matmul(v)? * scale
-    }
+    dispatch(
+        fast_path(u),
+        [u, k, v],
+        Tensor::contiguous,
+        || {
+            let keep = u.track_op() || k.track_op() || v.track_op();
+            let op = MemoryOp {
+                act,
+                scale,
+                mask: mask.map(|m| m.to_dtype(u.dtype())).transpose()?,
+                keep,
+                saved: Mutex::new(None),
+            };
+            Ok((op, keep))
+        },
+        || {
+            let a = super::activation(&u.matmul(&k.transpose(1, 2)?)?, act)?;
+            let a = match mask {
+                Some(m) => a.mul(m)?,
+                None => a,
+            };
+            a.matmul(v)? * scale
+        },
+    )
 }

@@ -4,7 +4,7 @@
 //! forms the input gradient only, and no intermediate gradient is accumulated through candle.
 
 use super::linear::{linear_input_grad, linear_rows};
-use super::{Activation, Linear, Real, cpu_slice, fast_path, with_slice};
+use super::{Activation, Linear, Real, cpu_slice, dispatch, fast_path, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -156,16 +156,23 @@ impl FrozenMlp {
             && plain(&self.w1)
             && plain(&self.down)
             && self.w2.as_ref().is_none_or(plain);
-        if !fusable {
-            let h1 = self.w1.forward(x)?;
-            let a = match &self.w2 {
-                Some(l) => super::gated(&h1, &l.forward(x)?, self.act)?,
-                None => super::activation(&h1, self.act)?,
-            };
-            return self.down.forward(&a);
-        }
-        let op = MlpOp { mlp: self.clone(), keep: x.track_op(), saved: Mutex::new(None) };
-        let x = x.contiguous()?;
-        if op.keep { x.apply_op1(op) } else { x.apply_op1_no_bwd(&op) }
+        dispatch(
+            fusable,
+            [x],
+            Tensor::contiguous,
+            || {
+                let op = MlpOp { mlp: self.clone(), keep: x.track_op(), saved: Mutex::new(None) };
+                let keep = op.keep;
+                Ok((op, keep))
+            },
+            || {
+                let h1 = self.w1.forward(x)?;
+                let a = match &self.w2 {
+                    Some(l) => super::gated(&h1, &l.forward(x)?, self.act)?,
+                    None => super::activation(&h1, self.act)?,
+                };
+                self.down.forward(&a)
+            },
+        )
     }
 }

@@ -29,7 +29,9 @@ pub use norm::{layer_norm, rms_norm};
 pub use rope::{RopeTable, rope};
 pub use softmax::softmax_last_dim;
 
-use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor, WithDType, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Storage, Tensor, WithDType, bail,
+};
 
 /// Floating types the CPU kernels are written for: f32 for work, f64 for gradient checks.
 pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + 'static {
@@ -74,10 +76,72 @@ pub(crate) fn fast_path(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
+/// How a kernel's inputs are laid out before its custom op runs: `Tensor::contiguous` for the
+/// kernels that read flat slices, a cheaper preparation for those that read strided views.
+pub(crate) type Prep = fn(&Tensor) -> Result<Tensor>;
+
+/// A candle custom op on `N` inputs, applied with a backward pass (`apply_opN`, which records a
+/// graph node when an input is tracked) or without one (`apply_opN_no_bwd`).
+pub(crate) trait Kernel<const N: usize> {
+    /// Runs the op on `inputs`, each passed through `prep` first (in order).
+    fn run(self, inputs: [&Tensor; N], prep: Prep, bwd: bool) -> Result<Tensor>;
+}
+
+impl<O: CustomOp1 + Send + Sync + 'static> Kernel<1> for O {
+    fn run(self, [x]: [&Tensor; 1], prep: Prep, bwd: bool) -> Result<Tensor> {
+        let x = prep(x)?;
+        if bwd { x.apply_op1(self) } else { x.apply_op1_no_bwd(&self) }
+    }
+}
+
+impl<O: CustomOp2 + Send + Sync + 'static> Kernel<2> for O {
+    fn run(self, [x, y]: [&Tensor; 2], prep: Prep, bwd: bool) -> Result<Tensor> {
+        let (x, y) = (prep(x)?, prep(y)?);
+        if bwd { x.apply_op2(&y, self) } else { x.apply_op2_no_bwd(&y, &self) }
+    }
+}
+
+impl<O: CustomOp3 + Send + Sync + 'static> Kernel<3> for O {
+    fn run(self, [x, y, z]: [&Tensor; 3], prep: Prep, bwd: bool) -> Result<Tensor> {
+        let (x, y, z) = (prep(x)?, prep(y)?, prep(z)?);
+        if bwd { x.apply_op3(&y, &z, self) } else { x.apply_op3_no_bwd(&y, &z, &self) }
+    }
+}
+
+/// The dispatch every kernel shares. Off the fast path (`fast` false: another device or dtype,
+/// or a case the kernel does not cover) `fallback` computes the result with candle's composite
+/// (differentiable) ops. On it, `op` builds the custom op together with whether it is applied
+/// with a backward pass (`true`: `apply_opN`) or without one (`false`: `apply_opN_no_bwd`, for
+/// ops that keep activations only when a gradient can flow), and the op runs on `inputs`
+/// passed through `prep`. The op is built before the inputs are prepared.
+pub(crate) fn dispatch<O, const N: usize>(
+    fast: bool,
+    inputs: [&Tensor; N],
+    prep: Prep,
+    op: impl FnOnce() -> Result<(O, bool)>,
+    fallback: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor>
+where
+    O: Kernel<N>,
+{
+    if !fast {
+        return fallback();
+    }
+    let (op, bwd) = op()?;
+    op.run(inputs, prep, bwd)
+}
+
 /// A raw pointer that may cross rayon tasks writing disjoint regions.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);
+// SAFETY: sending the pointer itself is harmless; what matters is how it is dereferenced, and
+// every use in ops points into an f32/f64 buffer (Send + Sync) that the caller owns and keeps
+// alive until the rayon loop using it has returned, with each task writing only its own
+// disjoint region (as the comments at the uses explain). The impls do not bound `T`: a new use
+// must keep to the same rules.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for Send: shared across tasks, the pointer is only used to write disjoint regions
+// of a buffer that outlives the parallel loop.
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
     #[inline]
@@ -155,7 +219,18 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 
 /// `dst (+)= lhs · rhs` for a few rows, by loops the compiler vectorises along the contiguous
 /// dimension of `rhs`.
+///
+/// # Safety
+///
+/// As for [`gemm_strided`]: for every `i < m`, `j < n` and `kk < k`, `dst[i·dst_rs + j·dst_cs]`
+/// must be valid for reads and writes, `lhs[i·lhs_rs + kk·lhs_cs]` and `rhs[kk·rhs_rs +
+/// j·rhs_cs]` valid for reads (all offsets in elements, within one allocation each), the
+/// elements of `dst` must not overlap those of `lhs` or `rhs`, and nothing else may access
+/// those elements of `dst` during the call. When `k` is 0 the row and column starts
+/// (`lhs + i·lhs_rs`, `rhs + j·rhs_cs`) are still formed and must stay in bounds.
 #[allow(clippy::too_many_arguments)]
+// SAFETY: sound under the `# Safety` contract above; its only caller, gemm_strided, passes its
+// own (identical) contract on.
 unsafe fn small_gemm<T: Real>(
     m: usize,
     n: usize,
@@ -171,6 +246,11 @@ unsafe fn small_gemm<T: Real>(
     rhs_rs: isize,
     rhs_cs: isize,
 ) {
+    // SAFETY: every offset formed below is `i·*_rs + j·*_cs` (or with `kk`) for i < m, j < n,
+    // kk < k, which the caller guarantees to be in bounds. The slices cover exactly such
+    // elements: a column of rhs when rhs_rs == 1, a row of lhs when lhs_cs == 1, a row of dst
+    // when dst_cs == 1. The one mutable slice (a row of dst) overlaps no lhs/rhs slice alive
+    // with it because dst overlaps neither operand, and no other thread touches it.
     unsafe {
         for i in 0..m as isize {
             let l = |kk: isize| *lhs.offset(i * lhs_rs + kk * lhs_cs);
@@ -218,7 +298,22 @@ unsafe fn small_gemm<T: Real>(
 
 /// `dst[m,n] (+)= alpha? ..` thin wrapper over gemm for strided row-major operands:
 /// dst = (read_dst ? dst : 0) + lhs[m,k] * rhs[k,n].
+///
+/// # Safety
+///
+/// Strides are in elements. For every `i < m`, `j < n` and `kk < k`:
+/// - `dst.offset(i·dst_rs + j·dst_cs)` must be valid for reads and writes (initialized even
+///   when `read_dst` is false: the small-product path forms `&mut` slices over it),
+/// - `lhs.offset(i·lhs_rs + kk·lhs_cs)` and `rhs.offset(kk·rhs_rs + j·rhs_cs)` must be valid
+///   for reads,
+///
+/// each within a single allocation (when `k` is 0, the row and column starts `lhs + i·lhs_rs`
+/// and `rhs + j·rhs_cs` must still be in bounds); the elements of `dst` must not overlap those
+/// of `lhs` or `rhs`, and no other thread may read or write those elements of `dst` until the
+/// call returns (the product itself may use `threads` rayon workers, all inside this region).
 #[allow(clippy::too_many_arguments)]
+// SAFETY: sound under the `# Safety` contract above, which each call site (linear, attention,
+// memory branch) shows it meets in the comment above the call.
 pub(crate) unsafe fn gemm_strided<T: Real>(
     m: usize,
     n: usize,
@@ -238,10 +333,14 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
     // A few rows (decoding: one query per head or sample) are dot products and axpys: a direct
     // loop beats gemm's packing and dispatch there.
     if m <= 4 && m * n * k <= 1 << 20 {
+        // SAFETY: small_gemm has exactly this function's contract, which the caller upholds.
         unsafe { small_gemm(m, n, k, dst, dst_rs, dst_cs, read_dst, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs) };
         return;
     }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: gemm::gemm reads and writes exactly the m×n, m×k and k×n strided elements this
+    // function's contract makes valid (strides passed column-first, as gemm takes them), only
+    // reads dst when read_dst, and T is f32 or f64 (the only Real types), which gemm supports.
     unsafe {
         gemm::gemm(
             m,

@@ -1,7 +1,7 @@
 //! RMSNorm (LLaMA, T5) and LayerNorm (CLIP, BART) with backward passes. The weight and bias
 //! gradients are only computed when those tensors are being trained.
 
-use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
+use super::{Real, cpu_slice, dispatch, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -92,12 +92,16 @@ impl CustomOp2 for RmsNorm {
 
 /// `x / sqrt(mean(x²) + eps) * w` over the last dimension.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if fast_path(x) {
-        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
-    } else {
-        let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
-    }
+    dispatch(
+        fast_path(x),
+        [x, w],
+        Tensor::contiguous,
+        || Ok((RmsNorm { eps }, true)),
+        || {
+            let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
+        },
+    )
 }
 
 struct LayerNorm {
@@ -223,12 +227,16 @@ impl CustomOp3 for LayerNorm {
 
 /// LayerNorm over the last dimension.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if fast_path(x) {
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, LayerNorm { eps })
-    } else {
-        let mean = x.mean_keepdim(candle_core::D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
-        xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
-    }
+    dispatch(
+        fast_path(x),
+        [x, w, b],
+        Tensor::contiguous,
+        || Ok((LayerNorm { eps }, true)),
+        || {
+            let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            xc.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?.broadcast_add(b)
+        },
+    )
 }

@@ -2,7 +2,7 @@
 //! directly on the `[batch, seq, heads, head_dim]` layout the projections produce, so no
 //! transpose or copy is needed around it.
 
-use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
+use super::{Real, cpu_slice, dispatch, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor, WithDType, bail};
 use rayon::prelude::*;
@@ -168,20 +168,24 @@ impl CustomOp3 for Rope {
 /// Applies rotary embeddings to `x: [b, t, heads, head_dim]` with `cos, sin: [t, head_dim/2]`
 /// (shared positions) or `[b, t, head_dim/2]` (per-sample positions).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if fast_path(x) {
-        x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope)
-    } else {
-        let (b, t, _h, d) = x.dims4()?;
-        let half = d / 2;
-        let (c, s) = if cos.rank() == 2 {
-            (cos.reshape((1, t, 1, half))?, sin.reshape((1, t, 1, half))?)
-        } else {
-            (cos.reshape((b, t, 1, half))?, sin.reshape((b, t, 1, half))?)
-        };
-        let x1 = x.narrow(3, 0, half)?;
-        let x2 = x.narrow(3, half, half)?;
-        let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
-        let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
-        Tensor::cat(&[o1, o2], 3)
-    }
+    dispatch(
+        fast_path(x),
+        [x, cos, sin],
+        Tensor::contiguous,
+        || Ok((Rope, true)),
+        || {
+            let (b, t, _h, d) = x.dims4()?;
+            let half = d / 2;
+            let (c, s) = if cos.rank() == 2 {
+                (cos.reshape((1, t, 1, half))?, sin.reshape((1, t, 1, half))?)
+            } else {
+                (cos.reshape((b, t, 1, half))?, sin.reshape((b, t, 1, half))?)
+            };
+            let x1 = x.narrow(3, 0, half)?;
+            let x2 = x.narrow(3, half, half)?;
+            let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+            let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
+            Tensor::cat(&[o1, o2], 3)
+        },
+    )
 }

@@ -1,6 +1,6 @@
 //! Softmax over the last dimension with a backward pass.
 
-use super::{Real, cpu_slice, fast_path, tensor_from_vec, with_slice};
+use super::{Real, cpu_slice, dispatch, fast_path, tensor_from_vec, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -74,5 +74,11 @@ impl CustomOp1 for Softmax {
 
 /// Softmax over the last dimension, differentiable.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if fast_path(x) { x.contiguous()?.apply_op1(Softmax) } else { candle_nn::ops::softmax(x, candle_core::D::Minus1) }
+    dispatch(
+        fast_path(x),
+        [x],
+        Tensor::contiguous,
+        || Ok((Softmax, true)),
+        || candle_nn::ops::softmax(x, candle_core::D::Minus1),
+    )
 }
