@@ -49,16 +49,17 @@ impl Flag {
             Kind::UIntList => Value::Array(
                 text.split(',')
                     .filter(|s| !s.trim().is_empty())
-                    .map(|s| s.trim().parse::<u64>().map(Value::from).map_err(|_| bad("a list of non-negative integers")))
+                    .map(|s| {
+                        s.trim().parse::<u64>().map(Value::from).map_err(|_| bad("a list of non-negative integers"))
+                    })
                     .collect::<Result<_>>()?,
             ),
-            Kind::StrList => Value::Array(
-                text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(Value::from).collect(),
-            ),
+            Kind::StrList => {
+                Value::Array(text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(Value::from).collect())
+            }
         })
     }
 }
-
 
 /// Sets `path` (`a.b.c`) in a tree of objects, creating the objects on the way.
 pub fn set_path(v: &mut Value, path: &str, x: Value) {
@@ -76,4 +77,3 @@ pub fn set_path(v: &mut Value, path: &str, x: Value) {
         cur = m.entry(p.to_string()).or_insert_with(|| Value::Object(serde_json::Map::new()));
     }
 }
-

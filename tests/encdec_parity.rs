@@ -7,8 +7,8 @@
 mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use memvp::generate::beam::{self, BeamOptions, EarlyStopping};
 use memvp::checkpoint::{self, Cfg, Tok, Weights};
+use memvp::generate::beam::{self, BeamOptions, EarlyStopping};
 use memvp::generate::{self, Sampling};
 use memvp::models::bart::{Bart, BartConfig};
 use memvp::models::encdec::{EncDecStepper, EncoderDecoder};

@@ -6,9 +6,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use memvp::generate::{self, Sampling};
+use memvp::models::NoHooks;
 use memvp::models::llama::LlamaStepper;
 use memvp::models::load_lm;
-use memvp::models::NoHooks;
 
 fn reference(name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixtures().join("gguf").join(format!("{name}.reference.json"))).unwrap())

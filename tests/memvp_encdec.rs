@@ -20,29 +20,29 @@
 mod common;
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use common::*;
+use memvp::adapters::file::{ADAPTER_FORMAT, AdapterConfig, BaseModel, Dims};
+use memvp::adapters::memvp::{Memory, MemorySites, Memvp, MemvpConfig};
 use memvp::checkpoint::{Cfg, Tok, Weights};
 use memvp::data::DataOptions;
 use memvp::data::batch::Batch;
-use memvp::generate::{self, Sampling};
 use memvp::data::image::Norm;
-use memvp::models::{LanguageModel, LoadedLm};
-use memvp::adapters::memvp::{Memory, MemorySites, Memvp, MemvpConfig};
+use memvp::generate::{self, Sampling};
+use memvp::models::LoadedVision;
 use memvp::models::bart::{Bart, BartConfig};
 use memvp::models::clip::{ClipVision, ClipVisionConfig};
 use memvp::models::encdec::{EncDecStepper, EncoderDecoder};
 use memvp::models::t5::{T5, T5Config, relative_position_bucket};
+use memvp::models::{LanguageModel, LoadedLm};
 use memvp::models::{LmHooks, NoHooks, Proj, Site};
 use memvp::ops::{self, Activation};
 use memvp::rng::Rng;
-use memvp::models::LoadedVision;
-use memvp::adapters::file::{ADAPTER_FORMAT, AdapterConfig, BaseModel, Dims};
 use memvp::vlm::{Base, Vlm};
-use std::sync::Arc;
 use serde_json::json;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 
 const F64: DType = DType::F64;
 type W = HashMap<String, Tensor>;
@@ -142,13 +142,8 @@ fn tiny_lm(fam: Family, seed: u64) -> (LoadedLm, W) {
         _ => Box::new(T5::load(&ws, T5Config::from_hf(&cfg).unwrap()).unwrap()),
     };
     let tok = Tok::from_file(&fixtures().join(fam.fixture()).join("tokenizer.json")).unwrap();
-    let lm = LoadedLm {
-        model,
-        tok,
-        eos: vec![1],
-        path: PathBuf::from("tiny"),
-        fingerprint: format!("tiny-{fam:?}-{seed}"),
-    };
+    let lm =
+        LoadedLm { model, tok, eos: vec![1], path: PathBuf::from("tiny"), fingerprint: format!("tiny-{fam:?}-{seed}") };
     (lm, w)
 }
 

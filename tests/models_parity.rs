@@ -6,9 +6,9 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use common::*;
 use memvp::generate::{self, Sampling};
+use memvp::models::NoHooks;
 use memvp::models::llama::LlamaStepper;
 use memvp::models::load_lm;
-use memvp::models::NoHooks;
 use std::collections::HashMap;
 
 const TOL: f64 = 1e-4;

@@ -5,10 +5,10 @@
 mod common;
 use candle_core::Device;
 use common::*;
-use memvp::generate::Sampling;
-use memvp::rng::Rng;
 use memvp::app::run::{EpochBatches, VlmTask, load_vlm, prepare};
 use memvp::app::settings::RunSettings;
+use memvp::generate::Sampling;
+use memvp::rng::Rng;
 use memvp::train::OptimSettings;
 use memvp::vlm::Vlm;
 use serde_json::Value;

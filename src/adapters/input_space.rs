@@ -99,7 +99,11 @@ fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
     let mut rng = Rng::derive(b.seed, "input-space-projector");
     let projector =
         Projector::init(b.vision.hidden_size, cfg.hidden_proj, b.lm.width(), &mut rng, DType::F32, b.lm.device())?;
-    Ok(Box::new(InputSpace { cfg, projector, lora, visual_tokens: b.vision.num_patches(),
+    Ok(Box::new(InputSpace {
+        cfg,
+        projector,
+        lora,
+        visual_tokens: b.vision.num_patches(),
         lm_width: b.lm.width(),
         device: b.lm.device().clone(),
     }))

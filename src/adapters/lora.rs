@@ -7,8 +7,8 @@ use crate::data::image::Norm;
 use crate::models::clip::ClipVision;
 use crate::models::{LanguageModel, LmHooks, Proj, Site};
 use crate::ops::nn::{dropout, linear_t};
-use crate::settings::{Flag, Kind};
 use crate::rng::Rng;
+use crate::settings::{Flag, Kind};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -178,9 +178,24 @@ fn resolve(s: &Sections) -> Result<Sections> {
 /// The LoRA flags (shared with the input-space baseline).
 pub const FLAGS: &[Flag] = &[
     Flag { name: "lora-rank", keys: &["lora.rank"], kind: Kind::UInt, help: "LoRA rank r [default: 8]" },
-    Flag { name: "lora-alpha", keys: &["lora.alpha"], kind: Kind::Float, help: "LoRA alpha (scale alpha / r) [default: 16]" },
-    Flag { name: "lora-dropout", keys: &["lora.dropout"], kind: Kind::Float, help: "Dropout on LoRA's input [default: 0.05]" },
-    Flag { name: "lora-targets", keys: &["lora.targets"], kind: Kind::StrList, help: "LoRA targets, e.g. q_proj,v_proj [default: q_proj,v_proj]" },
+    Flag {
+        name: "lora-alpha",
+        keys: &["lora.alpha"],
+        kind: Kind::Float,
+        help: "LoRA alpha (scale alpha / r) [default: 16]",
+    },
+    Flag {
+        name: "lora-dropout",
+        keys: &["lora.dropout"],
+        kind: Kind::Float,
+        help: "Dropout on LoRA's input [default: 0.05]",
+    },
+    Flag {
+        name: "lora-targets",
+        keys: &["lora.targets"],
+        kind: Kind::StrList,
+        help: "LoRA targets, e.g. q_proj,v_proj [default: q_proj,v_proj]",
+    },
 ];
 
 pub const SPEC: MethodSpec = MethodSpec {

@@ -13,11 +13,11 @@
 use super::{Adapter, Build, Installed, MethodSpec, Sections, Visual, section, to_section};
 use crate::data::image::Norm;
 use crate::models::clip::ClipVision;
-use crate::settings::{Flag, Kind};
 use crate::models::{LmHooks, Site, VisionHooks};
 use crate::ops::nn::{Projector, dropout, dropout_mask, linear_t, var, xavier_uniform};
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
+use crate::settings::{Flag, Kind};
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -346,17 +346,72 @@ pub const SPEC: MethodSpec = MethodSpec {
     sections: &["memvp"],
     flags: &[
         Flag { name: "slots", keys: &["memvp.slots"], kind: Kind::UInt, help: "MemVP memory slots M [default: 320]" },
-        Flag { name: "hidden-proj", keys: &["memvp.hidden_proj"], kind: Kind::UInt, help: "Projector width h [default: 128]" },
-        Flag { name: "visual-scale", keys: &["memvp.visual_scale"], kind: Kind::Float, help: "MemVP's lambda [default: 0.01]" },
-        Flag { name: "adapter-scale", keys: &["memvp.adapter_scale"], kind: Kind::Float, help: "MemVP's memory-branch scale s [default: 0.1]" },
-        Flag { name: "memory-dropout", keys: &["memvp.memory_dropout"], kind: Kind::Float, help: "Dropout on the memory branch [default: 0.1]" },
-        Flag { name: "vision-adapter-dim", keys: &["memvp.vision_adapter_dim"], kind: Kind::UInt, help: "Width of the vision blocks' parallel adapters (0 = none) [default: 12]" },
-        Flag { name: "vision-adapter-scale", keys: &["memvp.vision_adapter_scale"], kind: Kind::Float, help: "Scale of the vision adapters [default: 0.1]" },
-        Flag { name: "vision-adapter-dropout", keys: &["memvp.vision_adapter_dropout"], kind: Kind::Float, help: "Dropout in the vision adapters [default: 0.1]" },
-        Flag { name: "vision-layer", keys: &["memvp.vision_layer"], kind: Kind::Int, help: "Hidden-state index of the vision tower (-2 = penultimate block)" },
-        Flag { name: "norm", keys: &["memvp.norm"], kind: Kind::Str, help: "Image normalisation: imagenet (default) or clip" },
-        Flag { name: "memory-layers", keys: &["memvp.memory_layers"], kind: Kind::UIntList, help: "LM blocks that get memory, e.g. 0,1,2 (default all; per stack for encoder-decoder LMs)" },
-        Flag { name: "memory-sites", keys: &["memvp.memory_sites"], kind: Kind::Str, help: "Encoder-decoder LMs: which stacks get memory: encoder, decoder, both [default: both]" },
+        Flag {
+            name: "hidden-proj",
+            keys: &["memvp.hidden_proj"],
+            kind: Kind::UInt,
+            help: "Projector width h [default: 128]",
+        },
+        Flag {
+            name: "visual-scale",
+            keys: &["memvp.visual_scale"],
+            kind: Kind::Float,
+            help: "MemVP's lambda [default: 0.01]",
+        },
+        Flag {
+            name: "adapter-scale",
+            keys: &["memvp.adapter_scale"],
+            kind: Kind::Float,
+            help: "MemVP's memory-branch scale s [default: 0.1]",
+        },
+        Flag {
+            name: "memory-dropout",
+            keys: &["memvp.memory_dropout"],
+            kind: Kind::Float,
+            help: "Dropout on the memory branch [default: 0.1]",
+        },
+        Flag {
+            name: "vision-adapter-dim",
+            keys: &["memvp.vision_adapter_dim"],
+            kind: Kind::UInt,
+            help: "Width of the vision blocks' parallel adapters (0 = none) [default: 12]",
+        },
+        Flag {
+            name: "vision-adapter-scale",
+            keys: &["memvp.vision_adapter_scale"],
+            kind: Kind::Float,
+            help: "Scale of the vision adapters [default: 0.1]",
+        },
+        Flag {
+            name: "vision-adapter-dropout",
+            keys: &["memvp.vision_adapter_dropout"],
+            kind: Kind::Float,
+            help: "Dropout in the vision adapters [default: 0.1]",
+        },
+        Flag {
+            name: "vision-layer",
+            keys: &["memvp.vision_layer"],
+            kind: Kind::Int,
+            help: "Hidden-state index of the vision tower (-2 = penultimate block)",
+        },
+        Flag {
+            name: "norm",
+            keys: &["memvp.norm"],
+            kind: Kind::Str,
+            help: "Image normalisation: imagenet (default) or clip",
+        },
+        Flag {
+            name: "memory-layers",
+            keys: &["memvp.memory_layers"],
+            kind: Kind::UIntList,
+            help: "LM blocks that get memory, e.g. 0,1,2 (default all; per stack for encoder-decoder LMs)",
+        },
+        Flag {
+            name: "memory-sites",
+            keys: &["memvp.memory_sites"],
+            kind: Kind::Str,
+            help: "Encoder-decoder LMs: which stacks get memory: encoder, decoder, both [default: both]",
+        },
     ],
     build,
     resolve,

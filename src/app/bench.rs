@@ -14,13 +14,13 @@ use crate::ops::{self, Activation};
 use crate::rng::Rng;
 use crate::train::{Batches, OptimSettings, Trainer};
 use crate::vlm::{AdapterSettings, Base, Vlm};
-use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args, Clone, Debug, Serialize)]
@@ -223,47 +223,46 @@ fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
     let input_space = vlm.adapter.downcast::<InputSpace>();
     let lora = input_space.map(|x| &x.lora).or_else(|| vlm.adapter.downcast::<Lora>());
     if let Some(mv) = vlm.adapter.downcast::<Memvp>() {
-            let tt = t as f64;
-            let mm = mv.cfg.slots as f64;
-            let r = mv.cfg.vision_adapter_dim as f64;
-            let hp = mv.cfg.hidden_proj as f64;
-            let branch = 2.0 * 2.0 * tt * mm * d;
-            let adapters = vl * nt * 2.0 * 2.0 * cw * r;
-            let projector = n * 2.0 * (cw * hp + hp * d);
-            let vis_fwd = patch + vl * vis_layer + adapters + projector;
-            let lm_fwd = l * (lm_layer(tt) + branch) + head_train;
-            // Backward: layers 1.. fully (input grads, attention 2x), every branch 2x,
-            // the head's input grad; vision blocks' input grads, adapters and projector 2x.
-            let lm_bwd = (l - 1.0) * (tt * (proj + ffn) + 2.0 * attn(tt)) + l * 2.0 * branch + head_train;
-            let vis_bwd = (vl - 1.0)
-                * (nt * (4.0 * 2.0 * cw * cw + 2.0 * 2.0 * cw * iv) + 2.0 * 2.0 * 2.0 * nt * nt * cw)
-                + 2.0 * adapters
-                + 2.0 * projector;
-            let train = bf * (lm_fwd + vis_fwd + lm_bwd + vis_bwd);
-            let prefill = bf * (l * (lm_layer(tt) + branch) + 2.0 * d * v + vis_fwd);
-            (train, prefill)
+        let tt = t as f64;
+        let mm = mv.cfg.slots as f64;
+        let r = mv.cfg.vision_adapter_dim as f64;
+        let hp = mv.cfg.hidden_proj as f64;
+        let branch = 2.0 * 2.0 * tt * mm * d;
+        let adapters = vl * nt * 2.0 * 2.0 * cw * r;
+        let projector = n * 2.0 * (cw * hp + hp * d);
+        let vis_fwd = patch + vl * vis_layer + adapters + projector;
+        let lm_fwd = l * (lm_layer(tt) + branch) + head_train;
+        // Backward: layers 1.. fully (input grads, attention 2x), every branch 2x,
+        // the head's input grad; vision blocks' input grads, adapters and projector 2x.
+        let lm_bwd = (l - 1.0) * (tt * (proj + ffn) + 2.0 * attn(tt)) + l * 2.0 * branch + head_train;
+        let vis_bwd = (vl - 1.0) * (nt * (4.0 * 2.0 * cw * cw + 2.0 * 2.0 * cw * iv) + 2.0 * 2.0 * 2.0 * nt * nt * cw)
+            + 2.0 * adapters
+            + 2.0 * projector;
+        let train = bf * (lm_fwd + vis_fwd + lm_bwd + vis_bwd);
+        let prefill = bf * (l * (lm_layer(tt) + branch) + 2.0 * d * v + vis_fwd);
+        (train, prefill)
     } else if let Some(lora) = lora {
-            let is_vis = input_space.is_some();
-            let tt = t as f64 + if is_vis { n } else { 0.0 };
-            let r = lora.cfg.rank as f64;
-            let lora_tok: f64 = lora
-                .cfg
-                .targets
-                .iter()
-                .map(|pj| match pj {
-                    crate::models::Proj::Q => 2.0 * r * (d + h * hd),
-                    crate::models::Proj::K | crate::models::Proj::V => 2.0 * r * (d + kv * hd),
-                    crate::models::Proj::O => 2.0 * r * (h * hd + d),
-                })
-                .sum();
-            let hp = input_space.map(|x| x.cfg.hidden_proj as f64).unwrap_or(0.0);
-            let projector = if is_vis { n * 2.0 * (cw * hp + hp * d) } else { 0.0 };
-            let vis_fwd = if is_vis { patch + vl * vis_layer + projector } else { 0.0 };
-            let lm_fwd = l * (lm_layer(tt) + tt * lora_tok) + head_train;
-            let lm_bwd = l * (tt * (proj + ffn) + 2.0 * attn(tt) + 2.0 * tt * lora_tok) + head_train;
-            let train = bf * (lm_fwd + vis_fwd + lm_bwd + 2.0 * projector);
-            let prefill = bf * (l * (lm_layer(tt) + tt * lora_tok) + 2.0 * d * v + vis_fwd);
-            (train, prefill)
+        let is_vis = input_space.is_some();
+        let tt = t as f64 + if is_vis { n } else { 0.0 };
+        let r = lora.cfg.rank as f64;
+        let lora_tok: f64 = lora
+            .cfg
+            .targets
+            .iter()
+            .map(|pj| match pj {
+                crate::models::Proj::Q => 2.0 * r * (d + h * hd),
+                crate::models::Proj::K | crate::models::Proj::V => 2.0 * r * (d + kv * hd),
+                crate::models::Proj::O => 2.0 * r * (h * hd + d),
+            })
+            .sum();
+        let hp = input_space.map(|x| x.cfg.hidden_proj as f64).unwrap_or(0.0);
+        let projector = if is_vis { n * 2.0 * (cw * hp + hp * d) } else { 0.0 };
+        let vis_fwd = if is_vis { patch + vl * vis_layer + projector } else { 0.0 };
+        let lm_fwd = l * (lm_layer(tt) + tt * lora_tok) + head_train;
+        let lm_bwd = l * (tt * (proj + ffn) + 2.0 * attn(tt) + 2.0 * tt * lora_tok) + head_train;
+        let train = bf * (lm_fwd + vis_fwd + lm_bwd + 2.0 * projector);
+        let prefill = bf * (l * (lm_layer(tt) + tt * lora_tok) + 2.0 * d * v + vis_fwd);
+        (train, prefill)
     } else {
         (f64::NAN, f64::NAN)
     }

@@ -5,10 +5,10 @@
 //! frozen vision tower and, for comparison, the same model with every image indicator at 0
 //! (image-blind control), and evaluates both on held-out images.
 
-use crate::checkpoint::{Cfg, Weights};
 use super::run::EpochBatches;
 use super::settings::RunSettings;
 use crate::adapters::memvp::MemorySites;
+use crate::checkpoint::{Cfg, Weights};
 use crate::data::batch::{Batch, BatchBuilder, ImageCache, TextLayout, encode};
 use crate::data::image::{Norm, Preprocess};
 use crate::data::{self, DataOptions};
@@ -230,8 +230,11 @@ fn save_lm(vars: &[(String, Var)], dir: &Path) -> Result<()> {
     )
 }
 
-/// A random model of `family` whose weights are trainable, from its config.json.
-fn random_lm(cfg_path: &Path, seed: u64) -> Result<(Box<dyn LanguageModel>, Vec<(String, Var)>)> {
+/// Tensors by name.
+type Named = Vec<(String, Var)>;
+
+/// A random model whose weights are trainable, from its config.json.
+fn random_lm(cfg_path: &Path, seed: u64) -> Result<(Box<dyn LanguageModel>, Named)> {
     let cfg = Cfg::load(cfg_path)?;
     let w = Weights::random("quickstart-lm", seed, 0.02, DType::F32, &crate::util::device());
     let (model, _) = model_from_config(&cfg, &w)?;

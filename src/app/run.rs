@@ -147,14 +147,8 @@ pub fn train_run(cfg: &RunSettings, out: &Path, resume: bool) -> Result<TrainRep
         samples.truncate(n);
     }
     let blind = !vlm.uses_images();
-    let prep = prepare(
-        &vlm,
-        samples,
-        cfg.data.prompt.skip_bad_images,
-        vlm.max_text_len(),
-        cfg.data.image_cache_mb,
-        blind,
-    )?;
+    let prep =
+        prepare(&vlm, samples, cfg.data.prompt.skip_bad_images, vlm.max_text_len(), cfg.data.image_cache_mb, blind)?;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     crate::util::write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let n = prep.builder.samples.len();

@@ -17,37 +17,162 @@ use std::path::Path;
 
 /// The run's settings that no method owns.
 pub const COMMON_FLAGS: &[Flag] = &[
-    Flag { name: "vision", keys: &["model.vision"], kind: Kind::Str, help: "CLIP checkpoint directory or random:<preset>[@seed] (presets: tiny, mini, small, bench, vit-b16, vit-l14)" },
+    Flag {
+        name: "vision",
+        keys: &["model.vision"],
+        kind: Kind::Str,
+        help: "CLIP checkpoint directory or random:<preset>[@seed] (presets: tiny, mini, small, bench, vit-b16, vit-l14)",
+    },
     Flag { name: "lm", keys: &["model.lm"], kind: Kind::Str, help: "LM directory (Hugging Face) or .gguf file" },
-    Flag { name: "data", keys: &["data.source"], kind: Kind::Str, help: "KIND:PATH with KIND one of scienceqa, easyvqa, jsonl, vqav2, gqa, coco-captions" },
+    Flag {
+        name: "data",
+        keys: &["data.source"],
+        kind: Kind::Str,
+        help: "KIND:PATH with KIND one of scienceqa, easyvqa, jsonl, vqav2, gqa, coco-captions",
+    },
     Flag { name: "split", keys: &["data.split"], kind: Kind::Str, help: "Training split [default: train]" },
-    Flag { name: "max-train-samples", keys: &["data.max_train_samples"], kind: Kind::UInt, help: "Use only the first N training samples" },
-    Flag { name: "max-len", keys: &["data.max_len"], kind: Kind::UInt, help: "Longest prompt + answer in tokens [default: 512]" },
-    Flag { name: "image-cache-mb", keys: &["data.image_cache_mb"], kind: Kind::UInt, help: "Memory for decoded images kept between epochs [default: 1024]" },
-    Flag { name: "prompt-format", keys: &["data.prompt.prompt_format"], kind: Kind::Str, help: "ScienceQA prompt format (QCM-A, CQM-A, QCM-LA, QCM-EA, ...)" },
-    Flag { name: "use-caption", keys: &["data.prompt.use_caption"], kind: Kind::Bool, help: "ScienceQA: put the image caption into the context" },
-    Flag { name: "vqa-template", keys: &["data.prompt.vqa_template"], kind: Kind::Str, help: "Template for open-ended questions, with {question}" },
-    Flag { name: "caption-prompt", keys: &["data.prompt.caption_prompt"], kind: Kind::Str, help: "Prompt for captioning (coco-captions; default \"caption:\")" },
-    Flag { name: "skip-bad-images", keys: &["data.prompt.skip_bad_images"], kind: Kind::Bool, help: "Skip samples whose image cannot be decoded instead of stopping" },
-    Flag { name: "method", keys: &["method.name"], kind: Kind::Str, help: "What to train: memvp (default), input-space, lora" },
-    Flag { name: "image-blind", keys: &["method.image_blind"], kind: Kind::Bool, help: "Train with every image indicator at 0 (image-blind control)" },
+    Flag {
+        name: "max-train-samples",
+        keys: &["data.max_train_samples"],
+        kind: Kind::UInt,
+        help: "Use only the first N training samples",
+    },
+    Flag {
+        name: "max-len",
+        keys: &["data.max_len"],
+        kind: Kind::UInt,
+        help: "Longest prompt + answer in tokens [default: 512]",
+    },
+    Flag {
+        name: "image-cache-mb",
+        keys: &["data.image_cache_mb"],
+        kind: Kind::UInt,
+        help: "Memory for decoded images kept between epochs [default: 1024]",
+    },
+    Flag {
+        name: "prompt-format",
+        keys: &["data.prompt.prompt_format"],
+        kind: Kind::Str,
+        help: "ScienceQA prompt format (QCM-A, CQM-A, QCM-LA, QCM-EA, ...)",
+    },
+    Flag {
+        name: "use-caption",
+        keys: &["data.prompt.use_caption"],
+        kind: Kind::Bool,
+        help: "ScienceQA: put the image caption into the context",
+    },
+    Flag {
+        name: "vqa-template",
+        keys: &["data.prompt.vqa_template"],
+        kind: Kind::Str,
+        help: "Template for open-ended questions, with {question}",
+    },
+    Flag {
+        name: "caption-prompt",
+        keys: &["data.prompt.caption_prompt"],
+        kind: Kind::Str,
+        help: "Prompt for captioning (coco-captions; default \"caption:\")",
+    },
+    Flag {
+        name: "skip-bad-images",
+        keys: &["data.prompt.skip_bad_images"],
+        kind: Kind::Bool,
+        help: "Skip samples whose image cannot be decoded instead of stopping",
+    },
+    Flag {
+        name: "method",
+        keys: &["method.name"],
+        kind: Kind::Str,
+        help: "What to train: memvp (default), input-space, lora",
+    },
+    Flag {
+        name: "image-blind",
+        keys: &["method.image_blind"],
+        kind: Kind::Bool,
+        help: "Train with every image indicator at 0 (image-blind control)",
+    },
     Flag { name: "epochs", keys: &["optim.epochs"], kind: Kind::UInt, help: "Epochs of the schedule [default: 20]" },
-    Flag { name: "max-steps", keys: &["optim.max_steps"], kind: Kind::UInt, help: "Stop after this many optimizer steps (the schedule still spans --epochs)" },
-    Flag { name: "batch-size", keys: &["optim.batch_size"], kind: Kind::UInt, help: "Samples per micro-batch [default: 4]" },
-    Flag { name: "accum-steps", keys: &["optim.accum_steps"], kind: Kind::UInt, help: "Micro-batches per optimizer step [default: 1]" },
+    Flag {
+        name: "max-steps",
+        keys: &["optim.max_steps"],
+        kind: Kind::UInt,
+        help: "Stop after this many optimizer steps (the schedule still spans --epochs)",
+    },
+    Flag {
+        name: "batch-size",
+        keys: &["optim.batch_size"],
+        kind: Kind::UInt,
+        help: "Samples per micro-batch [default: 4]",
+    },
+    Flag {
+        name: "accum-steps",
+        keys: &["optim.accum_steps"],
+        kind: Kind::UInt,
+        help: "Micro-batches per optimizer step [default: 1]",
+    },
     Flag { name: "lr", keys: &["optim.lr"], kind: Kind::Float, help: "Absolute learning rate (instead of --blr)" },
-    Flag { name: "blr", keys: &["optim.blr"], kind: Kind::Float, help: "Base learning rate, scaled by effective batch / 256 [default: 9e-3]" },
-    Flag { name: "min-lr", keys: &["optim.min_lr"], kind: Kind::Float, help: "Floor of the cosine schedule [default: 0]" },
-    Flag { name: "warmup-epochs", keys: &["optim.warmup_epochs"], kind: Kind::Float, help: "Linear warm-up length in epochs [default: 2]" },
-    Flag { name: "weight-decay", keys: &["optim.weight_decay"], kind: Kind::Float, help: "AdamW weight decay (not on 1-D tensors) [default: 0.02]" },
+    Flag {
+        name: "blr",
+        keys: &["optim.blr"],
+        kind: Kind::Float,
+        help: "Base learning rate, scaled by effective batch / 256 [default: 9e-3]",
+    },
+    Flag {
+        name: "min-lr",
+        keys: &["optim.min_lr"],
+        kind: Kind::Float,
+        help: "Floor of the cosine schedule [default: 0]",
+    },
+    Flag {
+        name: "warmup-epochs",
+        keys: &["optim.warmup_epochs"],
+        kind: Kind::Float,
+        help: "Linear warm-up length in epochs [default: 2]",
+    },
+    Flag {
+        name: "weight-decay",
+        keys: &["optim.weight_decay"],
+        kind: Kind::Float,
+        help: "AdamW weight decay (not on 1-D tensors) [default: 0.02]",
+    },
     Flag { name: "beta1", keys: &["optim.beta1"], kind: Kind::Float, help: "AdamW beta1 [default: 0.9]" },
     Flag { name: "beta2", keys: &["optim.beta2"], kind: Kind::Float, help: "AdamW beta2 [default: 0.95]" },
-    Flag { name: "clip-grad", keys: &["optim.clip_grad"], kind: Kind::Float, help: "Clip the global gradient norm to this value" },
-    Flag { name: "seed", keys: &["optim.seed"], kind: Kind::UInt, help: "Seeds initialisation, data order and dropout [default: 0]" },
-    Flag { name: "max-bad-steps", keys: &["optim.max_bad_steps"], kind: Kind::UInt, help: "Stop after this many steps with a non-finite loss or gradient [default: 20]" },
-    Flag { name: "save-every", keys: &["log.save_every"], kind: Kind::UInt, help: "Checkpoint every N optimizer steps (and always at the end)" },
-    Flag { name: "keep-checkpoints", keys: &["log.keep_checkpoints"], kind: Kind::UInt, help: "How many step checkpoints to keep [default: 3]" },
-    Flag { name: "log-every", keys: &["log.log_every"], kind: Kind::UInt, help: "Without a terminal, print a progress line every N steps [default: 50]" },
+    Flag {
+        name: "clip-grad",
+        keys: &["optim.clip_grad"],
+        kind: Kind::Float,
+        help: "Clip the global gradient norm to this value",
+    },
+    Flag {
+        name: "seed",
+        keys: &["optim.seed"],
+        kind: Kind::UInt,
+        help: "Seeds initialisation, data order and dropout [default: 0]",
+    },
+    Flag {
+        name: "max-bad-steps",
+        keys: &["optim.max_bad_steps"],
+        kind: Kind::UInt,
+        help: "Stop after this many steps with a non-finite loss or gradient [default: 20]",
+    },
+    Flag {
+        name: "save-every",
+        keys: &["log.save_every"],
+        kind: Kind::UInt,
+        help: "Checkpoint every N optimizer steps (and always at the end)",
+    },
+    Flag {
+        name: "keep-checkpoints",
+        keys: &["log.keep_checkpoints"],
+        kind: Kind::UInt,
+        help: "How many step checkpoints to keep [default: 3]",
+    },
+    Flag {
+        name: "log-every",
+        keys: &["log.log_every"],
+        kind: Kind::UInt,
+        help: "Without a terminal, print a progress line every N steps [default: 50]",
+    },
 ];
 
 /// Every flag of `train`: the common ones and each method's, merged by name (a flag that
@@ -265,7 +390,9 @@ const LOG_KEYS: &[&str] = &["save_every", "keep_checkpoints", "log_every"];
 fn upgrade(v: Value) -> Result<Value> {
     let Value::Object(mut m) = v else { return Ok(v) };
     let legacy = m.get("data").is_some_and(Value::is_string)
-        || ["vision", "lm", "split", "train", "data_options", "image_blind", "max_len"].iter().any(|k| m.contains_key(*k))
+        || ["vision", "lm", "split", "train", "data_options", "image_blind", "max_len"]
+            .iter()
+            .any(|k| m.contains_key(*k))
         || m.get("method").is_some_and(Value::is_string);
     if !legacy {
         return Ok(Value::Object(m));

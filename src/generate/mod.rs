@@ -138,7 +138,11 @@ pub fn decode(stepper: &mut dyn Stepper, first: &Tensor, seqs: &[Sequence]) -> R
         }
         logits = rows(&stepper.step(&feed)?)?;
     }
-    Ok(out.into_iter().zip(reason).map(|(ids, r)| Finished { ids, reason: r.unwrap_or(FinishReason::Length) }).collect())
+    Ok(out
+        .into_iter()
+        .zip(reason)
+        .map(|(ids, r)| Finished { ids, reason: r.unwrap_or(FinishReason::Length) })
+        .collect())
 }
 
 /// [`decode`] with the same settings and stop tokens for every row; the generated ids only.

@@ -10,8 +10,8 @@
 
 use super::encdec::{EncDecCache, EncoderDecoder, SpecialTokens, cross_kv};
 use super::{Hidden, LmHooks, Proj, Site, TeacherForcing, add_opt, encdec};
-use crate::generate::stepper::BeamStepper;
 use crate::checkpoint::{Cfg, Weights};
+use crate::generate::stepper::BeamStepper;
 use crate::ops::{self, Activation, AttentionOpts, FrozenMlp, Linear};
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};

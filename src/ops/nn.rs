@@ -83,4 +83,3 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut Rng) -> Result<Tensor> {
     }
     Ok(x.mul(&dropout_mask(x.dims(), p, rng, x)?)?)
 }
-

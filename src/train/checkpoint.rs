@@ -117,7 +117,8 @@ pub fn resume<T: Task>(tr: &mut Trainer<'_, T>, run: &Path) -> Result<u64> {
     let ad = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
         .with_context(|| format!("{}: cannot read the adapter", dir.display()))?;
     for (name, v) in tr.task.params() {
-        let t = ad.get(&name).with_context(|| format!("{}: tensor `{name}` missing from the checkpoint", dir.display()))?;
+        let t =
+            ad.get(&name).with_context(|| format!("{}: tensor `{name}` missing from the checkpoint", dir.display()))?;
         v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
     }
     let os = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)

@@ -162,6 +162,9 @@ fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(s.sqrt())
 }
 
+/// The batches of one epoch as they arrive.
+type Stream<'a, B> = Box<dyn Iterator<Item = Result<B>> + 'a>;
+
 /// A task, its data, the optimizer and where the run stands.
 pub struct Trainer<'a, T: Task> {
     pub task: T,
@@ -174,7 +177,7 @@ pub struct Trainer<'a, T: Task> {
     spe: usize,
     total: u64,
     /// The open stream of the current epoch and the epoch it belongs to.
-    stream: Option<(usize, Box<dyn Iterator<Item = Result<T::Batch>> + 'a>)>,
+    stream: Option<(usize, Stream<'a, T::Batch>)>,
 }
 
 impl<'a, T: Task> Trainer<'a, T> {
@@ -337,8 +340,7 @@ pub fn train<T: Task>(
     resume: bool,
     title: &str,
 ) -> Result<Summary> {
-    std::fs::create_dir_all(run)
-        .map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", run.display()))?;
+    std::fs::create_dir_all(run).map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", run.display()))?;
     let mut tr = Trainer::new(task, data, &s.optim)?;
     let metrics_path = run.join("metrics.jsonl");
     let mut resumed_from = None;
