@@ -426,3 +426,93 @@ fn upgrade(v: Value) -> Result<Value> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `config.toml` as the first version wrote it reads to the same settings as today's
+    /// layout of the same values.
+    #[test]
+    fn first_version_config_reads_as_today() {
+        let old = r#"
+vision = "random:tiny"
+lm = "/models/lm"
+data = "jsonl:/data/x.jsonl"
+split = "train"
+method = "input-space"
+image_blind = true
+max_len = 64
+image_cache_mb = 16
+
+[data_options]
+prompt_format = "QCM-A"
+use_caption = false
+skip_bad_images = true
+
+[train]
+epochs = 3
+batch_size = 2
+accum_steps = 1
+blr = 0.009
+lr = 0.01
+min_lr = 0.0
+warmup_epochs = 0.0
+weight_decay = 0.02
+beta1 = 0.9
+beta2 = 0.95
+eps = 1e-8
+seed = 3
+keep_checkpoints = 2
+max_bad_steps = 20
+log_every = 5
+
+[memvp]
+slots = 16
+hidden_proj = 8
+visual_scale = 0.01
+adapter_scale = 0.1
+memory_dropout = 0.1
+vision_adapter_dim = 4
+vision_adapter_scale = 0.1
+vision_adapter_dropout = 0.1
+vision_layer = -2
+norm = "imagenet"
+memory_sites = "both"
+
+[lora]
+rank = 4
+alpha = 8.0
+dropout = 0.05
+targets = ["q_proj", "v_proj"]
+"#;
+        let v: Value = serde_json::to_value(toml::from_str::<toml::Value>(old).unwrap()).unwrap();
+        let a = RunSettings::from_value(v, "old").unwrap();
+        assert_eq!(a.model.vision, "random:tiny");
+        assert_eq!(a.data.source, "jsonl:/data/x.jsonl");
+        assert_eq!(a.method.name, "input-space");
+        assert!(a.method.image_blind && a.data.prompt.skip_bad_images);
+        assert_eq!((a.optim.epochs, a.optim.lr, a.log.keep_checkpoints, a.log.log_every), (3, Some(0.01), 2, 5));
+        assert_eq!(a.sections["lora"]["rank"], 4);
+        assert_eq!(a.sections["memvp"]["slots"], 16);
+        // Written in today's layout and read back: the same settings.
+        let text = a.to_toml().unwrap();
+        assert!(text.contains("[optim]") && text.contains("[log]") && !text.contains("[train]"), "{text}");
+        let back: Value = serde_json::to_value(toml::from_str::<toml::Value>(&text).unwrap()).unwrap();
+        assert_eq!(RunSettings::from_value(back, "new").unwrap(), a);
+    }
+
+    #[test]
+    fn flags_lay_over_the_file_and_unknown_keys_are_refused() {
+        let over = vec![("optim.lr".to_string(), Value::from(0.5)), ("memvp.slots".to_string(), Value::from(7))];
+        let s = RunSettings::layered(None, &over).unwrap();
+        assert_eq!(s.optim.lr, Some(0.5));
+        assert_eq!(s.sections["memvp"]["slots"], 7);
+        let bad = vec![("memvp.slotz".to_string(), Value::from(7))];
+        let e = format!("{:#}", RunSettings::layered(None, &bad).unwrap_err());
+        assert!(e.contains("slotz"), "{e}");
+        let bad = vec![("optimizer.lr".to_string(), Value::from(1))];
+        let e = format!("{:#}", RunSettings::layered(None, &bad).unwrap_err());
+        assert!(e.contains("optimizer"), "{e}");
+    }
+}
