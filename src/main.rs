@@ -96,6 +96,10 @@ fn main() {
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     let result = rayon::join(run, || ()).0;
     if let Err(e) = result {
+        if let Some(i) = e.downcast_ref::<memvp::train::Interrupted>() {
+            eprintln!("{i}");
+            std::process::exit(i.exit_code());
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -60,11 +60,13 @@ impl Vlm {
             vision: BaseModel {
                 source: base.vision.source.clone(),
                 sha256: base.vision.fingerprint.clone(),
+                tokenizer_sha256: None,
                 family: "clip".into(),
             },
             lm: BaseModel {
                 source: abs(&base.lm.path),
                 sha256: base.lm.fingerprint.clone(),
+                tokenizer_sha256: base.lm.tokenizer_fingerprint.clone(),
                 family: base.lm.family().into(),
             },
             dims: Dims {
@@ -108,6 +110,18 @@ impl Vlm {
                 short(&cfg.lm.sha256),
                 lpath.display(),
                 short(&l.fingerprint)
+            )
+        }
+        if let (Some(want), Some(got)) = (&cfg.lm.tokenizer_sha256, &l.tokenizer_fingerprint)
+            && want != got
+        {
+            bail!(
+                "{}: this adapter was trained with the tokenizer of {} (sha256 {}), but the tokenizer files in {} have sha256 {}: refusing to load it with another tokenizer",
+                cfg_path.display(),
+                cfg.lm.source,
+                short(want),
+                lpath.display(),
+                short(got)
             )
         }
         let base = Arc::new(Base { vision: vis, lm: l });

@@ -142,8 +142,14 @@ fn tiny_lm(fam: Family, seed: u64) -> (LoadedLm, W) {
         _ => Box::new(T5::load(&ws, T5Config::from_hf(&cfg).unwrap()).unwrap()),
     };
     let tok = Tok::from_file(&fixtures().join(fam.fixture()).join("tokenizer.json")).unwrap();
-    let lm =
-        LoadedLm { model, tok, eos: vec![1], path: PathBuf::from("tiny"), fingerprint: format!("tiny-{fam:?}-{seed}") };
+    let lm = LoadedLm {
+        model,
+        tok,
+        eos: vec![1],
+        path: PathBuf::from("tiny"),
+        fingerprint: format!("tiny-{fam:?}-{seed}"),
+        tokenizer_fingerprint: None,
+    };
     (lm, w)
 }
 
@@ -1023,8 +1029,18 @@ fn vlm_loss_encdec_matches_hand_and_finite_differences() {
                 sections,
                 prompt: DataOptions::default(),
                 max_len: 64,
-                vision: BaseModel { source: "tiny-clip".into(), sha256: String::new(), family: "clip".into() },
-                lm: BaseModel { source: "tiny".into(), sha256: String::new(), family: family.into() },
+                vision: BaseModel {
+                    source: "tiny-clip".into(),
+                    sha256: String::new(),
+                    tokenizer_sha256: None,
+                    family: "clip".into(),
+                },
+                lm: BaseModel {
+                    source: "tiny".into(),
+                    sha256: String::new(),
+                    tokenizer_sha256: None,
+                    family: family.into(),
+                },
                 dims: Dims {
                     vision_width: FEAT,
                     vision_blocks: 2,

@@ -23,6 +23,9 @@ pub struct BaseModel {
     pub source: String,
     /// SHA-256 of its config and weight files (or of the preset for random towers).
     pub sha256: String,
+    /// SHA-256 of its tokenizer files (absent in adapters of the first version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_sha256: Option<String>,
     pub family: String,
 }
 
@@ -102,8 +105,21 @@ pub fn load_weights(dir: &Path, named: &[(String, Var)]) -> Result<()> {
     require_file(&wf)?;
     let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&wf, &Device::Cpu)
         .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", wf.display()))?;
+    let mut unknown: Vec<&String> = tensors.keys().filter(|k| !named.iter().any(|(n, _)| n == *k)).collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        bail!(
+            "{}: tensors this adapter does not have: {} (an adapter of another method or shape?)",
+            wf.display(),
+            unknown.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+        )
+    }
     for (name, var) in named {
         let t = tensors.get(name).with_context(|| format!("{}: tensor `{name}` missing", wf.display()))?;
+        let bad = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.iter().filter(|x| !x.is_finite()).count();
+        if bad > 0 {
+            bail!("{}: tensor `{name}` holds {bad} NaN or infinite values; refusing a broken adapter", wf.display())
+        }
         if t.dims() != var.dims() {
             bail!("{}: tensor `{name}` has shape {:?}, this base model needs {:?}", wf.display(), t.dims(), var.dims())
         }

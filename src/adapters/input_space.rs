@@ -13,7 +13,7 @@ use crate::models::NoHooks;
 use crate::models::clip::ClipVision;
 use crate::ops::nn::Projector;
 use crate::rng::Rng;
-use crate::settings::{Flag, Kind};
+use crate::settings::{Check, Flag, Kind, Rule};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -132,6 +132,12 @@ pub const SPEC: MethodSpec = MethodSpec {
     about: "LLaVA-style: projected visual tokens before the text, LM adapted with LoRA",
     sections: &["input_space", "lora"],
     flags: FLAGS,
+    checks: &[
+        Check { key: "input_space.hidden_proj", rule: Rule::AtLeast(1.0) },
+        lora::CHECKS[0],
+        lora::CHECKS[1],
+        lora::CHECKS[2],
+    ],
     build,
     resolve,
 };

@@ -8,7 +8,7 @@ use crate::models::clip::ClipVision;
 use crate::models::{LanguageModel, LmHooks, Proj, Site};
 use crate::ops::nn::{dropout, linear_t};
 use crate::rng::Rng;
-use crate::settings::{Flag, Kind};
+use crate::settings::{Check, Flag, Kind, Rule};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -198,11 +198,19 @@ pub const FLAGS: &[Flag] = &[
     },
 ];
 
+/// The LoRA settings' ranges (shared with the input-space baseline).
+pub const CHECKS: &[Check] = &[
+    Check { key: "lora.rank", rule: Rule::AtLeast(1.0) },
+    Check { key: "lora.alpha", rule: Rule::Positive },
+    Check { key: "lora.dropout", rule: Rule::Fraction },
+];
+
 pub const SPEC: MethodSpec = MethodSpec {
     name: "lora",
     about: "text-only LoRA on the LM's attention projections (the image-blind reference)",
     sections: &["lora"],
     flags: FLAGS,
+    checks: CHECKS,
     build,
     resolve,
 };

@@ -17,7 +17,7 @@ use crate::models::{LmHooks, Site, VisionHooks};
 use crate::ops::nn::{Projector, dropout, dropout_mask, linear_t, var, xavier_uniform};
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
-use crate::settings::{Flag, Kind};
+use crate::settings::{Check, Flag, Kind, Rule};
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -307,6 +307,14 @@ impl Adapter for Memvp {
 fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
     let cfg: MemvpConfig = section(s, "memvp")?;
     b.vision_model.resolve_layer(cfg.vision_layer)?;
+    let stacks = b.lm.stacks();
+    if !stacks.iter().any(|(site, _)| cfg.memory_sites.includes(*site)) {
+        bail!(
+            "memory sites `{:?}`: this {} LM has no such stack (a decoder-only LM takes decoder or both)",
+            cfg.memory_sites,
+            b.lm.family()
+        )
+    }
     let per_stack = b.lm.layers_per_stack();
     if let Some(layers) = &cfg.memory_layers {
         if let Some(bad) = layers.iter().find(|&&l| l >= per_stack) {
@@ -412,6 +420,15 @@ pub const SPEC: MethodSpec = MethodSpec {
             kind: Kind::Str,
             help: "Encoder-decoder LMs: which stacks get memory: encoder, decoder, both [default: both]",
         },
+    ],
+    checks: &[
+        Check { key: "memvp.slots", rule: Rule::AtLeast(1.0) },
+        Check { key: "memvp.hidden_proj", rule: Rule::AtLeast(1.0) },
+        Check { key: "memvp.visual_scale", rule: Rule::Finite },
+        Check { key: "memvp.adapter_scale", rule: Rule::Finite },
+        Check { key: "memvp.memory_dropout", rule: Rule::Fraction },
+        Check { key: "memvp.vision_adapter_scale", rule: Rule::Finite },
+        Check { key: "memvp.vision_adapter_dropout", rule: Rule::Fraction },
     ],
     build,
     resolve,

@@ -16,7 +16,7 @@ use crate::data::image::Norm;
 use crate::models::clip::{ClipVision, ClipVisionConfig};
 use crate::models::{LanguageModel, LmHooks};
 use crate::rng::Rng;
-use crate::settings::Flag;
+use crate::settings::{Check, Flag};
 use anyhow::{Context, Result, bail};
 use candle_core::{Tensor, Var};
 use std::any::Any;
@@ -102,6 +102,8 @@ pub struct MethodSpec {
     pub sections: &'static [&'static str],
     /// Its command-line flags (each sets keys of its sections).
     pub flags: &'static [Flag],
+    /// The ranges of its numeric settings, checked before any work.
+    pub checks: &'static [Check],
     /// Fresh parameters from settings (missing keys take their defaults).
     pub build: fn(&Build, &Sections) -> Result<Box<dyn Adapter>>,
     /// Its sections from the given ones: defaults filled in, unknown keys refused.

@@ -170,7 +170,14 @@ pub fn random_lm(a: &BenchArgs) -> Result<LoadedLm> {
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
                   "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": {}, "merges": []}
     }))?;
-    Ok(LoadedLm { model: Box::new(model), tok, eos: vec![2], path: "random".into(), fingerprint: "random".into() })
+    Ok(LoadedLm {
+        model: Box::new(model),
+        tok,
+        eos: vec![2],
+        path: "random".into(),
+        fingerprint: "random".into(),
+        tokenizer_fingerprint: None,
+    })
 }
 
 /// The best throughput of large f32 matrix products on this machine (GFLOP/s).
@@ -411,7 +418,44 @@ fn fwd_bwd(m: &Llama, b: usize, t: usize, reps: usize, candle_matmul: bool) -> R
     Ok((stat(&f).median, stat(&bw).median))
 }
 
+impl BenchArgs {
+    /// Shapes that cannot make a model or a batch are refused up front.
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("lm-layers", self.lm_layers),
+            ("lm-hidden", self.lm_hidden),
+            ("lm-intermediate", self.lm_intermediate),
+            ("lm-heads", self.lm_heads),
+            ("lm-kv-heads", self.lm_kv_heads),
+            ("vocab", self.vocab),
+            ("text-tokens", self.text_tokens),
+            ("answer-tokens", self.answer_tokens),
+            ("batch-size", self.batch_size),
+            ("iters", self.iters),
+        ];
+        for (name, v) in sizes {
+            if v == 0 {
+                bail!("--{name} 0: must be at least 1")
+            }
+        }
+        if !self.lm_hidden.is_multiple_of(self.lm_heads) {
+            bail!("--lm-hidden {} is not a multiple of --lm-heads {}", self.lm_hidden, self.lm_heads)
+        }
+        if !self.lm_heads.is_multiple_of(self.lm_kv_heads) {
+            bail!("--lm-heads {} is not a multiple of --lm-kv-heads {}", self.lm_heads, self.lm_kv_heads)
+        }
+        if self.answer_tokens >= self.text_tokens {
+            bail!("--answer-tokens {} must be fewer than --text-tokens {}", self.answer_tokens, self.text_tokens)
+        }
+        if self.vocab < 4 {
+            bail!("--vocab {}: must be at least 4", self.vocab)
+        }
+        Ok(())
+    }
+}
+
 pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
+    a.validate()?;
     let dev = Device::Cpu;
     let lm = match &a.lm {
         Some(p) => load_lm(p, DType::F32, &dev)?,

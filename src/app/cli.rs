@@ -8,7 +8,7 @@ use crate::generate::beam::{BeamOptions, EarlyStopping, beam_search};
 use crate::generate::{self, BeamStepper, Sampling};
 use crate::models::{NoHooks, load_lm};
 use crate::settings::{Flag, Kind};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 
@@ -42,9 +42,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -59,11 +59,53 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+/// Refuses sampling settings that are out of range or that contradict each other.
+fn check_sampling(a: &GenerateArgs) -> Result<()> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        anyhow::bail!("--temperature {}: must be a finite number of at least 0 (0 = greedy)", a.temperature)
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        anyhow::bail!("--top-p {}: must be in (0, 1]", a.top_p)
+    }
+    if a.num_beams == 0 {
+        anyhow::bail!("--num-beams 0: must be at least 1 (1 = no beam search)")
+    }
+    if !a.length_penalty.is_finite() {
+        anyhow::bail!("--length-penalty {}: must be a finite number", a.length_penalty)
+    }
+    if a.num_beams > 1 && (a.temperature > 0.0 || a.top_p < 1.0) {
+        anyhow::bail!(
+            "--num-beams {} with --temperature/--top-p: beam search does not sample; give one or the other",
+            a.num_beams
+        )
+    }
+    Ok(())
+}
+
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let s = Sampling { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed };
+    check_sampling(&a)?;
+    let mut s = Sampling { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed };
     let start = std::time::Instant::now();
-    let (prompt_ids, generated, text, eos) = if let Some(run) = &a.run {
+    // Tokens that fit before the LM's positions run out, when that is fewer than asked.
+    let mut cap = |room: Option<usize>, prompt_len: usize| -> Result<bool> {
+        match room {
+            Some(0) => anyhow::bail!("the prompt ({prompt_len} tokens) leaves no position of the LM to generate into"),
+            Some(r) if r < s.max_new_tokens => {
+                s.max_new_tokens = r;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    };
+    let (prompt_ids, generated, text, eos, capped) = if let Some(run) = &a.run {
         let vlm = crate::vlm::Vlm::from_run(run, a.vision.as_deref(), a.lm.as_deref())?;
+        if a.image.is_some() && !vlm.uses_images() {
+            anyhow::bail!(
+                "--image: the adapter in {} does not use images ({}); leave --image out",
+                run.display(),
+                if vlm.cfg.image_blind { "it was trained image-blind" } else { "a text-only method" }
+            )
+        }
         let tok = &vlm.lm().tok;
         let prompt = if a.raw {
             a.prompt.clone()
@@ -71,6 +113,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             crate::data::prompt::open_ended(vlm.cfg.prompt.vqa_template.as_deref(), &a.prompt)
         };
         let ids = tok.encode(&prompt, true)?;
+        if ids.is_empty() {
+            anyhow::bail!("the prompt encodes to no tokens")
+        }
         let pixels = match &a.image {
             Some(p) => {
                 let pre = vlm.preprocess();
@@ -79,9 +124,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             None => None,
         };
         let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];
-        let g = vlm.generate(std::slice::from_ref(&ids), pixels.as_ref(), &ind, &s)?.remove(0);
+        let prompt_len = vlm.adapter.prefix_tokens() + ids.len();
+        let capped = cap(vlm.lm().model.max_new_tokens(prompt_len), prompt_len)?;
+        let eos = vlm.lm().eos.clone();
+        let g = vlm.with_stepper(std::slice::from_ref(&ids), pixels.as_ref(), &ind, &mut |st, first| {
+            decode(st, first, &s, &eos, a.num_beams, a.length_penalty)
+        })?;
         let text = tok.decode(&g, true)?;
-        (ids, g, text, vlm.lm().eos.clone())
+        (ids, g, text, eos, capped)
     } else {
         let Some(lm_path) = &a.lm else { anyhow::bail!("--lm (or --run) is needed") };
         if a.image.is_some() {
@@ -92,23 +142,31 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if ids.is_empty() {
             anyhow::bail!("the prompt encodes to no tokens")
         }
+        let capped = cap(lm.model.max_new_tokens(ids.len()), ids.len())?;
         let (mut st, first) = lm.model.prefill(&NoHooks, std::slice::from_ref(&ids), None)?;
         let g = decode(st.as_mut(), &first, &s, &lm.eos, a.num_beams, a.length_penalty)?;
         let text = lm.tok.decode(&g, true)?;
-        (ids, g, text, lm.eos.clone())
+        (ids, g, text, lm.eos.clone(), capped)
     };
     let secs = start.elapsed().as_secs_f64();
+    let at_eos = generated.last().is_some_and(|t| eos.contains(t));
+    let at_limit = capped && !at_eos && generated.len() >= s.max_new_tokens;
     if a.json {
         let v = serde_json::json!({
             "prompt_ids": prompt_ids,
             "generated_ids": generated,
             "text": text,
-            "stopped_at_eos": generated.last().is_some_and(|t| eos.contains(t)),
+            "stopped_at_eos": at_eos,
+            "finish_reason": if at_eos { "stop" } else { "length" },
+            "stopped_at_position_limit": at_limit,
             "seconds": secs,
         });
         println!("{v}");
     } else {
         println!("{text}");
+        if at_limit {
+            eprintln!("(stopped after {} tokens: the LM has no more positions)", generated.len());
+        }
     }
     Ok(())
 }
@@ -158,8 +216,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Continue the newest checkpoint in --out.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Replace the trained run that --out already holds (adapter, metrics, checkpoints).
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub settings: SettingFlags,
 }
@@ -216,7 +277,10 @@ impl clap::Args for SettingFlags {
             let a = clap::Arg::new(f.name).long(f.name).help(f.help);
             match f.kind {
                 Kind::Bool => a.action(clap::ArgAction::SetTrue),
-                _ => a.action(clap::ArgAction::Set).value_name("VALUE").allow_hyphen_values(true),
+                // Given twice, the last one counts (as for a flag repeated after a --config).
+                _ => {
+                    a.action(clap::ArgAction::Set).value_name("VALUE").allow_hyphen_values(true).overrides_with(f.name)
+                }
             }
         }))
     }
@@ -228,17 +292,30 @@ impl clap::Args for SettingFlags {
 impl TrainArgs {
     /// The run's settings: the file's (or the defaults), with the given flags laid over them.
     pub fn resolve(&self) -> Result<RunSettings> {
-        let c = RunSettings::layered(self.config.as_deref(), &self.settings.overrides()?)?;
-        if c.optim.batch_size == 0 || c.optim.accum_steps == 0 || c.optim.epochs == 0 {
-            anyhow::bail!("--batch-size, --accum-steps and --epochs must be at least 1")
+        let given = |n: &str| self.settings.given.iter().any(|(f, _)| f.name == n);
+        if given("lr") && given("blr") {
+            anyhow::bail!(
+                "--lr and --blr contradict each other: --lr sets the learning rate, --blr scales it by the batch; give one"
+            )
         }
+        let c = RunSettings::layered(self.config.as_deref(), &self.settings.overrides()?)?;
+        c.validate()?;
         Ok(c)
     }
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let cfg = a.resolve()?;
-    let r = super::run::train_run(&cfg, &a.out, a.resume)?;
+    let start = match (a.resume, a.overwrite) {
+        (true, _) => super::run::Start::Resume,
+        (false, true) => super::run::Start::Overwrite,
+        (false, false) => super::run::Start::New,
+    };
+    let r = super::run::train_run(&cfg, &a.out, start)?;
+    if r.summary.already_complete {
+        println!("nothing to do: {} is already complete ({} steps)", a.out.display(), r.summary.steps);
+        return Ok(());
+    }
     let s = &r.summary;
     println!(
         "trained {} steps in {:.1}s ({:.1} samples/s), final loss {:.4}, {} skipped steps, {} skipped images; run: {}",
@@ -290,7 +367,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         samples.truncate(n);
     }
     let out = a.out.clone().unwrap_or_else(|| a.run.clone());
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the output directory", out.display()))?;
     let r = super::run::evaluate(&vlm, ds.as_ref(), samples, a.batch_size, opts.skip_bad_images, Some(&out))?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

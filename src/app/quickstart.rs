@@ -257,7 +257,48 @@ fn quiet_settings(steps: u64, batch: usize, lr: f64, seed: u64) -> TrainSettings
     }
 }
 
+impl QuickstartSettings {
+    /// Sizes that would make an empty model or data set are refused up front.
+    pub fn validate(&self) -> Result<()> {
+        let at_least_1 = [
+            ("train-images", self.train_images),
+            ("test-images", self.test_images),
+            ("image-size", self.image_size),
+            ("lm-layers", self.lm_layers),
+            ("batch-size", self.batch_size),
+            ("slots", self.slots),
+            ("steps", self.steps as usize),
+            ("lm-pretrain-steps", self.lm_pretrain_steps as usize),
+        ];
+        for (name, v) in at_least_1 {
+            if v == 0 {
+                anyhow::bail!("--{name} 0: must be at least 1")
+            }
+        }
+        if self.lm_hidden == 0 || !self.lm_hidden.is_multiple_of(4) {
+            anyhow::bail!("--lm-hidden {}: must be a positive multiple of 4 (the tiny LM has 4 heads)", self.lm_hidden)
+        }
+        for (name, v) in [("lr", self.lr), ("lm-pretrain-lr", self.lm_pretrain_lr)] {
+            if !(v.is_finite() && v > 0.0) {
+                anyhow::bail!("--{name} {v}: must be a finite number above 0")
+            }
+        }
+        for (name, v) in [("visual-scale", self.visual_scale), ("adapter-scale", self.adapter_scale)] {
+            if !v.is_finite() {
+                anyhow::bail!("--{name} {v}: must be a finite number")
+            }
+        }
+        if let Some(c) = self.clip_grad
+            && !(c.is_finite() && c > 0.0)
+        {
+            anyhow::bail!("--clip-grad {c}: must be a finite number above 0")
+        }
+        Ok(())
+    }
+}
+
 pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<QuickstartResult> {
+    s.validate()?;
     let start = std::time::Instant::now();
     let data_dir = out.join("data");
     let lm_dir = out.join("lm");
@@ -333,7 +374,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         rc.set("memvp.slots", json!(s.slots));
         let run_dir = out.join(if blind { "control" } else { "memvp" });
         let _ = std::fs::remove_dir_all(&run_dir);
-        let rep = super::run::train_run(&rc, &run_dir, false)?;
+        let rep = super::run::train_run(&rc, &run_dir, super::run::Start::New)?;
         let vlm = crate::vlm::Vlm::from_run(&run_dir, None, None)?;
         let ev = super::run::evaluate(&vlm, ds.as_ref(), test.clone(), 64, false, Some(&run_dir))?;
         if verbose {

@@ -7,6 +7,7 @@ use crate::data::{self, Sample};
 use crate::generate::Sampling;
 use crate::models::{load_lm, load_vision};
 use crate::rng::Rng;
+use crate::train::rundir::{self, RunLock};
 use crate::train::{self, Batches, Summary, Task};
 use crate::vlm::{Base, Vlm};
 use anyhow::{Context, Result, bail};
@@ -30,19 +31,76 @@ pub fn prepare(
     cache_mb: usize,
     blind: bool,
 ) -> Result<Prepared> {
-    let (samples, skipped) = data::filter_images(samples, skip_bad)?;
+    prepare_checked(
+        vlm,
+        samples,
+        &Preflight { skip_bad, max_len, truncate_answers: false, source: "" },
+        cache_mb,
+        blind,
+    )
+}
+
+/// What the pre-flight check of a split needs.
+pub struct Preflight<'a> {
+    /// Skip samples whose image does not decode (else fail naming it).
+    pub skip_bad: bool,
+    /// The longest prompt + answer in tokens.
+    pub max_len: usize,
+    /// Cut answers that do not fit (else fail naming the sample).
+    pub truncate_answers: bool,
+    /// The data source, for messages.
+    pub source: &'a str,
+}
+
+/// Every image decoded (each distinct file once, in parallel) and every sample's length
+/// measured before any training: problems are found up front, named, not mid-run.
+pub fn prepare_checked(
+    vlm: &Vlm,
+    samples: Vec<Sample>,
+    pf: &Preflight,
+    cache_mb: usize,
+    blind: bool,
+) -> Result<Prepared> {
+    if samples.is_empty() {
+        bail!("{}: the split has no samples (check the split name and --max-train-samples)", pf.source)
+    }
+    let (samples, skipped) = if blind { (samples, 0) } else { data::filter_images(samples, pf.skip_bad)? };
     if samples.is_empty() {
         bail!("no samples left after skipping unreadable images")
     }
     let eos = vlm.eos();
     let tok = &vlm.lm().tok;
-    let enc: Vec<_> = samples.par_iter().map(|s| encode(tok, s, eos, max_len)).collect::<Result<_>>()?;
+    let max_len = pf.max_len;
+    let mut enc: Vec<_> = samples.par_iter().map(|s| encode(tok, s, eos, max_len)).collect::<Result<_>>()?;
+    // An answer (with EOS) must leave room for at least one prompt token.
+    let too_long: Vec<usize> = (0..enc.len()).filter(|&i| enc[i].target.len() + 1 > max_len).collect();
+    if let Some(&first) = too_long.first() {
+        if !pf.truncate_answers {
+            let e = &enc[first];
+            bail!(
+                "{}: sample {}: its answer is {} tokens with EOS, which does not fit in {max_len} tokens \
+                 (the limit of --max-len and of the LM's positions); {} of {} samples are too long. \
+                 Pass --truncate-answers to cut such answers, or raise --max-len where the LM allows it",
+                pf.source,
+                samples[first].id,
+                e.target.len(),
+                too_long.len(),
+                enc.len()
+            )
+        }
+        for &i in &too_long {
+            let t = &mut enc[i].target;
+            t.truncate(max_len.saturating_sub(2).max(1));
+            t.push(eos);
+        }
+        eprintln!("cut {} answers to fit in {max_len} tokens (--truncate-answers)", too_long.len());
+    }
     let builder = BatchBuilder {
         samples: enc,
         cache: ImageCache::new(vlm.preprocess(), cache_mb << 20),
         layout: vlm.layout(),
         device: crate::util::device(),
-        skip_bad_images: skip_bad,
+        skip_bad_images: pf.skip_bad,
         blind,
     };
     Ok(Prepared { builder: Arc::new(builder), skipped_images: skipped })
@@ -124,16 +182,71 @@ pub struct TrainReport {
     pub summary: Summary,
 }
 
+/// How `train` treats the run directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new run: refused when the directory holds trained state.
+    New,
+    /// Continue the newest checkpoint.
+    Resume,
+    /// A new run that replaces the trained state in the directory.
+    Overwrite,
+}
+
+/// What a resumed run must share with its checkpoint: the base models' content, the data, and
+/// every setting but those free to change on resume (logging, checkpoint frequency, the
+/// image cache, `max_steps`, where the base models are stored).
+pub fn run_identity(cfg: &RunSettings, vlm: &Vlm) -> Result<serde_json::Value> {
+    let mut v = cfg.to_value()?;
+    let m = v.as_object_mut().context("settings are a table")?;
+    m.remove("log");
+    if let Some(o) = m.get_mut("optim").and_then(|x| x.as_object_mut()) {
+        o.remove("max_steps");
+    }
+    if let Some(d) = m.get_mut("data").and_then(|x| x.as_object_mut()) {
+        d.remove("image_cache_mb");
+    }
+    m.remove("model");
+    let own = crate::adapters::spec(&cfg.method.name)?.sections;
+    m.retain(|k, _| ["data", "method", "optim"].contains(&k.as_str()) || own.contains(&k.as_str()));
+    m.insert(
+        "base".into(),
+        serde_json::json!({
+            "vision_sha256": vlm.cfg.vision.sha256,
+            "lm_sha256": vlm.cfg.lm.sha256,
+            "lm_tokenizer_sha256": vlm.cfg.lm.tokenizer_sha256,
+        }),
+    );
+    Ok(v)
+}
+
 /// `memvp train`.
-pub fn train_run(cfg: &RunSettings, out: &Path, resume: bool) -> Result<TrainReport> {
+pub fn train_run(cfg: &RunSettings, out: &Path, start: Start) -> Result<TrainReport> {
     if cfg.data.source.is_empty() {
         bail!("--data KIND:PATH is needed")
     }
-    if !resume && out.join("checkpoints").is_dir() && std::fs::read_dir(out.join("checkpoints"))?.next().is_some() {
-        bail!(
-            "{}: this run directory already holds checkpoints; pass --resume to continue it or choose another --out",
-            out.display()
-        )
+    let _lock = RunLock::acquire(out)?;
+    let stale = rundir::remove_stale_temporaries(out)?;
+    if stale > 0 {
+        eprintln!("removed {stale} temporary files of an interrupted writer from {}", out.display());
+    }
+    match start {
+        Start::New => {
+            let held = rundir::trained_state(out);
+            if !held.is_empty() {
+                bail!(
+                    "{}: this run directory already holds a trained run ({}); pass --resume to continue it, --overwrite to replace it, or choose another --out",
+                    out.display(),
+                    held.join(", ")
+                )
+            }
+        }
+        Start::Overwrite => rundir::clear_trained_state(out)?,
+        Start::Resume => {
+            if train::checkpoint::list(out).is_empty() {
+                bail!("{}: --resume given but no checkpoint found in checkpoints/", out.display())
+            }
+        }
     }
     let ds = data::open(&cfg.data.source, &cfg.data.prompt)?;
     let mut cfg = cfg.clone();
@@ -147,24 +260,38 @@ pub fn train_run(cfg: &RunSettings, out: &Path, resume: bool) -> Result<TrainRep
         samples.truncate(n);
     }
     let blind = !vlm.uses_images();
-    let prep =
-        prepare(&vlm, samples, cfg.data.prompt.skip_bad_images, vlm.max_text_len(), cfg.data.image_cache_mb, blind)?;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
-    crate::util::write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    let pf = Preflight {
+        skip_bad: cfg.data.prompt.skip_bad_images,
+        max_len: vlm.max_text_len(),
+        truncate_answers: cfg.data.truncate_answers,
+        source: &cfg.data.source,
+    };
+    let prep = prepare_checked(&vlm, samples, &pf, cfg.data.image_cache_mb, blind)?;
     let n = prep.builder.samples.len();
-    eprintln!(
-        "training {}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
-        cfg.method.name,
-        if cfg.method.image_blind { " (image-blind control)" } else { "" },
-        n,
-        cfg.data.source,
-        vlm.cfg.trainable_parameters,
-        cfg.optim.effective_lr()
-    );
     let batches =
         EpochBatches { builder: prep.builder.clone(), batch_size: cfg.optim.batch_size, seed: cfg.optim.seed };
     let title = format!("{} on {}", cfg.method.name, cfg.data.source);
-    let summary = train::train(VlmTask { vlm: &vlm }, &batches, &cfg.train_settings(), out, resume, &title)?;
+    let toml = cfg.to_toml()?;
+    let opts = train::RunOptions {
+        resume: start == Start::Resume,
+        title: &title,
+        identity: run_identity(cfg, &vlm)?,
+        on_start: Some(Box::new(|| {
+            crate::util::write_atomic(&out.join("config.toml"), toml.as_bytes())?;
+            eprintln!(
+                "training {}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
+                cfg.method.name,
+                if cfg.method.image_blind { " (image-blind control)" } else { "" },
+                n,
+                cfg.data.source,
+                vlm.cfg.trainable_parameters,
+                cfg.optim.effective_lr()
+            );
+            Ok(())
+        })),
+    };
+    train::install_stop_handlers()?;
+    let summary = train::train_with(VlmTask { vlm: &vlm }, &batches, &cfg.train_settings(), out, opts)?;
     let report = TrainReport {
         run: out.to_path_buf(),
         method: cfg.method.name.clone(),
@@ -174,7 +301,9 @@ pub fn train_run(cfg: &RunSettings, out: &Path, resume: bool) -> Result<TrainRep
         trainable_parameters: vlm.cfg.trainable_parameters,
         summary,
     };
-    crate::util::write_json_atomic(&out.join("train_summary.json"), &report)?;
+    if !report.summary.already_complete {
+        crate::util::write_json_atomic(&out.join("train_summary.json"), &report)?;
+    }
     Ok(report)
 }
 
@@ -199,7 +328,15 @@ pub fn evaluate(
     out: Option<&Path>,
 ) -> Result<EvalReport> {
     let start = std::time::Instant::now();
-    let (samples, skipped) = data::filter_images(samples, skip_bad)?;
+    if let Some(dir) = out {
+        // Fail before generating anything when the results cannot be written.
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
+        let probe = dir.join(format!(".write-test.{}.tmp", std::process::id()));
+        std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write into this directory", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+    }
+    let (samples, skipped) = if vlm.uses_images() { data::filter_images(samples, skip_bad)? } else { (samples, 0) };
     if samples.is_empty() {
         bail!("nothing to evaluate")
     }
@@ -237,7 +374,10 @@ pub fn evaluate(
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    let scored = ds.score(&samples, &outputs)?;
+    let mut scored = ds.score(&samples, &outputs)?;
+    if skip_bad && let Some(m) = scored.metrics.as_object_mut() {
+        m.insert("skipped_images".into(), serde_json::json!(skipped));
+    }
     let secs = start.elapsed().as_secs_f64();
     if let Some(dir) = out {
         crate::util::write_json_atomic(&dir.join("preds.json"), &scored.preds)?;

@@ -7,7 +7,7 @@
 
 use crate::adapters::{self, Sections};
 use crate::data::DataOptions;
-use crate::settings::{Flag, Kind, set_path};
+use crate::settings::{Check, Flag, Kind, Rule, check_all, check_toml_finite, set_path};
 use crate::train::{LogSettings, OptimSettings};
 use crate::vlm::AdapterSettings;
 use anyhow::{Context, Result, bail};
@@ -42,6 +42,12 @@ pub const COMMON_FLAGS: &[Flag] = &[
         keys: &["data.max_len"],
         kind: Kind::UInt,
         help: "Longest prompt + answer in tokens [default: 512]",
+    },
+    Flag {
+        name: "truncate-answers",
+        keys: &["data.truncate_answers"],
+        kind: Kind::Bool,
+        help: "Cut answers longer than --max-len allows instead of refusing the data",
     },
     Flag {
         name: "image-cache-mb",
@@ -175,6 +181,28 @@ pub const COMMON_FLAGS: &[Flag] = &[
     },
 ];
 
+/// The ranges of the common numeric settings; each method adds its own.
+pub const COMMON_CHECKS: &[Check] = &[
+    Check { key: "data.max_train_samples", rule: Rule::AtLeast(1.0) },
+    Check { key: "data.max_len", rule: Rule::AtLeast(2.0) },
+    Check { key: "optim.epochs", rule: Rule::AtLeast(1.0) },
+    Check { key: "optim.max_steps", rule: Rule::AtLeast(1.0) },
+    Check { key: "optim.batch_size", rule: Rule::AtLeast(1.0) },
+    Check { key: "optim.accum_steps", rule: Rule::AtLeast(1.0) },
+    Check { key: "optim.lr", rule: Rule::Positive },
+    Check { key: "optim.blr", rule: Rule::Positive },
+    Check { key: "optim.min_lr", rule: Rule::AtLeast(0.0) },
+    Check { key: "optim.warmup_epochs", rule: Rule::AtLeast(0.0) },
+    Check { key: "optim.weight_decay", rule: Rule::AtLeast(0.0) },
+    Check { key: "optim.beta1", rule: Rule::Fraction },
+    Check { key: "optim.beta2", rule: Rule::Fraction },
+    Check { key: "optim.eps", rule: Rule::Positive },
+    Check { key: "optim.clip_grad", rule: Rule::Positive },
+    Check { key: "optim.max_bad_steps", rule: Rule::AtLeast(1.0) },
+    Check { key: "log.save_every", rule: Rule::AtLeast(1.0) },
+    Check { key: "log.keep_checkpoints", rule: Rule::AtLeast(1.0) },
+];
+
 /// Every flag of `train`: the common ones and each method's, merged by name (a flag that
 /// several methods declare sets all their keys).
 pub fn all_flags() -> Vec<Flag> {
@@ -222,6 +250,8 @@ pub struct DataSettings {
     pub max_len: usize,
     /// Memory for decoded, resized images kept between epochs.
     pub image_cache_mb: usize,
+    /// Cut answers that do not fit in `max_len` instead of refusing the data.
+    pub truncate_answers: bool,
     pub prompt: DataOptions,
 }
 
@@ -233,6 +263,7 @@ impl Default for DataSettings {
             max_train_samples: None,
             max_len: 512,
             image_cache_mb: 1024,
+            truncate_answers: false,
             prompt: DataOptions::default(),
         }
     }
@@ -306,6 +337,20 @@ impl RunSettings {
         Ok(Self { model, data, method, sections, optim, log })
     }
 
+    /// Every numeric setting of the run and of its method in range, and consistent.
+    pub fn validate(&self) -> Result<()> {
+        let v = self.to_value()?;
+        let flags = all_flags();
+        check_all(&v, COMMON_CHECKS, &flags)?;
+        check_all(&v, adapters::spec(&self.method.name)?.checks, &flags)?;
+        if let Some(lr) = self.optim.lr
+            && self.optim.min_lr > lr
+        {
+            bail!("setting optim.min_lr (--min-lr) = {} is above optim.lr (--lr) = {lr}", self.optim.min_lr)
+        }
+        Ok(())
+    }
+
     pub fn to_value(&self) -> Result<Value> {
         let mut m = Map::new();
         m.insert("model".into(), serde_json::to_value(&self.model)?);
@@ -369,7 +414,9 @@ impl RunSettings {
 
 fn read_toml(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let t: toml::Value = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let t: toml::Value = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    check_toml_finite(&t, "").map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(serde_json::to_value(t)?)
 }
 

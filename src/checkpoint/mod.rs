@@ -18,12 +18,20 @@ use std::path::{Path, PathBuf};
 
 /// Reads and parses a JSON file, naming it in every error.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    if path.is_dir() {
+        bail!("{}: is a directory, not a JSON file", path.display())
+    }
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed JSON", path.display()))
+    // A UTF-8 byte-order mark, as some editors write it, is not part of the JSON.
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
+    serde_json::from_slice(bytes).with_context(|| format!("{}: malformed JSON", path.display()))
 }
 
 /// Fails with a clear message when a required file is missing.
 pub fn require_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("{}: is a directory, expected a file", path.display())
+    }
     if !path.is_file() {
         bail!("{}: file not found", path.display())
     }

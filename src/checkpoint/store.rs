@@ -261,5 +261,31 @@ pub fn save_safetensors_atomic(
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let bytes = safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("{e}"))?;
-    crate::util::write_atomic(path, &bytes)
+    crate::util::write_atomic(path, &canonical_header(bytes)?)
+}
+
+/// Objects rebuilt with their keys inserted in sorted order (whatever map serde_json uses).
+fn sort_keys(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => {
+            let sorted: std::collections::BTreeMap<String, serde_json::Value> = m.into_iter().collect();
+            serde_json::Value::Object(sorted.into_iter().map(|(k, x)| (k, sort_keys(x))).collect())
+        }
+        other => other,
+    }
+}
+
+/// The same file with its JSON header's keys in sorted order (safetensors writes the metadata
+/// map in hash order, so identical runs would otherwise differ byte for byte). The header keeps
+/// its length (the same keys and values), so the tensor offsets stay valid.
+fn canonical_header(mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+    let mut sorted = serde_json::to_vec(&sort_keys(header))?;
+    if sorted.len() > n {
+        bail!("safetensors header grew when sorted ({} > {n} bytes)", sorted.len())
+    }
+    sorted.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&sorted);
+    Ok(bytes)
 }

@@ -89,6 +89,13 @@ impl ScienceQa {
             .as_u64()
             .with_context(|| format!("{}: problem {pid}: field `answer` must be a choice index", pf.display()))?
             as usize;
+        if choices.len() > 26 {
+            bail!(
+                "{}: problem {pid}: {} choices; the prompt formats letter them A-Z, so at most 26 are possible",
+                pf.display(),
+                choices.len()
+            )
+        }
         if answer >= choices.len() {
             bail!("{}: problem {pid}: answer {answer} is outside its {} choices", pf.display(), choices.len())
         }

@@ -405,6 +405,10 @@ impl super::LanguageModel for Bart {
     fn max_positions(&self) -> Option<usize> {
         Some(self.cfg.max_position_embeddings)
     }
+    /// The decoder's positions: the start token and every fed token take one.
+    fn max_new_tokens(&self, _prompt_len: usize) -> Option<usize> {
+        Some(self.cfg.max_position_embeddings)
+    }
     fn ffn_activation(&self) -> Activation {
         self.cfg.activation_function
     }

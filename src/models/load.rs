@@ -23,6 +23,9 @@ pub struct LoadedLm {
     /// Where it was loaded from, and a content hash of its files.
     pub path: PathBuf,
     pub fingerprint: String,
+    /// A content hash of its tokenizer files (Hugging Face directories; a GGUF file's tokenizer
+    /// is covered by `fingerprint`).
+    pub tokenizer_fingerprint: Option<String>,
 }
 
 impl LoadedLm {
@@ -99,10 +102,17 @@ pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
     hashed.extend(files.iter().cloned());
     let fingerprint = checkpoint::fingerprint(&hashed)?;
     let tok = Tok::from_file(&path.join("tokenizer.json"))?;
+    let tok_files: Vec<PathBuf> =
+        ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+            .iter()
+            .map(|f| path.join(f))
+            .filter(|p| p.is_file())
+            .collect();
+    let tokenizer_fingerprint = Some(checkpoint::fingerprint(&tok_files)?);
     let weights = Weights::from_safetensors(&files, dtype, dev)?;
     let (model, mut eos) = load(&cfg, &weights)?;
     extend_eos_from_generation_config(path, &mut eos)?;
-    Ok(LoadedLm { model, tok, eos, path: path.to_path_buf(), fingerprint })
+    Ok(LoadedLm { model, tok, eos, path: path.to_path_buf(), fingerprint, tokenizer_fingerprint })
 }
 
 fn extend_eos_from_generation_config(dir: &Path, eos: &mut Vec<u32>) -> Result<()> {
@@ -127,7 +137,7 @@ fn load_gguf(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
     let fingerprint = checkpoint::fingerprint(&[path.to_path_buf()])?;
     let weights = Weights::from_gguf(g, dtype, dev);
     let m = Llama::load(&weights, cfg)?;
-    Ok(LoadedLm { model: Box::new(m), tok, eos, path: path.to_path_buf(), fingerprint })
+    Ok(LoadedLm { model: Box::new(m), tok, eos, path: path.to_path_buf(), fingerprint, tokenizer_fingerprint: None })
 }
 
 pub struct LoadedVision {

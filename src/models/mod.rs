@@ -54,6 +54,12 @@ pub trait LanguageModel: Send + Sync {
     fn stacks(&self) -> Vec<(Site, usize)>;
     /// Positions the model can take (`None`: no limit, as T5's relative positions).
     fn max_positions(&self) -> Option<usize>;
+    /// How many tokens can be generated after a prompt of `prompt_len` positions (an
+    /// embedding prefix included) before the positions run out; `None`: no limit.
+    fn max_new_tokens(&self, prompt_len: usize) -> Option<usize> {
+        // The last generated token is never fed back.
+        self.max_positions().map(|p| (p + 1).saturating_sub(prompt_len))
+    }
     /// The FFN's activation (its gate's for gated FFNs): the memory branch uses it.
     fn ffn_activation(&self) -> Activation;
     /// `(in, out)` features of an attention projection of `site` (LoRA targets).

@@ -22,6 +22,11 @@ pub(crate) struct State {
     /// [`OptimSettings::identity`] of the run (files of the first version hold the logging
     /// settings beside them).
     pub settings: serde_json::Value,
+    /// What the run is (base models, data, every setting that changes the model or the data
+    /// order), as the caller describes it; a resume must describe the same. Absent in
+    /// checkpoints of the first version.
+    #[serde(default)]
+    pub identity: serde_json::Value,
 }
 
 /// Keys that the first version's `settings` held besides today's [`OptimSettings`].
@@ -38,6 +43,7 @@ impl State {
             skipped_samples: 0,
             optimizer_t: 0,
             settings: serde_json::to_value(s.identity()).expect("settings serialise"),
+            identity: serde_json::Value::Null,
         }
     }
 
@@ -97,35 +103,101 @@ pub fn write<T: Task>(tr: &Trainer<'_, T>, run: &Path, keep: usize) -> Result<Pa
     Ok(final_dir)
 }
 
-/// Restores the newest checkpoint of `run` into the trainer; returns its step.
-pub fn resume<T: Task>(tr: &mut Trainer<'_, T>, run: &Path) -> Result<u64> {
-    let Some((step, dir)) = list(run).pop() else {
+/// The files of one checkpoint, read and parsed.
+struct Loaded {
+    state: State,
+    adapter: std::collections::HashMap<String, candle_core::Tensor>,
+    optimizer: std::collections::HashMap<String, candle_core::Tensor>,
+}
+
+fn load(dir: &Path) -> Result<Loaded> {
+    let sp = dir.join("state.json");
+    let state: State = serde_json::from_value(crate::checkpoint::read_json(&sp)?)
+        .with_context(|| format!("{}: malformed state", sp.display()))?;
+    let adapter = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .with_context(|| format!("{}: cannot read the adapter", dir.display()))?;
+    let optimizer = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
+        .with_context(|| format!("{}: cannot read the optimizer state", dir.display()))?;
+    Ok(Loaded { state, adapter, optimizer })
+}
+
+/// `a.b.c` keys and their values of a tree of objects.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeMap<String, serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(m) if !m.is_empty() => {
+            for (k, x) in m {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, x, out);
+            }
+        }
+        _ => {
+            out.insert(prefix.to_string(), v.clone());
+        }
+    }
+}
+
+/// `key: checkpoint X, now Y` for every key whose value differs.
+pub fn differences(saved: &serde_json::Value, now: &serde_json::Value, prefix: &str) -> Vec<String> {
+    let (mut a, mut b) = (Default::default(), Default::default());
+    flatten(prefix, saved, &mut a);
+    flatten(prefix, now, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let show = |v: Option<&serde_json::Value>| v.map_or("(absent)".to_string(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: checkpoint {}, now {}", show(a.get(k)), show(b.get(k))))
+        .collect()
+}
+
+/// Restores the newest readable checkpoint of `run` into the trainer (an unreadable newest one
+/// is reported and the previous one used); returns its step. Refused, with every difference
+/// listed, when the run is not the same as the checkpoint's (`identity`, optimisation settings).
+pub fn resume<T: Task>(tr: &mut Trainer<'_, T>, run: &Path, identity: &serde_json::Value) -> Result<u64> {
+    let all = list(run);
+    if all.is_empty() {
         bail!("{}: --resume given but no checkpoint found in checkpoints/", run.display())
+    }
+    let mut found = None;
+    for (step, dir) in all.iter().rev() {
+        match load(dir) {
+            Ok(l) => {
+                found = Some((*step, dir.clone(), l));
+                break;
+            }
+            Err(e) => eprintln!("warning: checkpoint {} is unreadable ({e:#}); trying the previous one", dir.display()),
+        }
+    }
+    let Some((step, dir, l)) = found else {
+        bail!("{}: no readable checkpoint in checkpoints/ (every one failed to load; see above)", run.display())
     };
-    let saved: State = serde_json::from_value(crate::checkpoint::read_json(&dir.join("state.json"))?)
-        .with_context(|| format!("{}: malformed state", dir.join("state.json").display()))?;
+    let saved = l.state;
     let given = tr.s.identity();
     let was = saved.saved_settings().with_context(|| format!("{}: malformed settings", dir.display()))?;
-    if was != given {
+    let mut diffs = differences(&serde_json::to_value(&was)?, &serde_json::to_value(&given)?, "optim");
+    // Settings free to change on resume.
+    diffs.retain(|d| !d.starts_with("optim.max_steps:"));
+    if !saved.identity.is_null() {
+        diffs.extend(differences(&saved.identity, identity, ""));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    diffs.retain(|d| seen.insert(d.clone()));
+    if !diffs.is_empty() {
         bail!(
-            "{}: the checkpoint was made with other settings; resume with the same ones.\n saved: {:?}\n given: {:?}",
+            "{}: refusing to resume: the checkpoint was made with other settings, models or data:\n  {}\n(resume with the same models, data and settings, or start a new run with another --out)",
             dir.display(),
-            was,
-            given
+            diffs.join("\n  ")
         )
     }
-    let ad = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
-        .with_context(|| format!("{}: cannot read the adapter", dir.display()))?;
     for (name, v) in tr.task.params() {
-        let t =
-            ad.get(&name).with_context(|| format!("{}: tensor `{name}` missing from the checkpoint", dir.display()))?;
+        let t = l
+            .adapter
+            .get(&name)
+            .with_context(|| format!("{}: tensor `{name}` missing from the checkpoint", dir.display()))?;
         v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?)?;
     }
-    let os = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)
-        .with_context(|| format!("{}: cannot read the optimizer state", dir.display()))?;
-    tr.opt.load_state(saved.optimizer_t, &os)?;
+    tr.opt.load_state(saved.optimizer_t, &l.optimizer)?;
     eprintln!("resuming from {} (step {step}, epoch {}, batch {})", dir.display(), saved.epoch, saved.next_batch);
-    tr.st = State { settings: serde_json::to_value(&given)?, ..saved };
+    tr.st = State { settings: serde_json::to_value(&given)?, identity: identity.clone(), ..saved };
     tr.stream = None;
     Ok(step)
 }

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod logger;
 pub mod metrics;
 pub mod optim;
+pub mod rundir;
 pub mod schedule;
 
 use crate::rng::Rng;
@@ -20,7 +21,10 @@ use checkpoint::State;
 use optim::{AdamW, AdamWConfig};
 use schedule::Schedule;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub trait Task {
@@ -124,6 +128,82 @@ pub struct TrainSettings {
     pub log: LogSettings,
 }
 
+/// SIGINT and SIGTERM flags once [`install_stop_handlers`] ran.
+static STOP: OnceLock<(Arc<AtomicBool>, Arc<AtomicBool>)> = OnceLock::new();
+
+/// Makes SIGINT and SIGTERM ask a running [`train`] to stop after the current step (with a
+/// checkpoint); a second signal ends the process at once (exit 130 / 143). Idempotent.
+pub fn install_stop_handlers() -> Result<()> {
+    if STOP.get().is_some() {
+        return Ok(());
+    }
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let any = Arc::new(AtomicBool::new(false));
+    let (int, term) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    // A signal that finds `any` already set exits; registered first so it runs first.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, any.clone())?;
+    signal_hook::flag::register_conditional_shutdown(SIGTERM, 143, any.clone())?;
+    signal_hook::flag::register(SIGINT, any.clone())?;
+    signal_hook::flag::register(SIGTERM, any)?;
+    signal_hook::flag::register(SIGINT, int.clone())?;
+    signal_hook::flag::register(SIGTERM, term.clone())?;
+    let _ = STOP.set((int, term));
+    Ok(())
+}
+
+/// The signal that asked training to stop, if any.
+pub fn stop_signal() -> Option<i32> {
+    let (int, term) = STOP.get()?;
+    if int.load(Ordering::SeqCst) {
+        Some(signal_hook::consts::SIGINT)
+    } else if term.load(Ordering::SeqCst) {
+        Some(signal_hook::consts::SIGTERM)
+    } else {
+        None
+    }
+}
+
+/// Training stopped on a signal after writing a checkpoint; the process should exit with
+/// [`Interrupted::exit_code`].
+#[derive(Debug)]
+pub struct Interrupted {
+    pub signal: i32,
+    pub step: u64,
+    pub run: PathBuf,
+}
+
+impl Interrupted {
+    pub fn exit_code(&self) -> i32 {
+        128 + self.signal
+    }
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = if self.signal == signal_hook::consts::SIGINT { "SIGINT" } else { "SIGTERM" };
+        write!(
+            f,
+            "stopped by {name} after step {}; a checkpoint of that step is in {}; continue with the same command and --resume",
+            self.step,
+            self.run.join("checkpoints").display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// How [`train_with`] runs.
+pub struct RunOptions<'a> {
+    pub resume: bool,
+    /// The title of `loss.png`.
+    pub title: &'a str,
+    /// What the run is (base models, data, settings that change the model or the data order):
+    /// kept in every checkpoint, and a resume must give the same.
+    pub identity: serde_json::Value,
+    /// Called once before the first step, only when there is a step to run.
+    pub on_start: Option<Box<dyn FnOnce() -> Result<()> + 'a>>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     pub steps: u64,
@@ -134,6 +214,9 @@ pub struct Summary {
     pub skipped_steps: u64,
     pub skipped_samples: u64,
     pub resumed_from: Option<u64>,
+    /// A resumed run that was already complete: nothing was run or written.
+    #[serde(skip)]
+    pub already_complete: bool,
 }
 
 /// One optimizer step as it happened.
@@ -330,8 +413,7 @@ impl<'a, T: Task> Trainer<'a, T> {
     }
 }
 
-/// Trains `task` on `data`, writing into `run`: metrics and the progress bar every step,
-/// checkpoints every `save_every` steps and at the end, the loss plot every epoch.
+/// Trains `task` on `data`, writing into `run` (see [`train_with`]).
 pub fn train<T: Task>(
     task: T,
     data: &dyn Batches<T::Batch>,
@@ -340,22 +422,54 @@ pub fn train<T: Task>(
     resume: bool,
     title: &str,
 ) -> Result<Summary> {
+    let opts = RunOptions { resume, title, identity: serde_json::Value::Null, on_start: None };
+    train_with(task, data, s, run, opts)
+}
+
+/// Trains `task` on `data`, writing into `run`: metrics and the progress bar every step,
+/// checkpoints every `save_every` steps and at the end, the loss plot every epoch. A stop
+/// signal ([`install_stop_handlers`]) ends it after the current step with a checkpoint and an
+/// [`Interrupted`] error.
+pub fn train_with<T: Task>(
+    task: T,
+    data: &dyn Batches<T::Batch>,
+    s: &TrainSettings,
+    run: &Path,
+    opts: RunOptions,
+) -> Result<Summary> {
     std::fs::create_dir_all(run).map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", run.display()))?;
     let mut tr = Trainer::new(task, data, &s.optim)?;
+    tr.st.identity = opts.identity.clone();
     let metrics_path = run.join("metrics.jsonl");
     let mut resumed_from = None;
-    if resume {
-        let step = checkpoint::resume(&mut tr, run)?;
-        metrics::truncate(&metrics_path, step)?;
+    if opts.resume {
+        let step = checkpoint::resume(&mut tr, run, &opts.identity)?;
         resumed_from = Some(step);
+        if tr.is_done() {
+            eprintln!("the run in {} is already complete (step {step}); nothing to do", run.display());
+            let (skipped_steps, skipped_samples) = tr.skipped();
+            return Ok(Summary {
+                steps: step,
+                seconds: 0.0,
+                samples: 0,
+                samples_per_s: 0.0,
+                final_loss: f64::NAN,
+                skipped_steps,
+                skipped_samples,
+                resumed_from,
+                already_complete: true,
+            });
+        }
+        metrics::truncate(&metrics_path, step)?;
     } else if metrics_path.exists() {
         std::fs::remove_file(&metrics_path)?;
     }
-    let mut log = logger::Logger::new(run, title, tr.total_steps(), tr.steps_done(), s.log.log_every);
+    if let Some(f) = opts.on_start {
+        f()?;
+    }
+    let mut log = logger::Logger::new(run, opts.title, tr.total_steps(), tr.steps_done(), s.log.log_every);
     let (mut samples_total, mut last_loss) = (0u64, f64::NAN);
     let mut saved_at = None;
-    // A finished run that is resumed changes nothing.
-    let finished = tr.is_done();
     while let Some(rec) = tr.step()? {
         samples_total += rec.samples as u64;
         last_loss = rec.loss;
@@ -369,8 +483,18 @@ pub fn train<T: Task>(
         if rec.epoch_end || end {
             log.plot()?;
         }
+        if let Some(signal) = stop_signal()
+            && !end
+        {
+            if saved_at != Some(rec.step) {
+                checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
+            }
+            log.plot()?;
+            log.finish();
+            return Err(Interrupted { signal, step: rec.step, run: run.to_path_buf() }.into());
+        }
     }
-    if !finished && saved_at != Some(tr.steps_done()) {
+    if saved_at != Some(tr.steps_done()) {
         checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
     }
     log.plot()?;
@@ -385,5 +509,6 @@ pub fn train<T: Task>(
         skipped_steps,
         skipped_samples,
         resumed_from,
+        already_complete: false,
     })
 }
