@@ -716,3 +716,13 @@ fn eval_with_a_missing_image_names_it_unless_skipping() {
     let preds: Value = serde_json::from_str(&std::fs::read_to_string(run.join("preds.json")).unwrap()).unwrap();
     assert!(preds.get("8").is_none() && preds.as_object().unwrap().len() == 5, "{preds}");
 }
+
+#[test]
+fn more_than_26_choices_are_named_as_such() {
+    let (_tmp, dir) = copy_fixture();
+    let pf = dir.join("problems.json").display().to_string();
+    let many: Vec<String> = (0..30).map(|i| format!("choice {i}")).collect();
+    edit_problems(&dir, |v| v["4"]["choices"] = json!(many));
+    let msg = err_text(open(&dir, &DataOptions::default()).unwrap().samples("train"));
+    assert_mentions(&msg, &[&pf, "problem 4", "30 choices", "at most 26"]);
+}
