@@ -562,4 +562,57 @@ targets = ["q_proj", "v_proj"]
         let e = format!("{:#}", RunSettings::layered(None, &bad).unwrap_err());
         assert!(e.contains("optimizer"), "{e}");
     }
+
+    /// Every range check, of the common settings and of each method, refuses a value just out of
+    /// its range, naming the key; in-range defaults pass.
+    #[test]
+    fn every_range_check_refuses_an_out_of_range_value() {
+        let mut all: Vec<(&str, Check)> = COMMON_CHECKS.iter().map(|c| ("memvp", *c)).collect();
+        for m in adapters::METHODS {
+            all.extend(m.checks.iter().map(|c| (m.name, *c)));
+        }
+        for (method, c) in all {
+            let bad = match c.rule {
+                Rule::AtLeast(m) => Value::from((m - 1.0) as i64),
+                Rule::Positive => Value::from(0.0),
+                Rule::Fraction => Value::from(1.0),
+                Rule::Unit => Value::from(1.5),
+                // JSON has no non-finite numbers; TOML's are refused on reading (next test).
+                Rule::Finite => continue,
+            };
+            let over = vec![("method.name".to_string(), Value::from(method)), (c.key.to_string(), bad.clone())];
+            let e = match RunSettings::layered(None, &over).and_then(|s| s.validate()) {
+                Ok(()) => panic!("{} = {bad} was accepted", c.key),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(e.contains(c.key), "{}: {e}", c.key);
+            let ok = vec![("method.name".to_string(), Value::from(method))];
+            RunSettings::layered(None, &ok).unwrap().validate().unwrap();
+        }
+    }
+
+    /// Every numeric flag refuses text that is not a finite number of its kind, naming itself.
+    #[test]
+    fn every_numeric_flag_refuses_non_numbers() {
+        for f in all_flags() {
+            let bad: &[&str] = match f.kind {
+                Kind::Float => &["nan", "inf", "-inf", "x", ""],
+                Kind::UInt => &["-1", "1.5", "nan", "x"],
+                Kind::Int => &["1.5", "nan", "x"],
+                Kind::UIntList => &["1,x", "-1"],
+                _ => continue,
+            };
+            for b in bad {
+                let e = format!("{:#}", f.parse(b).unwrap_err());
+                assert!(e.contains(&format!("--{}", f.name)), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_toml_values_name_their_key() {
+        let t: toml::Value = toml::from_str("[optim]\nlr = nan\n[memvp]\nvisual_scale = inf\n").unwrap();
+        let e = format!("{:#}", check_toml_finite(&t, "").unwrap_err());
+        assert!(e.contains("memvp.visual_scale") || e.contains("optim.lr"), "{e}");
+    }
 }
