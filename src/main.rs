@@ -35,6 +35,9 @@ enum Cmd {
     },
     /// MemVP against the input-space baseline on the same backbones and batch, interleaved.
     Bench(Box<memvp::app::bench::BenchArgs>),
+    /// Serve trained runs over HTTP: OpenAI-style chat completions with images, continuous
+    /// batching, a visual-memory cache, adapter hot-swap, metrics and a web page.
+    Serve(Box<memvp::app::serve::ServeArgs>),
     /// Write the patch features of an image as the vision tower produces them for MemVP.
     EncodeImage {
         /// CLIP checkpoint directory or random:<preset>[@seed].
@@ -66,6 +69,7 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Serve(a) => memvp::app::serve::run(*a),
         Cmd::Score(a) => cli::score(a.task, &a.gt, &a.preds, a.questions),
         Cmd::Quickstart { out, settings, json } => cli::quickstart(&out, &settings, json),
         Cmd::EncodeImage { vision, image, layer, norm, out } => cli::encode_image(&vision, &image, layer, norm, &out),

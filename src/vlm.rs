@@ -125,6 +125,23 @@ impl Vlm {
             )
         }
         let base = Arc::new(Base { vision: vis, lm: l });
+        Self::from_run_on(run, base)
+    }
+
+    /// Loads a run's adapter onto already loaded base models (a server shares them between
+    /// adapters), refusing bases whose content differs from the adapter's.
+    pub fn from_run_on(run: &Path, base: Arc<Base>) -> Result<Self> {
+        let cfg = AdapterConfig::read(run)?;
+        if !cfg.matches(&base) {
+            bail!(
+                "{}: this adapter was trained on other base models ({} / {}) than the given ones ({} / {})",
+                run.join(adapters::file::CONFIG_FILE).display(),
+                cfg.vision.source,
+                cfg.lm.source,
+                base.vision.source,
+                base.lm.path.display()
+            )
+        }
         let v = Self::new(base, &cfg.adapter_settings())?;
         adapters::file::load_weights(run, &v.named())?;
         Ok(Self { cfg: AdapterConfig { trainable_parameters: v.cfg.trainable_parameters, ..cfg }, ..v })
@@ -252,6 +269,15 @@ impl Vlm {
 }
 
 impl AdapterConfig {
+    /// Whether `base` holds the models (by content) this adapter was trained on.
+    pub fn matches(&self, base: &Base) -> bool {
+        let tok_ok = match (&self.lm.tokenizer_sha256, &base.lm.tokenizer_fingerprint) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        self.vision.sha256 == base.vision.fingerprint && self.lm.sha256 == base.lm.fingerprint && tok_ok
+    }
+
     /// The settings that rebuild this adapter's parameters (before its weights are loaded).
     pub fn adapter_settings(&self) -> AdapterSettings {
         AdapterSettings {

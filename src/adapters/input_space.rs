@@ -7,8 +7,9 @@
 //! ```
 
 use super::lora::{self, Lora, LoraConfig, LoraHooks};
-use super::{Adapter, Build, Installed, MethodSpec, Sections, Visual, section, to_section};
+use super::{Adapter, Build, Installed, MethodSpec, RequestVisual, Sections, Visual, section, to_section};
 use crate::data::image::Norm;
+use crate::models::LmHooks;
 use crate::models::NoHooks;
 use crate::models::clip::ClipVision;
 use crate::ops::nn::Projector;
@@ -82,6 +83,12 @@ impl Adapter for InputSpace {
     ) -> Result<Installed<'a>> {
         let prefix = self.prefix(vision, visual.pixels, visual.indicator.len())?;
         Ok(Installed { hooks: Box::new(LoraHooks { lora: &self.lora, train, rng }), prefix: Some(prefix) })
+    }
+    fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
+        Ok(RequestVisual { rows: vec![], prefix: Some(self.prefix(vision, pixels, 1)?) })
+    }
+    fn batch_hooks<'a>(&'a self, _rows: &[Tensor], rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>> {
+        Ok(Box::new(LoraHooks { lora: &self.lora, train: false, rng }))
     }
     fn sections(&self) -> Result<Sections> {
         Ok([to_section("input_space", &self.cfg)?, to_section("lora", &self.lora.cfg)?].into())

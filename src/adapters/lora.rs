@@ -2,7 +2,7 @@
 //! (`a = sqrt(5)`, i.e. U(±1/sqrt(in))), `B` zeros. File names `lora.layers.{i}.{proj}.a/b`
 //! (`lora.{encoder|decoder}.layers...` for encoder-decoder LMs).
 
-use super::{Adapter, Build, Installed, MethodSpec, Sections, Visual, section, to_section};
+use super::{Adapter, Build, Installed, MethodSpec, RequestVisual, Sections, Visual, section, to_section};
 use crate::data::image::Norm;
 use crate::models::clip::ClipVision;
 use crate::models::{LanguageModel, LmHooks, Proj, Site};
@@ -158,6 +158,12 @@ impl Adapter for Lora {
         rng: &'a RefCell<Rng>,
     ) -> Result<Installed<'a>> {
         Ok(Installed { hooks: Box::new(LoraHooks { lora: self, train, rng }), prefix: None })
+    }
+    fn request_visual(&self, _vision: &ClipVision, _pixels: Option<&Tensor>) -> Result<RequestVisual> {
+        Ok(RequestVisual { rows: vec![], prefix: None })
+    }
+    fn batch_hooks<'a>(&'a self, _rows: &[Tensor], rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>> {
+        Ok(Box::new(LoraHooks { lora: self, train: false, rng }))
     }
     fn sections(&self) -> Result<Sections> {
         Ok([to_section("lora", &self.cfg)?].into())

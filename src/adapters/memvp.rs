@@ -10,7 +10,7 @@
 //! ```
 //! Defaults are the released code's values; every constant is a setting.
 
-use super::{Adapter, Build, Installed, MethodSpec, Sections, Visual, section, to_section};
+use super::{Adapter, Build, Installed, MethodSpec, RequestVisual, Sections, Visual, section, to_section};
 use crate::data::image::Norm;
 use crate::models::clip::ClipVision;
 use crate::models::{LmHooks, Site, VisionHooks};
@@ -295,6 +295,16 @@ impl Adapter for Memvp {
     ) -> Result<Installed<'a>> {
         let memory = self.memory(vision, visual.pixels, visual.indicator, train, rng)?;
         Ok(Installed { hooks: Box::new(memory), prefix: None })
+    }
+    fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
+        let rng = RefCell::new(Rng::new(0));
+        let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];
+        let m = self.memory(vision, pixels, &ind, false, &rng)?;
+        Ok(RequestVisual { rows: vec![m.k, m.v], prefix: None })
+    }
+    fn batch_hooks<'a>(&'a self, rows: &[Tensor], rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>> {
+        let [k, v] = rows else { bail!("MemVP rows are K and V; got {} tensors", rows.len()) };
+        Ok(Box::new(Memory { m: self, k: k.clone(), v: v.clone(), train: false, rng }))
     }
     fn sections(&self) -> Result<Sections> {
         Ok([to_section("memvp", &self.cfg)?].into())

@@ -43,6 +43,22 @@ pub struct Visual<'a> {
     pub indicator: &'a [f32],
 }
 
+/// What one request's image gives an adapter, computed once and cacheable: tensors that travel
+/// with the request's row of a decoding batch (`[1, ..]` each; MemVP: its K and V memory) and
+/// an embedding prefix placed before its prompt at the prefill (input-space: `[1, n, d]`).
+#[derive(Clone)]
+pub struct RequestVisual {
+    pub rows: Vec<Tensor>,
+    pub prefix: Option<Tensor>,
+}
+
+impl RequestVisual {
+    /// Bytes held (for the cache's bound).
+    pub fn bytes(&self) -> usize {
+        self.rows.iter().chain(&self.prefix).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+    }
+}
+
 /// A trained method on a frozen vision tower and a frozen LM.
 pub trait Adapter: Send + Sync {
     /// The registered name (`memvp`, `input-space`, `lora`).
@@ -68,6 +84,12 @@ pub trait Adapter: Send + Sync {
         train: bool,
         rng: &'a RefCell<Rng>,
     ) -> Result<Installed<'a>>;
+    /// Serving: the visual part of one request (`pixels` `[1, 3, s, s]`, or none for a
+    /// text-only question), in inference mode.
+    fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual>;
+    /// Serving: the hooks of a decoding batch whose rows carry the given [`RequestVisual::rows`],
+    /// stacked along the batch (`rows[j]` is `[b, ..]`).
+    fn batch_hooks<'a>(&'a self, rows: &[Tensor], rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>>;
     /// The settings sections written to `adapter_config.json`.
     fn sections(&self) -> Result<Sections>;
     /// For tools that need a method's internals (the bench's FLOP counts, tests).

@@ -6,4 +6,5 @@ pub mod bench;
 pub mod cli;
 pub mod quickstart;
 pub mod run;
+pub mod serve;
 pub mod settings;

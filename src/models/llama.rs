@@ -483,41 +483,52 @@ impl LanguageModel for Llama {
         let (st, first) = LlamaStepper::prefill_with_prefix(self, hooks, prompts, prefix)?;
         Ok((Box::new(st), first))
     }
+    fn start_batch(
+        &self,
+        hooks: &dyn LmHooks,
+        prompts: &[Vec<u32>],
+        prefix: Option<(&Tensor, &[f32])>,
+    ) -> Result<(Box<dyn super::BatchState>, Tensor)> {
+        let (st, first) = LlamaState::prefill(self, hooks, prompts, prefix)?;
+        Ok((Box::new(st), first))
+    }
+    fn step_batch(&self, state: &mut dyn super::BatchState, tokens: &[u32], hooks: &dyn LmHooks) -> Result<Tensor> {
+        let st = state.as_any_mut().downcast_mut::<LlamaState>().context("a decoding state of another model family")?;
+        st.step(self, tokens, hooks)
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
 }
 
-/// A decoder-only model mid-generation.
-pub struct LlamaStepper<'a> {
-    model: &'a Llama,
-    hooks: &'a dyn LmHooks,
+/// The decoding state of a batch of rows, without the hooks: the KV cache, each row's next
+/// position and, when rows are left-padded, the key mask. Rows can join ([`Self::merge`]) and
+/// leave ([`Self::keep`]) between steps, which is what continuous batching needs.
+pub struct LlamaState {
     cache: KvCache,
     /// Next position of each row.
     next_pos: Vec<u32>,
-    /// Key mask `[rows, len]` when the prompts were left-padded.
+    /// Key mask `[rows, len]` when rows are left-padded.
     mask: Option<Vec<Vec<f32>>>,
 }
 
-impl<'a> LlamaStepper<'a> {
-    /// Runs the prompts (left-padded when their lengths differ) and returns the stepper with
-    /// the logits of each prompt's last token.
-    pub fn prefill(model: &'a Llama, hooks: &'a dyn LmHooks, prompts: &[Vec<u32>]) -> Result<(Self, Tensor)> {
-        Self::prefill_with_prefix(model, hooks, prompts, None)
-    }
-
-    /// As [`Self::prefill`], with embeddings `[b, n, d]` placed before every prompt (the
-    /// input-space baseline's visual tokens); `prefix.1[i] = 0` masks row `i`'s prefix out.
-    /// Rows are laid out `[prefix][padding][prompt]`, the padding masked and skipped by the
-    /// positions, which equals running each row unpadded.
-    pub fn prefill_with_prefix(
-        model: &'a Llama,
-        hooks: &'a dyn LmHooks,
+impl LlamaState {
+    /// Runs the prompts (left-padded when their lengths differ), with embeddings `[b, n, d]`
+    /// placed before every prompt when a prefix is given (the input-space baseline's visual
+    /// tokens; `prefix.1[i] = 0` masks row `i`'s prefix out). Rows are laid out
+    /// `[prefix][padding][prompt]`, the padding masked and skipped by the positions, which
+    /// equals running each row unpadded. Returns the state and each prompt's last logits.
+    pub fn prefill(
+        model: &Llama,
+        hooks: &dyn LmHooks,
         prompts: &[Vec<u32>],
         prefix: Option<(&Tensor, &[f32])>,
     ) -> Result<(Self, Tensor)> {
         let dev = model.device().clone();
         let b = prompts.len();
+        if b == 0 {
+            bail!("no prompts to run")
+        }
         let t = prompts.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let n = prefix.map(|p| p.0.dims()[1]).unwrap_or(0);
         let mut ids = Vec::with_capacity(b * t);
@@ -551,14 +562,29 @@ impl<'a> LlamaStepper<'a> {
         let h = model.forward_embeds(&x, &positions, Some(&mut cache), key_mask.as_ref(), hooks)?;
         let logits = model.logits(&h.narrow(1, total - 1, 1)?.squeeze(1)?)?;
         let next_pos = prompts.iter().map(|p| (n + p.len()) as u32).collect();
-        Ok((Self { model, hooks, cache, next_pos, mask: (!plain).then_some(mask) }, logits))
+        Ok((Self { cache, next_pos, mask: (!plain).then_some(mask) }, logits))
     }
-}
 
-impl Stepper for LlamaStepper<'_> {
-    fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let dev = self.model.device().clone();
+    pub fn rows(&self) -> usize {
+        self.next_pos.len()
+    }
+
+    /// Positions cached (padding included).
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Feeds one token per row; logits `[rows, vocab]`.
+    pub fn step(&mut self, model: &Llama, tokens: &[u32], hooks: &dyn LmHooks) -> Result<Tensor> {
+        let dev = model.device().clone();
         let b = tokens.len();
+        if b != self.rows() {
+            bail!("{b} tokens for {} rows", self.rows())
+        }
         let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &dev)?;
         let (positions, key_mask) = match &mut self.mask {
             None => (Positions::From(self.next_pos[0] as usize), None),
@@ -573,26 +599,138 @@ impl Stepper for LlamaStepper<'_> {
                 )
             }
         };
-        let h = self.model.forward_embeds(
-            &self.model.embed(&ids)?,
-            &positions,
-            Some(&mut self.cache),
-            key_mask.as_ref(),
-            self.hooks,
-        )?;
+        let h =
+            model.forward_embeds(&model.embed(&ids)?, &positions, Some(&mut self.cache), key_mask.as_ref(), hooks)?;
         for p in self.next_pos.iter_mut() {
             *p += 1;
         }
-        self.model.logits(&h.squeeze(1)?)
+        model.logits(&h.squeeze(1)?)
+    }
+
+    /// New row `i` = old row `rows[i]` (rows may repeat or be dropped); cache columns that no
+    /// row attends to any more are dropped.
+    pub fn keep(&mut self, rows: &[usize]) -> Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.rows()) {
+            bail!("row {bad} of {}", self.rows())
+        }
+        let dev = self.cache.layers.first().and_then(|l| l.device()).unwrap_or(Device::Cpu);
+        let idx = Tensor::from_vec(rows.iter().map(|&i| i as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
+        self.cache.reorder(&idx)?;
+        self.next_pos = rows.iter().map(|&i| self.next_pos[i]).collect();
+        if let Some(m) = &mut self.mask {
+            *m = rows.iter().map(|&i| m[i].clone()).collect();
+        }
+        self.trim()
+    }
+
+    /// Drops the leading cache columns that every row masks out, and the mask once no row
+    /// needs one.
+    fn trim(&mut self) -> Result<()> {
+        let Some(m) = &mut self.mask else { return Ok(()) };
+        if m.is_empty() {
+            self.mask = None;
+            return Ok(());
+        }
+        let lead = (0..m[0].len()).take_while(|&j| m.iter().all(|r| r[j] == 0.0)).count();
+        if lead > 0 {
+            self.cache.drop_front(lead)?;
+            for r in m.iter_mut() {
+                r.drain(..lead);
+            }
+        }
+        let len = m[0].len();
+        if m.iter().all(|r| r.iter().all(|&x| x == 1.0)) && self.next_pos.iter().all(|&p| p as usize == len) {
+            self.mask = None;
+        }
+        Ok(())
+    }
+
+    /// Appends the rows of `other` after this state's rows; the shorter state is left-padded
+    /// (masked) to the longer one's cache length.
+    pub fn merge(&mut self, other: LlamaState) -> Result<()> {
+        let (la, lb) = (self.len(), other.len());
+        let l = la.max(lb);
+        let rows_mask = |s: &LlamaState, len: usize| -> Vec<Vec<f32>> {
+            (0..s.rows())
+                .map(|i| {
+                    let own: Vec<f32> = match &s.mask {
+                        Some(m) => m[i].clone(),
+                        None => vec![1.0; s.len()],
+                    };
+                    std::iter::repeat_n(0.0, len - s.len()).chain(own).collect()
+                })
+                .collect()
+        };
+        let mut mask = rows_mask(self, l);
+        mask.extend(rows_mask(&other, l));
+        self.cache = KvCache::merge_left_padded(&self.cache, &other.cache)?;
+        self.next_pos.extend(other.next_pos);
+        self.mask = Some(mask);
+        self.trim()
+    }
+}
+
+impl super::BatchState for LlamaState {
+    fn rows(&self) -> usize {
+        LlamaState::rows(self)
+    }
+    fn keep(&mut self, rows: &[usize]) -> Result<()> {
+        LlamaState::keep(self, rows)
+    }
+    fn merge(&mut self, other: Box<dyn super::BatchState>) -> Result<()> {
+        let other = other
+            .into_any()
+            .downcast::<LlamaState>()
+            .map_err(|_| anyhow::anyhow!("merging states of two model families"))?;
+        LlamaState::merge(self, *other)
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+/// A decoder-only model mid-generation: a [`LlamaState`] with its model and hooks.
+pub struct LlamaStepper<'a> {
+    model: &'a Llama,
+    hooks: &'a dyn LmHooks,
+    state: LlamaState,
+}
+
+impl<'a> LlamaStepper<'a> {
+    /// Runs the prompts (left-padded when their lengths differ) and returns the stepper with
+    /// the logits of each prompt's last token.
+    pub fn prefill(model: &'a Llama, hooks: &'a dyn LmHooks, prompts: &[Vec<u32>]) -> Result<(Self, Tensor)> {
+        Self::prefill_with_prefix(model, hooks, prompts, None)
+    }
+
+    /// As [`Self::prefill`], with an embedding prefix per row (see [`LlamaState::prefill`]).
+    pub fn prefill_with_prefix(
+        model: &'a Llama,
+        hooks: &'a dyn LmHooks,
+        prompts: &[Vec<u32>],
+        prefix: Option<(&Tensor, &[f32])>,
+    ) -> Result<(Self, Tensor)> {
+        let (state, logits) = LlamaState::prefill(model, hooks, prompts, prefix)?;
+        Ok((Self { model, hooks, state }, logits))
+    }
+}
+
+impl Stepper for LlamaStepper<'_> {
+    fn step(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        self.state.step(self.model, tokens, self.hooks)
     }
 }
 
 impl BeamStepper for LlamaStepper<'_> {
     fn reorder(&mut self, bi: &[usize]) -> Result<()> {
         let idx = Tensor::from_vec(bi.iter().map(|&i| i as u32).collect::<Vec<_>>(), bi.len(), self.model.device())?;
-        self.cache.reorder(&idx)?;
-        self.next_pos = bi.iter().map(|&i| self.next_pos[i]).collect();
-        if let Some(m) = &mut self.mask {
+        let st = &mut self.state;
+        st.cache.reorder(&idx)?;
+        st.next_pos = bi.iter().map(|&i| st.next_pos[i]).collect();
+        if let Some(m) = &mut st.mask {
             *m = bi.iter().map(|&i| m[i].clone()).collect();
         }
         Ok(())

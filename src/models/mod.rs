@@ -39,6 +39,18 @@ pub struct Hidden {
     pub offset: usize,
 }
 
+/// A decoding state that rows can join and leave between steps (continuous batching). The
+/// hooks are given at every step, since the rows, and so the visual memory, change.
+pub trait BatchState: Send {
+    fn rows(&self) -> usize;
+    /// New row `i` = old row `rows[i]`.
+    fn keep(&mut self, rows: &[usize]) -> Result<()>;
+    /// Appends the rows of another state of the same model.
+    fn merge(&mut self, other: Box<dyn BatchState>) -> Result<()>;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+    fn into_any(self: Box<Self>) -> Box<dyn Any>;
+}
+
 /// What every frozen language model offers the layers above it: dimensions, a teacher-forcing
 /// pass with hooks, logits, and a decoding state for generation. LLaMA, T5 and BART implement it
 /// in their own files; nothing above `models/` matches on the family.
@@ -80,6 +92,19 @@ pub trait LanguageModel: Send + Sync {
         prompts: &[Vec<u32>],
         prefix: Option<(&Tensor, &[f32])>,
     ) -> Result<(Box<dyn BeamStepper + 'a>, Tensor)>;
+    /// As [`Self::prefill`], as a state that rows can join and leave (decoder-only LMs).
+    fn start_batch(
+        &self,
+        _hooks: &dyn LmHooks,
+        _prompts: &[Vec<u32>],
+        _prefix: Option<(&Tensor, &[f32])>,
+    ) -> Result<(Box<dyn BatchState>, Tensor)> {
+        anyhow::bail!("continuous batching needs a decoder-only LM; this one is {}", self.family())
+    }
+    /// One token per row of a [`BatchState`] made by this model; logits `[rows, vocab]`.
+    fn step_batch(&self, _state: &mut dyn BatchState, _tokens: &[u32], _hooks: &dyn LmHooks) -> Result<Tensor> {
+        anyhow::bail!("continuous batching needs a decoder-only LM; this one is {}", self.family())
+    }
     /// The encoder-decoder view (T5, BART).
     fn as_encdec(&self) -> Option<&dyn encdec::EncoderDecoder> {
         None
