@@ -117,6 +117,7 @@ struct Parsed {
     sampling: Sampling,
     stop: Vec<String>,
     stream: bool,
+    ignore_eos: bool,
 }
 
 fn image_bytes(url: &str, limits: &Limits) -> ApiResult<Vec<u8>> {
@@ -329,6 +330,12 @@ fn parse(app: &App, body: &[u8]) -> ApiResult<Parsed> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::bad("`stream` must be true or false", "stream")),
     };
+    // An extension (as vLLM's): answers of exactly `max_tokens` tokens, for load tests.
+    let ignore_eos = match v.get("ignore_eos") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("`ignore_eos` must be true or false", "ignore_eos")),
+    };
     Ok(Parsed {
         served,
         question,
@@ -336,6 +343,7 @@ fn parse(app: &App, body: &[u8]) -> ApiResult<Parsed> {
         sampling: Sampling { max_new_tokens: max_tokens, temperature, top_p, seed },
         stop,
         stream,
+        ignore_eos,
     })
 }
 
@@ -392,6 +400,7 @@ pub async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Result<
         image: p.image,
         sampling: p.sampling,
         stop: p.stop,
+        ignore_eos: p.ignore_eos,
         deadline: now + app.limits.request_timeout,
         enqueued: now,
         tx,

@@ -66,6 +66,8 @@ pub struct Job {
     pub sampling: Sampling,
     /// Strings that end the answer (not included in it).
     pub stop: Vec<String>,
+    /// Generate `max_new_tokens` whatever the end-of-sequence tokens say (load tests).
+    pub ignore_eos: bool,
     pub deadline: Instant,
     pub enqueued: Instant,
     pub tx: tokio::sync::mpsc::UnboundedSender<Event>,
@@ -399,7 +401,7 @@ impl Scheduler {
         }
         r.last_token = now;
         let lm = served.vlm.lm();
-        let mut finish = if lm.eos.contains(&t) {
+        let mut finish = if !r.job.ignore_eos && lm.eos.contains(&t) {
             Some("stop")
         } else if r.ids.len() >= r.max_new {
             Some("length")
