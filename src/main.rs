@@ -38,6 +38,9 @@ enum Cmd {
     /// Serve trained runs over HTTP: OpenAI-style chat completions with images, continuous
     /// batching, a visual-memory cache, adapter hot-swap, metrics and a web page.
     Serve(Box<memvp::app::serve::ServeArgs>),
+    /// Load-test a server: streaming requests from several clients; throughput, latency and
+    /// time-to-first-token percentiles, errors by kind.
+    Loadtest(Box<memvp::app::loadtest::LoadtestArgs>),
     /// Write the patch features of an image as the vision tower produces them for MemVP.
     EncodeImage {
         /// CLIP checkpoint directory or random:<preset>[@seed].
@@ -70,6 +73,15 @@ fn run() -> Result<()> {
             Ok(())
         }
         Cmd::Serve(a) => memvp::app::serve::run(*a),
+        Cmd::Loadtest(a) => {
+            let v = memvp::app::loadtest::run(&a)?;
+            if a.json {
+                println!("{v}");
+            } else {
+                memvp::app::loadtest::print(&v);
+            }
+            Ok(())
+        }
         Cmd::Score(a) => cli::score(a.task, &a.gt, &a.preds, a.questions),
         Cmd::Quickstart { out, settings, json } => cli::quickstart(&out, &settings, json),
         Cmd::EncodeImage { vision, image, layer, norm, out } => cli::encode_image(&vision, &image, layer, norm, &out),

@@ -465,3 +465,29 @@ fn sigterm_drains_running_requests_and_exits_0() {
     assert_eq!(status.code(), Some(0));
     assert!(agent().get(&format!("{}/health", srv.url)).call().is_err(), "still accepting connections");
 }
+
+#[test]
+fn loadtest_accounts_for_every_request() {
+    let st = setup();
+    let srv = Server::start(&["--max-batch", "8"]);
+    let dir = st.images[0].parent().unwrap();
+    let o = bin()
+        .args(["loadtest", "--url", &srv.url, "--requests", "40", "--concurrency", "6", "--images", &s(dir)])
+        .args(["--questions-per-image", "2", "--max-tokens", "6", "--malformed-percent", "10", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["requests"], 40, "{v}");
+    assert_eq!(v["malformed_sent"], 4, "{v}");
+    assert_eq!(v["malformed_rejected"], 4, "{v}");
+    assert_eq!(v["ok"], 36, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["lost"], 0, "{v}");
+    assert!(v["cache_hits"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Each request's latency is at least its time to first token, so every percentile is too.
+    for k in ["p50", "p90", "p99"] {
+        assert!(v["latency_ms"][k].as_f64().unwrap() >= v["time_to_first_token_ms"][k].as_f64().unwrap(), "{v}");
+    }
+}
