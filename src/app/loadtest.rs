@@ -67,6 +67,8 @@ struct Tally {
     cache_hits: usize,
     latency: Vec<f64>,
     ttft: Vec<f64>,
+    ttft_hit: Vec<f64>,
+    ttft_miss: Vec<f64>,
 }
 
 fn percentiles(v: &mut [f64]) -> Value {
@@ -226,6 +228,7 @@ pub fn run(a: &LoadtestArgs) -> Result<Value> {
                             t.cache_hits += hit as usize;
                             t.latency.push(ms);
                             t.ttft.push(ttft);
+                            if hit { t.ttft_hit.push(ttft) } else { t.ttft_miss.push(ttft) }
                         }
                         Err(kind) => *t.errors.entry(kind).or_default() += 1,
                     }
@@ -257,6 +260,8 @@ pub fn run(a: &LoadtestArgs) -> Result<Value> {
         "cache_hits": t.cache_hits,
         "latency_ms": percentiles(&mut t.latency),
         "time_to_first_token_ms": percentiles(&mut t.ttft),
+        "time_to_first_token_ms_cache_hit": percentiles(&mut t.ttft_hit),
+        "time_to_first_token_ms_cache_miss": percentiles(&mut t.ttft_miss),
     }))
 }
 

@@ -131,6 +131,16 @@ impl KvCache {
         Ok(())
     }
 
+    /// Bytes held by the keys and values (allocated capacity).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.k, &l.v])
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Drops the first `n` cached positions of every layer.
     pub fn drop_front(&mut self, n: usize) -> Result<()> {
         for l in &mut self.layers {

@@ -684,6 +684,9 @@ impl super::BatchState for LlamaState {
             .map_err(|_| anyhow::anyhow!("merging states of two model families"))?;
         LlamaState::merge(self, *other)
     }
+    fn bytes(&self) -> usize {
+        self.cache.bytes()
+    }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }

@@ -47,6 +47,8 @@ pub trait BatchState: Send {
     fn keep(&mut self, rows: &[usize]) -> Result<()>;
     /// Appends the rows of another state of the same model.
     fn merge(&mut self, other: Box<dyn BatchState>) -> Result<()>;
+    /// Bytes of its KV cache.
+    fn bytes(&self) -> usize;
     fn as_any_mut(&mut self) -> &mut dyn Any;
     fn into_any(self: Box<Self>) -> Box<dyn Any>;
 }

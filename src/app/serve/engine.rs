@@ -224,6 +224,8 @@ impl Scheduler {
             self.batches.retain(|b| !b.rows.is_empty());
             let rows: usize = self.batches.iter().map(|b| b.rows.len()).sum();
             self.shared.running.store(rows, Ordering::SeqCst);
+            let kv: usize = self.batches.iter().map(|b| b.state.bytes()).sum();
+            self.shared.metrics.kv_bytes(kv, rows);
         }
     }
 

@@ -49,6 +49,10 @@ struct Inner {
     cache_hits: u64,
     cache_misses: u64,
     cache_bytes: u64,
+    kv_bytes: u64,
+    kv_bytes_peak: u64,
+    /// Rows running when the KV cache peaked.
+    kv_peak_rows: u64,
     ttft: Histogram,
     per_token: Histogram,
     batch: Histogram,
@@ -68,6 +72,9 @@ impl Default for Metrics {
                 cache_hits: 0,
                 cache_misses: 0,
                 cache_bytes: 0,
+                kv_bytes: 0,
+                kv_bytes_peak: 0,
+                kv_peak_rows: 0,
                 ttft: Histogram::new(SECONDS),
                 per_token: Histogram::new(SECONDS),
                 batch: Histogram::new(SIZES),
@@ -98,6 +105,16 @@ impl Metrics {
     pub fn cache_bytes(&self, n: usize) {
         self.with(|m| m.cache_bytes = n as u64)
     }
+    /// The KV caches' bytes now, with the rows they hold.
+    pub fn kv_bytes(&self, n: usize, rows: usize) {
+        self.with(|m| {
+            m.kv_bytes = n as u64;
+            if n as u64 > m.kv_bytes_peak {
+                m.kv_bytes_peak = n as u64;
+                m.kv_peak_rows = rows as u64;
+            }
+        })
+    }
     pub fn ttft(&self, s: f64) {
         self.with(|m| m.ttft.observe(s))
     }
@@ -127,6 +144,9 @@ impl Metrics {
         }
         let gauges = [
             ("memvp_cache_bytes", "Bytes held by the visual-memory cache.", m.cache_bytes as usize),
+            ("memvp_kv_cache_bytes", "Bytes of the running batches' KV caches.", m.kv_bytes as usize),
+            ("memvp_kv_cache_bytes_peak", "The largest KV cache bytes seen.", m.kv_bytes_peak as usize),
+            ("memvp_kv_cache_peak_rows", "Requests running when the KV cache peaked.", m.kv_peak_rows as usize),
             ("memvp_queue_length", "Requests waiting for a batch slot.", queued),
             ("memvp_running_requests", "Requests in running decoding batches.", running),
             ("memvp_adapters", "Loaded adapters.", adapters),
