@@ -28,7 +28,7 @@ train() { # method out
 train memvp "$OUT/memvp"
 train input-space "$OUT/input-space"
 mkdir -p "$OUT/images"
-find "$EASYVQA/test/images" -name '*.png' | sort | head -64 | xargs -I{} cp {} "$OUT/images/"
+find "$EASYVQA/test/images" -name '*.png' | sort | sed -n '1,64p' | xargs -I{} cp {} "$OUT/images/"
 
 PID=""
 serve() { # run max-batch

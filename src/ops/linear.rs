@@ -26,7 +26,40 @@ pub(crate) fn storage_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Resu
     }
 }
 
+/// Decoding's few rows (`m <= 4`, as `gemm_strided` routes to its dot-product loop): each
+/// output is the same `dot(x_i, w_j)` (+ bias) as there, but computed for all rows while `w_j`
+/// is in cache and spread over the threads by output chunks, so a batch of rows reads the
+/// weight once and one row uses every core. The results are bit-identical to the plain loop.
+fn linear_few_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 64;
+    let mut by_col = vec![T::zero(); n * m];
+    by_col.par_chunks_mut(m * CHUNK).enumerate().for_each(|(c, out)| {
+        for (jj, o) in out.chunks_mut(m).enumerate() {
+            let j = c * CHUNK + jj;
+            let col = &w[j * k..(j + 1) * k];
+            for (i, oi) in o.iter_mut().enumerate() {
+                let acc = super::dot(&x[i * k..(i + 1) * k], col);
+                *oi = match b {
+                    Some(b) => b[j] + acc,
+                    None => acc,
+                };
+            }
+        }
+    });
+    let mut dst = vec![T::zero(); m * n];
+    for j in 0..n {
+        for i in 0..m {
+            dst[i * n + j] = by_col[j * m + i];
+        }
+    }
+    dst
+}
+
 pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
+    if m > 0 && m <= 4 && m * n * k <= 1 << 20 && k > 0 && x.len() >= m * k && w.len() >= n * k {
+        return linear_few_rows(x, w, b, m, k, n);
+    }
     let mut dst = match b {
         Some(b) => {
             let mut d = Vec::with_capacity(m * n);
