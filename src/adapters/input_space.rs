@@ -85,7 +85,8 @@ impl Adapter for InputSpace {
         Ok(Installed { hooks: Box::new(LoraHooks { lora: &self.lora, train, rng }), prefix: Some(prefix) })
     }
     fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
-        Ok(RequestVisual { rows: vec![], prefix: Some(self.prefix(vision, pixels, 1)?) })
+        // Detached: the kept prefix must not hold the graph of the projector that made it.
+        Ok(RequestVisual { rows: vec![], prefix: Some(self.prefix(vision, pixels, 1)?.detach()) })
     }
     fn batch_hooks<'a>(&'a self, _rows: &[Tensor], rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>> {
         Ok(Box::new(LoraHooks { lora: &self.lora, train: false, rng }))

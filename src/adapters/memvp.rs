@@ -300,7 +300,9 @@ impl Adapter for Memvp {
         let rng = RefCell::new(Rng::new(0));
         let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];
         let m = self.memory(vision, pixels, &ind, false, &rng)?;
-        Ok(RequestVisual { rows: vec![m.k, m.v], prefix: None })
+        // Detached: a kept tensor must not hold the graph of the vision forward that made it
+        // (its inputs include trained variables, so candle records one).
+        Ok(RequestVisual { rows: vec![m.k.detach(), m.v.detach()], prefix: None })
     }
     fn batch_hooks<'a>(&'a self, rows: &[Tensor], rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>> {
         let [k, v] = rows else { bail!("MemVP rows are K and V; got {} tensors", rows.len()) };
