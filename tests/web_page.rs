@@ -58,10 +58,13 @@ impl Page {
         r["result"]["value"].clone()
     }
 
+    /// Polls `expr` until it gives something; errors (the page still loading) count as nothing.
     fn wait_for(&mut self, expr: &str, what: &str) -> Value {
         let start = Instant::now();
         loop {
-            let v = self.eval(expr);
+            let r =
+                self.call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true, "awaitPromise": true}));
+            let v = if r.get("exceptionDetails").is_some() { Value::Null } else { r["result"]["value"].clone() };
             if v != Value::Null && v != json!(false) && v != json!("") {
                 return v;
             }
