@@ -384,23 +384,12 @@ impl EncoderDecoder for Bart {
 }
 
 impl super::LanguageModel for Bart {
+    encdec::encdec_language_model!();
     fn family(&self) -> &'static str {
         "bart"
     }
-    fn device(&self) -> &Device {
-        EncoderDecoder::device(self)
-    }
-    fn dtype(&self) -> DType {
-        EncoderDecoder::dtype(self)
-    }
     fn width(&self) -> usize {
         self.hidden_size()
-    }
-    fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
-    }
-    fn stacks(&self) -> Vec<(Site, usize)> {
-        vec![(Site::Encoder, self.n_encoder_layers()), (Site::Decoder, self.n_decoder_layers())]
     }
     fn max_positions(&self) -> Option<usize> {
         Some(self.cfg.max_position_embeddings)
@@ -415,31 +404,5 @@ impl super::LanguageModel for Bart {
     fn proj_dims(&self, _site: Site, _proj: Proj) -> (usize, usize) {
         let d = self.hidden_size();
         (d, d)
-    }
-    fn decoder_start(&self) -> Option<u32> {
-        Some(self.special_tokens().decoder_start)
-    }
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        EncoderDecoder::embed(self, ids)
-    }
-    fn teacher_forcing(&self, tf: &TeacherForcing, hooks: &dyn LmHooks) -> Result<Hidden> {
-        encdec::teacher_forcing(self, tf, hooks)
-    }
-    fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        EncoderDecoder::logits(self, h)
-    }
-    fn prefill<'a>(
-        &'a self,
-        hooks: &'a dyn LmHooks,
-        prompts: &[Vec<u32>],
-        prefix: Option<(&Tensor, &[f32])>,
-    ) -> Result<(Box<dyn BeamStepper + 'a>, Tensor)> {
-        encdec::prefill(self, hooks, prompts, prefix)
-    }
-    fn as_encdec(&self) -> Option<&dyn EncoderDecoder> {
-        Some(self)
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }

@@ -280,3 +280,50 @@ impl BeamStepper for EncDecStepper<'_> {
         Ok(())
     }
 }
+
+/// The methods of [`super::LanguageModel`] that T5 and BART implement alike (their
+/// `EncoderDecoder` view and the shared teacher-forcing pass and stepper); each family's file
+/// adds its dimensions and activation.
+macro_rules! encdec_language_model {
+    () => {
+        fn device(&self) -> &Device {
+            EncoderDecoder::device(self)
+        }
+        fn dtype(&self) -> DType {
+            EncoderDecoder::dtype(self)
+        }
+        fn vocab_size(&self) -> usize {
+            self.cfg.vocab_size
+        }
+        fn stacks(&self) -> Vec<(Site, usize)> {
+            vec![(Site::Encoder, self.n_encoder_layers()), (Site::Decoder, self.n_decoder_layers())]
+        }
+        fn decoder_start(&self) -> Option<u32> {
+            Some(self.special_tokens().decoder_start)
+        }
+        fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+            EncoderDecoder::embed(self, ids)
+        }
+        fn teacher_forcing(&self, tf: &TeacherForcing, hooks: &dyn LmHooks) -> Result<Hidden> {
+            encdec::teacher_forcing(self, tf, hooks)
+        }
+        fn logits(&self, h: &Tensor) -> Result<Tensor> {
+            EncoderDecoder::logits(self, h)
+        }
+        fn prefill<'a>(
+            &'a self,
+            hooks: &'a dyn LmHooks,
+            prompts: &[Vec<u32>],
+            prefix: Option<(&Tensor, &[f32])>,
+        ) -> Result<(Box<dyn BeamStepper + 'a>, Tensor)> {
+            encdec::prefill(self, hooks, prompts, prefix)
+        }
+        fn as_encdec(&self) -> Option<&dyn EncoderDecoder> {
+            Some(self)
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    };
+}
+pub(crate) use encdec_language_model;
