@@ -4,12 +4,14 @@
 //! Layers, top to bottom (a module imports only from layers below it):
 //! `app` (commands) → `vlm` (base + adapter) → `train`, `generate`, `eval`, `data` →
 //! `adapters` (methods) → `models` (backbones) → `checkpoint`, `ops` (kernels) →
-//! `settings`, `rng`, `util` (leaves). `generate::stepper` is a leaf too: the models implement it.
+//! `settings`, `rng`, `util`, `dist` (leaves; `dist` moves bytes between the processes of an MPI
+//! job). `generate::stepper` is a leaf too: the models implement it.
 
 pub mod adapters;
 pub mod app;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod models;

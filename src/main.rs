@@ -61,8 +61,14 @@ enum Cmd {
 fn run() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Generate(a) => cli::generate(a),
-        Cmd::Train(a) => cli::train(*a),
-        Cmd::Eval(a) => cli::eval(a),
+        Cmd::Train(a) => {
+            memvp::dist::init()?;
+            cli::train(*a)
+        }
+        Cmd::Eval(a) => {
+            memvp::dist::init()?;
+            cli::eval(a)
+        }
         Cmd::Bench(a) => {
             let v = memvp::app::bench::run(&a)?;
             if a.json {
@@ -91,7 +97,14 @@ fn run() -> Result<()> {
 fn main() {
     // Run on a worker of the compute pool: parallel kernels called from a pool worker start
     // inline instead of handing every small job to another thread and sleeping until it ends.
-    let threads = candle_core::utils::get_num_threads();
+    let mut threads = candle_core::utils::get_num_threads();
+    // Ranks of an MPI job on one machine share its cores (unless the user set the count).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none()
+        && let Some(local) = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|v| v.parse::<usize>().ok())
+        && local > 1
+    {
+        threads = (threads / local).max(1);
+    }
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // candle asks for the thread count on every matmul and, without this variable, reads
         // /proc/cpuinfo each time. Set before any thread exists.
@@ -111,12 +124,22 @@ fn main() {
     }
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     let result = rayon::join(run, || ()).0;
+    let world = memvp::dist::world();
     if let Err(e) = result {
         if let Some(i) = e.downcast_ref::<memvp::train::Interrupted>() {
-            eprintln!("{i}");
+            // Every rank of a job stops at the same step (they agree on the signal).
+            if world.is_root() {
+                eprintln!("{i}");
+            }
+            memvp::dist::finish();
             std::process::exit(i.exit_code());
         }
-        eprintln!("error: {e:#}");
+        eprintln!("{}error: {e:#}", memvp::dist::who());
+        if world.size() > 1 {
+            // The other ranks may be waiting for this one in a collective: end them all now.
+            world.abort(1);
+        }
         std::process::exit(1);
     }
+    memvp::dist::finish();
 }

@@ -12,7 +12,7 @@ use crate::models::llama::{Llama, LlamaConfig, Positions};
 use crate::models::{LmHooks, LoadedLm, Site, load_lm, load_vision};
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
-use crate::train::{Batches, OptimSettings, Trainer};
+use crate::train::{Batches, OptimSettings, Shard, Trainer};
 use crate::vlm::{AdapterSettings, Base, Vlm};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
@@ -329,7 +329,7 @@ impl Batches<Batch> for Repeat {
     fn steps_per_epoch(&self) -> usize {
         usize::MAX / 2
     }
-    fn stream(&self, _epoch: usize, _start: usize) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
+    fn stream(&self, _epoch: usize, _start: usize, _shard: Shard) -> Box<dyn Iterator<Item = Result<Batch>> + '_> {
         Box::new(std::iter::repeat_with(|| Ok(self.0.clone())))
     }
 }

@@ -312,6 +312,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         (false, false) => super::run::Start::New,
     };
     let r = super::run::train_run(&cfg, &a.out, start)?;
+    if !crate::dist::world().is_root() {
+        return Ok(());
+    }
     if r.summary.already_complete {
         println!("nothing to do: {} is already complete ({} steps)", a.out.display(), r.summary.steps);
         return Ok(());
@@ -367,8 +370,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         samples.truncate(n);
     }
     let out = a.out.clone().unwrap_or_else(|| a.run.clone());
-    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create the output directory", out.display()))?;
-    let r = super::run::evaluate(&vlm, ds.as_ref(), samples, a.batch_size, opts.skip_bad_images, Some(&out))?;
+    let comm = crate::dist::world();
+    if comm.is_root() {
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("{}: cannot create the output directory", out.display()))?;
+    }
+    let r = super::run::evaluate_on(&vlm, ds.as_ref(), samples, a.batch_size, opts.skip_bad_images, Some(&out), comm)?;
+    // Only rank 0 reports.
+    let Some(r) = r else { return Ok(()) };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

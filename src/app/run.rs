@@ -8,7 +8,7 @@ use crate::generate::Sampling;
 use crate::models::{load_lm, load_vision};
 use crate::rng::Rng;
 use crate::train::rundir::{self, RunLock};
-use crate::train::{self, Batches, Summary, Task};
+use crate::train::{self, Batches, Shard, Summary, Task};
 use crate::vlm::{Base, Vlm};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor, Var};
@@ -133,8 +133,20 @@ impl Batches<crate::data::batch::Batch> for EpochBatches {
     fn steps_per_epoch(&self) -> usize {
         self.plan(0).len()
     }
-    fn stream(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<crate::data::batch::Batch>> + '_> {
-        let plan: Vec<Vec<usize>> = self.plan(epoch).into_iter().skip(start).collect();
+    fn stream(
+        &self,
+        epoch: usize,
+        start: usize,
+        shard: Shard,
+    ) -> Box<dyn Iterator<Item = Result<crate::data::batch::Batch>> + '_> {
+        let plan: Vec<Vec<usize>> = self
+            .plan(epoch)
+            .into_iter()
+            .enumerate()
+            .skip(start)
+            .filter(|(i, _)| shard.owns(*i))
+            .map(|(_, b)| b)
+            .collect();
         let mut pf = Prefetcher::new(self.builder.clone(), plan);
         Box::new(std::iter::from_fn(move || pf.next_batch()))
     }
@@ -179,6 +191,8 @@ pub struct TrainReport {
     pub train_samples: usize,
     pub skipped_images: usize,
     pub trainable_parameters: usize,
+    /// Processes (MPI ranks) that trained.
+    pub world_size: usize,
     pub summary: Summary,
 }
 
@@ -225,7 +239,105 @@ pub fn train_run(cfg: &RunSettings, out: &Path, start: Start) -> Result<TrainRep
     if cfg.data.source.is_empty() {
         bail!("--data KIND:PATH is needed")
     }
-    let _lock = RunLock::acquire(out)?;
+    // Data-parallel: every rank runs this; rank 0 alone owns the run directory.
+    let comm = crate::dist::world();
+    let root = comm.is_root();
+    let _lock = if root { Some(RunLock::acquire(out)?) } else { None };
+    if root {
+        check_run_dir(out, start)?;
+    }
+    let ds = data::open(&cfg.data.source, &cfg.data.prompt)?;
+    let mut cfg = cfg.clone();
+    if cfg.data.prompt.vqa_template.is_none() {
+        cfg.data.prompt.vqa_template = ds.default_template().map(str::to_string);
+    }
+    // What the run computes is fixed by the global batch: `accum_steps` micro-batches per rank
+    // times the ranks (so a run can resume on another number of ranks with the same product).
+    let user_cfg = cfg.clone();
+    cfg.optim.accum_steps = cfg.optim.accum_steps.max(1) * comm.size();
+    let cfg = &cfg;
+    let vlm = load_vlm(cfg)?;
+    let mut samples = ds.samples(&cfg.data.split)?;
+    if let Some(n) = cfg.data.max_train_samples {
+        samples.truncate(n);
+    }
+    let blind = !vlm.uses_images();
+    let pf = Preflight {
+        skip_bad: cfg.data.prompt.skip_bad_images,
+        max_len: vlm.max_text_len(),
+        truncate_answers: cfg.data.truncate_answers,
+        source: &cfg.data.source,
+    };
+    let prep = prepare_checked(&vlm, samples, &pf, cfg.data.image_cache_mb, blind)?;
+    let n = prep.builder.samples.len();
+    let batches =
+        EpochBatches { builder: prep.builder.clone(), batch_size: cfg.optim.batch_size, seed: cfg.optim.seed };
+    let identity = run_identity(cfg, &vlm)?;
+    if comm.size() > 1 {
+        let me = serde_json::json!({ "run": identity, "data_sha256": data_digest(&prep.builder) });
+        train::parallel::agree(comm, &me)?;
+    }
+    let title = format!("{} on {}", cfg.method.name, cfg.data.source);
+    let toml = user_cfg.to_toml()?;
+    let ranks = comm.size();
+    let opts = train::RunOptions {
+        resume: start == Start::Resume,
+        title: &title,
+        identity,
+        on_start: Some(Box::new(|| {
+            crate::util::write_atomic(&out.join("config.toml"), toml.as_bytes())?;
+            eprintln!(
+                "training {}{} on {} samples of {} ({} trainable parameters, lr {:.3e}{})",
+                cfg.method.name,
+                if cfg.method.image_blind { " (image-blind control)" } else { "" },
+                n,
+                cfg.data.source,
+                vlm.cfg.trainable_parameters,
+                cfg.optim.effective_lr(),
+                if ranks > 1 { format!(", {ranks} ranks") } else { String::new() }
+            );
+            Ok(())
+        })),
+    };
+    train::install_stop_handlers()?;
+    let summary = train::train_on(VlmTask { vlm: &vlm }, &batches, &cfg.train_settings(), out, opts, comm)?;
+    let report = TrainReport {
+        run: out.to_path_buf(),
+        method: cfg.method.name.clone(),
+        image_blind: cfg.method.image_blind,
+        train_samples: n,
+        skipped_images: prep.skipped_images,
+        trainable_parameters: vlm.cfg.trainable_parameters,
+        world_size: ranks,
+        summary,
+    };
+    if root && !report.summary.already_complete {
+        crate::util::write_json_atomic(&out.join("train_summary.json"), &report)?;
+    }
+    Ok(report)
+}
+
+/// A digest of the prepared samples (token ids and image paths, in order): ranks of one job
+/// must train on the same data.
+fn data_digest(b: &BatchBuilder) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for s in &b.samples {
+        for ids in [&s.prompt, &s.target] {
+            h.update((ids.len() as u64).to_le_bytes());
+            for id in ids.iter() {
+                h.update(id.to_le_bytes());
+            }
+        }
+        let img = s.image.as_ref().map(|p| p.to_string_lossy().to_string()).unwrap_or_default();
+        h.update((img.len() as u64).to_le_bytes());
+        h.update(img.as_bytes());
+    }
+    crate::checkpoint::hex(&h.finalize())
+}
+
+/// The run directory's state against how the run starts (new, resumed, overwritten).
+fn check_run_dir(out: &Path, start: Start) -> Result<()> {
     let stale = rundir::remove_stale_temporaries(out)?;
     if stale > 0 {
         eprintln!("removed {stale} temporary files of an interrupted writer from {}", out.display());
@@ -248,63 +360,7 @@ pub fn train_run(cfg: &RunSettings, out: &Path, start: Start) -> Result<TrainRep
             }
         }
     }
-    let ds = data::open(&cfg.data.source, &cfg.data.prompt)?;
-    let mut cfg = cfg.clone();
-    if cfg.data.prompt.vqa_template.is_none() {
-        cfg.data.prompt.vqa_template = ds.default_template().map(str::to_string);
-    }
-    let cfg = &cfg;
-    let vlm = load_vlm(cfg)?;
-    let mut samples = ds.samples(&cfg.data.split)?;
-    if let Some(n) = cfg.data.max_train_samples {
-        samples.truncate(n);
-    }
-    let blind = !vlm.uses_images();
-    let pf = Preflight {
-        skip_bad: cfg.data.prompt.skip_bad_images,
-        max_len: vlm.max_text_len(),
-        truncate_answers: cfg.data.truncate_answers,
-        source: &cfg.data.source,
-    };
-    let prep = prepare_checked(&vlm, samples, &pf, cfg.data.image_cache_mb, blind)?;
-    let n = prep.builder.samples.len();
-    let batches =
-        EpochBatches { builder: prep.builder.clone(), batch_size: cfg.optim.batch_size, seed: cfg.optim.seed };
-    let title = format!("{} on {}", cfg.method.name, cfg.data.source);
-    let toml = cfg.to_toml()?;
-    let opts = train::RunOptions {
-        resume: start == Start::Resume,
-        title: &title,
-        identity: run_identity(cfg, &vlm)?,
-        on_start: Some(Box::new(|| {
-            crate::util::write_atomic(&out.join("config.toml"), toml.as_bytes())?;
-            eprintln!(
-                "training {}{} on {} samples of {} ({} trainable parameters, lr {:.3e})",
-                cfg.method.name,
-                if cfg.method.image_blind { " (image-blind control)" } else { "" },
-                n,
-                cfg.data.source,
-                vlm.cfg.trainable_parameters,
-                cfg.optim.effective_lr()
-            );
-            Ok(())
-        })),
-    };
-    train::install_stop_handlers()?;
-    let summary = train::train_with(VlmTask { vlm: &vlm }, &batches, &cfg.train_settings(), out, opts)?;
-    let report = TrainReport {
-        run: out.to_path_buf(),
-        method: cfg.method.name.clone(),
-        image_blind: cfg.method.image_blind,
-        train_samples: n,
-        skipped_images: prep.skipped_images,
-        trainable_parameters: vlm.cfg.trainable_parameters,
-        summary,
-    };
-    if !report.summary.already_complete {
-        crate::util::write_json_atomic(&out.join("train_summary.json"), &report)?;
-    }
-    Ok(report)
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -314,6 +370,8 @@ pub struct EvalReport {
     pub skipped_images: usize,
     pub seconds: f64,
     pub samples_per_s: f64,
+    /// Processes (MPI ranks) that generated.
+    pub world_size: usize,
     #[serde(skip)]
     pub table: Vec<(String, f64, usize)>,
 }
@@ -327,8 +385,27 @@ pub fn evaluate(
     skip_bad: bool,
     out: Option<&Path>,
 ) -> Result<EvalReport> {
+    let r = evaluate_on(vlm, ds, samples, batch_size, skip_bad, out, &crate::dist::Single)?;
+    Ok(r.expect("one process is rank 0"))
+}
+
+/// [`evaluate`] sharded over the ranks of `comm`: rank r generates the batches k with
+/// k mod N = r (the same batches one process forms, so the same outputs), rank 0 gathers them
+/// in the original order, scores and writes; it alone returns the report.
+pub fn evaluate_on(
+    vlm: &Vlm,
+    ds: &dyn data::Dataset,
+    samples: Vec<Sample>,
+    batch_size: usize,
+    skip_bad: bool,
+    out: Option<&Path>,
+    comm: &dyn crate::dist::Comm,
+) -> Result<Option<EvalReport>> {
     let start = std::time::Instant::now();
-    if let Some(dir) = out {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    if let Some(dir) = out
+        && comm.is_root()
+    {
         // Fail before generating anything when the results cannot be written.
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create the output directory", dir.display()))?;
@@ -340,20 +417,38 @@ pub fn evaluate(
     if samples.is_empty() {
         bail!("nothing to evaluate")
     }
+    if ranks > 1 {
+        let mut ids = String::new();
+        for s in &samples {
+            ids.push_str(&format!("{}\u{1f}{}\u{1f}{:?}\u{1e}", s.id, s.prompt, s.image));
+        }
+        let me = serde_json::json!({
+            "adapter": serde_json::to_value(&vlm.cfg)?,
+            "batch_size": batch_size,
+            "samples": samples.len(),
+            "samples_sha256": crate::checkpoint::sha256_str(&ids),
+        });
+        crate::train::parallel::agree(comm, &me)?;
+    }
     let cache = ImageCache::new(vlm.preprocess(), 256 << 20);
     let tok = &vlm.lm().tok;
     let s = Sampling { max_new_tokens: ds.max_new_tokens(), ..Default::default() };
+    let chunks: Vec<&[Sample]> = samples.chunks(batch_size.max(1)).collect();
+    let mine: Vec<usize> = (0..chunks.len()).filter(|k| k % ranks == rank).collect();
     let pb = crate::train::logger::progress_bar(
-        samples.len() as u64,
+        mine.iter().map(|&k| chunks[k].len() as u64).sum(),
         "eval {bar:30.green/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {per_sec}",
     );
-    let mut outputs = Vec::with_capacity(samples.len());
+    if !comm.is_root() {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut outputs: Vec<String> = Vec::with_capacity(samples.len());
     let size = vlm.preprocess().size;
     // Leave room for the generated tokens within the LM's positions.
     let room = vlm.max_text_len().saturating_sub(s.max_new_tokens).max(2);
     let use_img = vlm.uses_images();
     let dev = crate::util::device();
-    for chunk in samples.chunks(batch_size.max(1)) {
+    for chunk in mine.iter().map(|&k| chunks[k]) {
         let prompts: Vec<Vec<u32>> = chunk
             .iter()
             .map(|smp| {
@@ -374,6 +469,24 @@ pub fn evaluate(
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
+    if ranks > 1 {
+        // Rank 0 puts every rank's batches back in their places.
+        let Some(all) = comm.gather(&serde_json::to_vec(&outputs)?)? else {
+            return Ok(None);
+        };
+        let mut by_chunk: Vec<Option<&[String]>> = vec![None; chunks.len()];
+        let parts: Vec<Vec<String>> = all.iter().map(|m| serde_json::from_slice(m)).collect::<Result<_, _>>()?;
+        for (r, outs) in parts.iter().enumerate() {
+            let mut at = 0;
+            for k in (0..chunks.len()).filter(|k| k % ranks == r) {
+                let n = chunks[k].len();
+                let got = outs.get(at..at + n).context("a rank sent fewer answers than it had questions")?;
+                by_chunk[k] = Some(got);
+                at += n;
+            }
+        }
+        outputs = by_chunk.into_iter().flat_map(|c| c.expect("every batch has a rank").iter().cloned()).collect();
+    }
     let mut scored = ds.score(&samples, &outputs)?;
     if skip_bad && let Some(m) = scored.metrics.as_object_mut() {
         m.insert("skipped_images".into(), serde_json::json!(skipped));
@@ -383,14 +496,15 @@ pub fn evaluate(
         crate::util::write_json_atomic(&dir.join("preds.json"), &scored.preds)?;
         crate::util::write_json_atomic(&dir.join("eval.json"), &scored.metrics)?;
     }
-    Ok(EvalReport {
+    Ok(Some(EvalReport {
         metrics: scored.metrics,
         n: samples.len(),
         skipped_images: skipped,
         seconds: secs,
         samples_per_s: samples.len() as f64 / secs.max(1e-9),
+        world_size: ranks,
         table: scored.table,
-    })
+    }))
 }
 
 pub fn print_table(title: &str, table: &[(String, f64, usize)]) {

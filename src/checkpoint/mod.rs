@@ -8,7 +8,7 @@ mod tokenizer;
 
 pub use config::Cfg;
 pub use gguf::GgufFile;
-pub use store::{Weights, save_safetensors_atomic};
+pub use store::{Weights, safetensors_bytes, save_safetensors_atomic};
 pub use tokenizer::{Tok, tokenizer_from_gguf};
 
 use anyhow::{Context, Result, bail};

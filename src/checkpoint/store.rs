@@ -230,6 +230,11 @@ pub fn save_safetensors_atomic(
     metadata: Option<HashMap<String, String>>,
     path: &Path,
 ) -> Result<()> {
+    crate::util::write_atomic(path, &safetensors_bytes(tensors, metadata)?)
+}
+
+/// The bytes of a safetensors file holding `tensors` (header keys sorted).
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let mut owned = Vec::new();
     for (n, t) in tensors {
         let t = t.to_device(&Device::Cpu)?.contiguous()?;
@@ -261,7 +266,7 @@ pub fn save_safetensors_atomic(
         .collect::<std::result::Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let bytes = safetensors::serialize(views, metadata).map_err(|e| anyhow::anyhow!("{e}"))?;
-    crate::util::write_atomic(path, &canonical_header(bytes)?)
+    canonical_header(bytes)
 }
 
 /// Objects rebuilt with their keys inserted in sorted order (whatever map serde_json uses).

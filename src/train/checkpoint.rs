@@ -4,7 +4,6 @@
 //! only complete checkpoints.
 
 use super::{OptimSettings, Task, Trainer};
-use crate::rng::Rng;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
@@ -15,7 +14,6 @@ pub(crate) struct State {
     pub opt_step: u64,
     pub epoch: usize,
     pub next_batch: usize,
-    pub rng: Rng,
     pub skipped_steps: u64,
     pub skipped_samples: u64,
     pub optimizer_t: u64,
@@ -38,7 +36,6 @@ impl State {
             opt_step: 0,
             epoch: 0,
             next_batch: 0,
-            rng: Rng::derive(s.seed, "dropout"),
             skipped_steps: 0,
             skipped_samples: 0,
             optimizer_t: 0,
@@ -138,6 +135,17 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTre
 
 /// `key: checkpoint X, now Y` for every key whose value differs.
 pub fn differences(saved: &serde_json::Value, now: &serde_json::Value, prefix: &str) -> Vec<String> {
+    differences_as(saved, now, prefix, ("checkpoint", "now"))
+}
+
+/// `key: A X, B Y` for every key whose value differs, `labels` naming the two sides.
+pub fn differences_as(
+    saved: &serde_json::Value,
+    now: &serde_json::Value,
+    prefix: &str,
+    labels: (&str, &str),
+) -> Vec<String> {
+    let (la, lb) = labels;
     let (mut a, mut b) = (Default::default(), Default::default());
     flatten(prefix, saved, &mut a);
     flatten(prefix, now, &mut b);
@@ -145,7 +153,7 @@ pub fn differences(saved: &serde_json::Value, now: &serde_json::Value, prefix: &
     let show = |v: Option<&serde_json::Value>| v.map_or("(absent)".to_string(), |v| v.to_string());
     keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("{k}: checkpoint {}, now {}", show(a.get(k)), show(b.get(k))))
+        .map(|k| format!("{k}: {la} {}, {lb} {}", show(a.get(k)), show(b.get(k))))
         .collect()
 }
 

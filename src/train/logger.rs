@@ -14,6 +14,7 @@ pub struct Logger {
     total: u64,
     first: u64,
     log_every: u64,
+    world_size: usize,
     pb: indicatif::ProgressBar,
     tty: bool,
     start: Instant,
@@ -31,7 +32,8 @@ pub fn progress_bar(total: u64, template: &str) -> indicatif::ProgressBar {
 
 impl Logger {
     /// `first`: the step the run starts from (a resumed run's checkpoint).
-    pub fn new(run: &Path, title: &str, total: u64, first: u64, log_every: u64) -> Self {
+    /// `world_size`: the ranks that compute each step (kept in every record).
+    pub fn new(run: &Path, title: &str, total: u64, first: u64, log_every: u64, world_size: usize) -> Self {
         let pb = progress_bar(total, "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}");
         pb.set_position(first);
         Logger {
@@ -40,6 +42,7 @@ impl Logger {
             total,
             first,
             log_every,
+            world_size,
             pb,
             tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             start: Instant::now(),
@@ -63,6 +66,8 @@ impl Logger {
             samples_per_s: sps,
             skipped_steps,
             skipped_samples,
+            world_size: self.world_size,
+            sync_s: rec.sync_seconds,
         };
         metrics::append(&self.run.join("metrics.jsonl"), &r)?;
         let (loss, lr, norm) = (rec.loss, rec.lr, rec.grad_norm);

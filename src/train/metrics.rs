@@ -26,6 +26,16 @@ pub struct Record {
     pub skipped_steps: u64,
     /// Samples skipped so far because their image could not be read.
     pub skipped_samples: u64,
+    /// Processes (MPI ranks) that computed the step; files of earlier versions lack it.
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Seconds of the step spent combining gradients across ranks (0 for one process).
+    #[serde(default)]
+    pub sync_s: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn append(path: &Path, r: &Record) -> Result<()> {

@@ -11,14 +11,17 @@ pub mod checkpoint;
 pub mod logger;
 pub mod metrics;
 pub mod optim;
+pub mod parallel;
 pub mod rundir;
 pub mod schedule;
 
+use crate::dist::Comm;
 use crate::rng::Rng;
 use anyhow::{Result, bail};
 use candle_core::{DType, Tensor, Var};
 use checkpoint::State;
 use optim::{AdamW, AdamWConfig};
+pub use parallel::Shard;
 use schedule::Schedule;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -42,8 +45,9 @@ pub trait Task {
 pub trait Batches<B> {
     /// Micro-batches per epoch.
     fn steps_per_epoch(&self) -> usize;
-    /// The batches of `epoch` from micro-batch `start` on, in a fixed order given the seed.
-    fn stream(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<B>> + '_>;
+    /// The batches of `epoch` from micro-batch `start` on that `shard` owns, in a fixed order
+    /// given the seed.
+    fn stream(&self, epoch: usize, start: usize, shard: Shard) -> Box<dyn Iterator<Item = Result<B>> + '_>;
 }
 
 /// What the optimisation computes: a resumed run must not change these (except `max_steps`).
@@ -235,6 +239,11 @@ pub struct StepRecord {
     pub seconds: f64,
     /// The step ended an epoch.
     pub epoch_end: bool,
+    /// A stop signal that a rank of the job received (all ranks see the same).
+    pub stop: Option<i32>,
+    /// Of `seconds`, the time spent combining gradients across ranks (waiting for the slowest
+    /// rank included); 0 for one process.
+    pub sync_seconds: f64,
 }
 
 fn grad_norm(grads: &[Tensor]) -> Result<f64> {
@@ -261,6 +270,9 @@ pub struct Trainer<'a, T: Task> {
     total: u64,
     /// The open stream of the current epoch and the epoch it belongs to.
     stream: Option<(usize, Stream<'a, T::Batch>)>,
+    /// The job's processes and which micro-batches are this one's.
+    comm: &'a dyn Comm,
+    shard: Shard,
 }
 
 impl<'a, T: Task> Trainer<'a, T> {
@@ -288,7 +300,24 @@ impl<'a, T: Task> Trainer<'a, T> {
             AdamWConfig { beta1: s.beta1, beta2: s.beta2, eps: s.eps, weight_decay: s.weight_decay },
         )?;
         let st = State::fresh(s);
-        Ok(Self { task, data, s: s.clone(), sched, vars, opt, st, spe, total, stream: None })
+        let comm: &'a dyn Comm = &crate::dist::Single;
+        Ok(Self { task, data, s: s.clone(), sched, vars, opt, st, spe, total, stream: None, comm, shard: Shard::ALL })
+    }
+
+    /// Spreads each step's micro-batches over the ranks of `comm` (`accum_steps` counts them
+    /// over all ranks and must be a multiple of the rank count).
+    pub fn distributed(mut self, comm: &'a dyn Comm) -> Result<Self> {
+        let (ranks, accum) = (comm.size(), self.s.accum_steps.max(1));
+        if !accum.is_multiple_of(ranks) {
+            bail!("{accum} micro-batches per step cannot be split evenly over {ranks} ranks")
+        }
+        self.comm = comm;
+        self.shard = Shard { rank: comm.rank(), ranks, accum };
+        Ok(self)
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.size()
     }
 
     /// Optimizer steps of the whole run.
@@ -309,8 +338,8 @@ impl<'a, T: Task> Trainer<'a, T> {
         self.st.opt_step >= self.total || self.st.epoch >= self.s.epochs
     }
 
-    /// One optimizer step over `accum_steps` micro-batches (fewer at the end of an epoch);
-    /// `None` when the run is complete.
+    /// One optimizer step over `accum_steps` micro-batches (fewer at the end of an epoch),
+    /// spread over the job's ranks; `None` when the run is complete.
     pub fn step(&mut self) -> Result<Option<StepRecord>> {
         let accum = self.s.accum_steps.max(1);
         loop {
@@ -320,14 +349,15 @@ impl<'a, T: Task> Trainer<'a, T> {
             let epoch = self.st.epoch;
             if self.stream.as_ref().is_none_or(|(e, _)| *e != epoch) {
                 let data: &'a dyn Batches<T::Batch> = self.data;
-                self.stream = Some((epoch, data.stream(epoch, self.st.next_batch)));
+                self.stream = Some((epoch, data.stream(epoch, self.st.next_batch, self.shard)));
             }
             let start = Instant::now();
-            let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
-            let (mut acc_loss, mut acc_n, mut acc_samples) = (0f64, 0usize, 0usize);
-            let mut i = self.st.next_batch;
+            let first = self.st.next_batch;
+            let end = (first + accum).min(self.spe);
+            let mut parts = Vec::new();
             let mut ended = false;
-            while i < self.spe {
+            let shard = self.shard;
+            for i in (first..end).filter(|&i| shard.owns(i)) {
                 let stream = &mut self.stream.as_mut().expect("opened above").1;
                 let Some(batch) = stream.next() else {
                     ended = true;
@@ -335,27 +365,20 @@ impl<'a, T: Task> Trainer<'a, T> {
                 };
                 let batch = batch?;
                 let (n, skipped) = self.task.batch_size(&batch);
-                self.st.skipped_samples += skipped as u64;
-                let loss = self.task.loss(&batch, &mut self.st.rng)?;
+                // Dropout draws from a stream of its own per micro-batch, so the numbers do not
+                // depend on which rank computes it or on where a run was resumed.
+                let mut rng = Rng::derive(self.s.seed, &format!("dropout-{epoch}-{i}"));
+                let loss = self.task.loss(&batch, &mut rng)?;
                 let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
                 let grads = (loss / accum as f64)?.backward()?;
-                for (a, v) in acc.iter_mut().zip(&self.vars) {
-                    if let Some(g) = grads.get(v.as_tensor()) {
-                        *a = Some(match a.take() {
-                            Some(prev) => (prev + g)?,
-                            None => g.clone(),
-                        });
-                    }
-                }
-                acc_loss += lv;
-                acc_n += 1;
-                acc_samples += n;
-                i += 1;
-                if acc_n >= accum || i >= self.spe {
-                    break;
-                }
+                let grads = self.vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
+                parts.push(parallel::Part { index: i, loss: lv, samples: n, skipped, grads });
             }
-            if ended || acc_n == 0 {
+            let t_sync = Instant::now();
+            let c = parallel::combine(self.comm, &self.vars, parts, ended, stop_signal())?;
+            let sync_seconds = if self.comm.size() > 1 { t_sync.elapsed().as_secs_f64() } else { 0.0 };
+            self.st.skipped_samples += c.skipped as u64;
+            if c.ended || c.count == 0 {
                 // The stream ended early (fewer batches than planned): the epoch is over, and
                 // a partial accumulation is dropped.
                 self.st.epoch += 1;
@@ -364,14 +387,15 @@ impl<'a, T: Task> Trainer<'a, T> {
                 continue;
             }
             // One optimizer step.
-            let frac_epoch = epoch as f64 + (i - acc_n) as f64 / self.spe as f64;
+            let frac_epoch = epoch as f64 + first as f64 / self.spe as f64;
             let lr = self.sched.at(frac_epoch);
-            let mut g: Vec<Tensor> = acc
-                .iter_mut()
+            let mut g: Vec<Tensor> = c
+                .grads
+                .into_iter()
                 .zip(&self.vars)
-                .map(|(a, v)| a.take().map(Ok).unwrap_or_else(|| v.zeros_like()))
+                .map(|(a, v)| a.map(Ok).unwrap_or_else(|| v.zeros_like()))
                 .collect::<candle_core::Result<_>>()?;
-            let loss_mean = acc_loss / acc_n as f64;
+            let loss_mean = c.loss_sum / c.count as f64;
             let norm = grad_norm(&g)?;
             if !loss_mean.is_finite() || !norm.is_finite() {
                 self.st.skipped_steps += 1;
@@ -382,8 +406,8 @@ impl<'a, T: Task> Trainer<'a, T> {
                     )
                 }
             } else {
-                if let Some(c) = self.s.clip_grad {
-                    let coef = c / (norm + 1e-6);
+                if let Some(cl) = self.s.clip_grad {
+                    let coef = cl / (norm + 1e-6);
                     if coef < 1.0 {
                         g = g.into_iter().map(|t| t * coef).collect::<candle_core::Result<_>>()?;
                     }
@@ -391,17 +415,19 @@ impl<'a, T: Task> Trainer<'a, T> {
                 self.opt.step(&g, lr)?;
             }
             self.st.opt_step += 1;
-            self.st.next_batch = i;
+            self.st.next_batch = end;
             self.st.optimizer_t = self.opt.t;
             let rec = StepRecord {
                 step: self.st.opt_step,
-                epoch: epoch as f64 + i as f64 / self.spe as f64,
+                epoch: epoch as f64 + end as f64 / self.spe as f64,
                 loss: loss_mean,
                 lr,
                 grad_norm: norm,
-                samples: acc_samples,
+                samples: c.samples,
                 seconds: start.elapsed().as_secs_f64(),
-                epoch_end: i >= self.spe,
+                epoch_end: end >= self.spe,
+                stop: c.stop,
+                sync_seconds,
             };
             if rec.epoch_end {
                 self.st.epoch += 1;
@@ -430,6 +456,9 @@ pub fn train<T: Task>(
 /// checkpoints every `save_every` steps and at the end, the loss plot every epoch. A stop
 /// signal ([`install_stop_handlers`]) ends it after the current step with a checkpoint and an
 /// [`Interrupted`] error.
+///
+/// With a `comm` of several ranks every rank calls this; rank 0 alone reads and writes the run
+/// directory and sends its starting state to the others.
 pub fn train_with<T: Task>(
     task: T,
     data: &dyn Batches<T::Batch>,
@@ -437,16 +466,46 @@ pub fn train_with<T: Task>(
     run: &Path,
     opts: RunOptions,
 ) -> Result<Summary> {
-    std::fs::create_dir_all(run).map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", run.display()))?;
-    let mut tr = Trainer::new(task, data, &s.optim)?;
+    train_on(task, data, s, run, opts, &crate::dist::Single)
+}
+
+/// [`train_with`] on the ranks of `comm`.
+pub fn train_on<T: Task>(
+    task: T,
+    data: &dyn Batches<T::Batch>,
+    s: &TrainSettings,
+    run: &Path,
+    opts: RunOptions,
+    comm: &dyn Comm,
+) -> Result<Summary> {
+    let root = comm.is_root();
+    if root {
+        std::fs::create_dir_all(run)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", run.display()))?;
+    }
+    let mut tr = Trainer::new(task, data, &s.optim)?.distributed(comm)?;
     tr.st.identity = opts.identity.clone();
     let metrics_path = run.join("metrics.jsonl");
     let mut resumed_from = None;
-    if opts.resume {
-        let step = checkpoint::resume(&mut tr, run, &opts.identity)?;
-        resumed_from = Some(step);
+    if opts.resume && root {
+        resumed_from = Some(checkpoint::resume(&mut tr, run, &opts.identity)?);
+    }
+    if comm.size() > 1 {
+        let params = tr.task.params();
+        let st = parallel::broadcast_state(comm, &params, &mut tr.opt, &serde_json::to_value(&tr.st)?)?;
+        if !root {
+            tr.st = serde_json::from_value(st)?;
+            tr.stream = None;
+            if opts.resume {
+                resumed_from = Some(tr.st.opt_step);
+            }
+        }
+    }
+    if let Some(step) = resumed_from {
         if tr.is_done() {
-            eprintln!("the run in {} is already complete (step {step}); nothing to do", run.display());
+            if root {
+                eprintln!("the run in {} is already complete (step {step}); nothing to do", run.display());
+            }
             let (skipped_steps, skipped_samples) = tr.skipped();
             return Ok(Summary {
                 steps: step,
@@ -460,45 +519,65 @@ pub fn train_with<T: Task>(
                 already_complete: true,
             });
         }
-        metrics::truncate(&metrics_path, step)?;
-    } else if metrics_path.exists() {
+        if root {
+            metrics::truncate(&metrics_path, step)?;
+        }
+    } else if root && metrics_path.exists() {
         std::fs::remove_file(&metrics_path)?;
     }
-    if let Some(f) = opts.on_start {
+    if root && let Some(f) = opts.on_start {
         f()?;
     }
-    let mut log = logger::Logger::new(run, opts.title, tr.total_steps(), tr.steps_done(), s.log.log_every);
+    let mut log = root
+        .then(|| logger::Logger::new(run, opts.title, tr.total_steps(), tr.steps_done(), s.log.log_every, comm.size()));
     let (mut samples_total, mut last_loss) = (0u64, f64::NAN);
     let mut saved_at = None;
+    let started = Instant::now();
     while let Some(rec) = tr.step()? {
         samples_total += rec.samples as u64;
         last_loss = rec.loss;
         let (skipped_steps, skipped_samples) = tr.skipped();
-        log.step(&rec, skipped_steps, skipped_samples)?;
+        if let Some(log) = &mut log {
+            log.step(&rec, skipped_steps, skipped_samples)?;
+        }
         let end = tr.steps_done() >= tr.total_steps();
         if s.log.save_every.is_some_and(|k| k > 0 && rec.step.is_multiple_of(k)) || end {
-            checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
-            saved_at = Some(rec.step);
-        }
-        if rec.epoch_end || end {
-            log.plot()?;
-        }
-        if let Some(signal) = stop_signal()
-            && !end
-        {
-            if saved_at != Some(rec.step) {
+            if root {
                 checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
             }
+            saved_at = Some(rec.step);
+        }
+        if let Some(log) = &log
+            && (rec.epoch_end || end)
+        {
             log.plot()?;
-            log.finish();
+        }
+        // One process also notices a signal that came during the checkpoint; ranks of a job
+        // act on the signal they agreed on in the step.
+        let signal = if comm.size() == 1 { rec.stop.or_else(stop_signal) } else { rec.stop };
+        if let Some(signal) = signal
+            && !end
+        {
+            if root && saved_at != Some(rec.step) {
+                checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
+            }
+            if let Some(log) = log {
+                log.plot()?;
+                log.finish();
+            }
             return Err(Interrupted { signal, step: rec.step, run: run.to_path_buf() }.into());
         }
     }
-    if saved_at != Some(tr.steps_done()) {
+    if root && saved_at != Some(tr.steps_done()) {
         checkpoint::write(&tr, run, s.log.keep_checkpoints)?;
     }
-    log.plot()?;
-    let secs = log.finish();
+    let secs = match log {
+        Some(log) => {
+            log.plot()?;
+            log.finish()
+        }
+        None => started.elapsed().as_secs_f64(),
+    };
     let (skipped_steps, skipped_samples) = tr.skipped();
     Ok(Summary {
         steps: tr.steps_done(),
