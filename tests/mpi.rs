@@ -339,3 +339,32 @@ fn eval_over_ranks_writes_what_one_process_writes() {
         assert_eq!(String::from_utf8_lossy(&o.stdout).matches("wrote ").count(), 1, "{}", text(&o));
     }
 }
+
+#[test]
+fn a_signal_to_mpirun_stops_every_rank_at_one_step_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shapes(dir.path(), 20);
+    let out = dir.path().join("stopped");
+    let mut args = train_args(&data, &out, 1, &[]);
+    *args.iter_mut().skip_while(|a| *a != "--epochs").nth(1).unwrap() = "5000".into();
+    let mut child = mpirun_cmd(2).arg(bin()).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t0 = Instant::now();
+    let lines = || std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+    while lines() < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+        assert!(child.try_wait().unwrap().is_none(), "the job ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let o = child.wait_with_output().unwrap();
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    let last = losses(&out).last().unwrap().0;
+    assert_eq!(memvp_steps(&out), last, "the checkpoint is of the last logged step:\n{t}");
+    assert!(t.contains("stopped by SIG"), "{t}");
+    // It continues.
+    let mut a = args.clone();
+    a.extend(["--resume", "--max-steps", &(last + 2).to_string()].map(String::from));
+    ok(run(2, &a));
+    assert_eq!(memvp_steps(&out), last + 2);
+}

@@ -67,6 +67,7 @@ impl Logger {
             skipped_steps,
             skipped_samples,
             world_size: self.world_size,
+            step_s: rec.seconds,
             sync_s: rec.sync_seconds,
         };
         metrics::append(&self.run.join("metrics.jsonl"), &r)?;

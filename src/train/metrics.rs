@@ -29,6 +29,9 @@ pub struct Record {
     /// Processes (MPI ranks) that computed the step; files of earlier versions lack it.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// Seconds the step took.
+    #[serde(default)]
+    pub step_s: f64,
     /// Seconds of the step spent combining gradients across ranks (0 for one process).
     #[serde(default)]
     pub sync_s: f64,
