@@ -29,6 +29,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -1122,6 +1123,95 @@ def make_bart(tok):
     assert torch.equal(again, ref["logits"])
 
 
+def make_untied(name, family, tok):
+    """A checkpoint with `tie_word_embeddings: false` whose per-stack token tables
+    (`encoder.embed_tokens`, `decoder.embed_tokens`) differ from `shared`, as current
+    transformers saves such models; transformers then embeds with the per-stack tables."""
+    out = fresh_dir(name)
+    if family == "bart":
+        cfg = BartConfig(
+            vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+            scale_embedding=True, activation_function="gelu", tie_word_embeddings=False, pad_token_id=1,
+            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=None,
+            forced_eos_token_id=None, attn_implementation="eager",
+        )
+        cls, start, prompt, prefix = BartForConditionalGeneration, 2, BART_PROMPT, "model."
+        special = dict(decoder_start_token_id=2, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+        overrides = [(r"_attn\.", 0.5), (r"fc[12]", 0.05), (r"shared|embed_tokens", 0.2), (r"embed_positions", 0.5)]
+    else:
+        cfg = T5Config(
+            vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="relu",
+            tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            attn_implementation="eager",
+        )
+        cls, start, prompt, prefix = T5ForConditionalGeneration, 0, T5_PROMPT, ""
+        special = dict(decoder_start_token_id=0, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+        overrides = [(r"^shared|embed_tokens", 0.5), (r"relative_attention_bias", 2.0), (r"^lm_head", 0.15)]
+    torch.manual_seed(1200)
+    model = cls(cfg).to(torch.float32).eval()
+    reinit(model, 1201, std=0.3, overrides=overrides)
+    base = model.model if family == "bart" else model
+    # Untie: each stack and the head get tables of their own, all different.
+    with torch.no_grad():
+        for i, stack in enumerate([base.encoder, base.decoder]):
+            if stack.embed_tokens.weight.data_ptr() == base.shared.weight.data_ptr():
+                stack.embed_tokens = torch.nn.Embedding(128, 64, padding_idx=stack.embed_tokens.padding_idx)
+            g = torch.Generator().manual_seed(1210 + i)
+            # The scales of the tied fixtures' tables (BART's are multiplied by sqrt(d) = 8).
+            stack.embed_tokens.weight.copy_((0.2 if family == "bart" else 0.5) * torch.randn(128, 64, generator=g))
+        if model.lm_head.weight.data_ptr() == base.shared.weight.data_ptr():
+            model.lm_head.weight = torch.nn.Parameter(torch.empty(128, 64))
+        g = torch.Generator().manual_seed(1220)
+        model.lm_head.weight.copy_(0.15 * torch.randn(128, 64, generator=g))
+        model.all_tied_weights_keys.clear()
+    tok.save(str(out / "tokenizer.json"))
+    gen_kwargs = dict(
+        do_sample=False, max_new_tokens=16, min_length=0, no_repeat_ngram_size=0, repetition_penalty=1.0,
+        length_penalty=1.0, forced_bos_token_id=None, forced_eos_token_id=None, **special,
+    )
+    beam_kwargs = dict(num_beams=3, length_penalty=0.7, early_stopping=False)
+    gen = seq2seq_generation(model, tok, prompt, gen_kwargs, beam_kwargs, start)
+    model.generation_config = GenerationConfig(**gen_kwargs)
+    model.save_pretrained(out)
+    conf = read_json(out / "config.json")
+    conf["tie_word_embeddings"] = False
+    conf.pop("scale_decoder_outputs", None)
+    write_json(out / "config.json", conf)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        enc, dec, shared = (f.get_tensor(f"{prefix}{k}") for k in
+                            ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "shared.weight"])
+    assert not torch.equal(enc, shared) and not torch.equal(dec, shared) and not torch.equal(enc, dec), keys
+    if family == "bart":
+        torch.manual_seed(903)
+        input_ids = torch.randint(4, 128, (2, 11))
+        input_ids[:, 0] = 0
+        input_ids[0, 10] = 2
+        input_ids[1, 7] = 2
+        input_ids[1, 8:] = 1
+        attention_mask = torch.ones(2, 11, dtype=torch.int64)
+        attention_mask[1, 8:] = 0
+        decoder_input_ids = torch.randint(4, 128, (2, 7))
+        decoder_input_ids[:, 0] = 2
+        decoder_input_ids[:, 1] = 0
+        ref = seq2seq_reference(model, input_ids, attention_mask, decoder_input_ids)
+    else:
+        ref = seq2seq_reference(model, *t5_inputs(1202))
+    save_reference(out / "reference.safetensors", ref)
+    write_json_compact(out / "generation.json", gen)
+    # transformers reads the file back with the per-stack tables (the behaviour memvp matches).
+    reloaded = cls.from_pretrained(out, attn_implementation="eager", dtype=torch.float32).eval()
+    rb = reloaded.model if family == "bart" else reloaded
+    assert torch.equal(rb.encoder.embed_tokens.weight, enc) and torch.equal(rb.decoder.embed_tokens.weight, dec)
+    with torch.no_grad():
+        again = reloaded(
+            input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], decoder_input_ids=ref["decoder_input_ids"]
+        ).logits
+    assert torch.equal(again, ref["logits"])
+
+
 # --------------------------------------------------------------------------------------------
 # MemVP reference
 # --------------------------------------------------------------------------------------------
@@ -1305,6 +1395,15 @@ def write_readme(facts):
 
 def main():
     FIX.mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) > 2 and sys.argv[1] == "--only":
+        # Regenerate some fixtures only (e.g. `--only bart_untied t5_untied`).
+        for name in sys.argv[2:]:
+            if name in ("bart_untied", "t5_untied"):
+                tok = bart_tokenizer() if name.startswith("bart") else t5_tokenizer()
+                make_untied(name, name.split("_")[0], tok)
+            else:
+                raise SystemExit(f"--only knows bart_untied and t5_untied, not {name}")
+        return
     llama_tok = llama_tokenizer()
     facts = {}
     facts["llama_vocab"] = llama_tok.get_vocab_size()

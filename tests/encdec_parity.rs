@@ -178,6 +178,19 @@ fn bart_matches_transformers() {
     check_parity("bart");
 }
 
+/// `tie_word_embeddings: false` files whose `encoder.embed_tokens` / `decoder.embed_tokens`
+/// differ from `shared`: transformers embeds each stack with its own table, and so must memvp
+/// (reading `shared` for both gave other logits and other greedy output from the first token).
+#[test]
+fn bart_with_untied_per_stack_tables_matches_transformers() {
+    check_parity("bart_untied");
+}
+
+#[test]
+fn t5_with_untied_per_stack_tables_matches_transformers() {
+    check_parity("t5_untied");
+}
+
 #[test]
 fn configs_read_as_transformers_reads_them() {
     let cfg = |dir: &str| Cfg::load(&fixtures().join(dir).join("config.json")).unwrap();

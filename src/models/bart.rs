@@ -150,8 +150,12 @@ struct Stack {
 }
 
 pub struct Bart {
-    /// `[vocab, d_model]`, unscaled, shared by both stacks.
+    /// `[vocab, d_model]`, unscaled: the encoder's token table (`model.shared`, or
+    /// `model.encoder.embed_tokens` when the file keeps untied per-stack tables).
     pub shared: Tensor,
+    /// The decoder's token table: `shared` unless the file keeps an untied
+    /// `model.decoder.embed_tokens` (what `transformers` then uses).
+    decoder_embed_tokens: Tensor,
     embed_scale: f64,
     encoder: Stack,
     decoder: Stack,
@@ -273,6 +277,12 @@ impl Bart {
         } else {
             m.get((v, d), "encoder.embed_tokens.weight")?
         };
+        // With `tie_word_embeddings: false` each stack reads its own table when the file has one.
+        let own = |stack: &str| -> Result<Tensor> {
+            let name = format!("{stack}.embed_tokens.weight");
+            Ok(if !cfg.tie_word_embeddings && m.contains(&name) { m.get((v, d), &name)? } else { shared.clone() })
+        };
+        let (shared, decoder_embed_tokens) = (own("encoder")?, own("decoder")?);
         let encoder = Stack::load(&m.pp("encoder"), &cfg, false)?;
         let decoder = Stack::load(&m.pp("decoder"), &cfg, true)?;
         let lm_head = match w.get_opt((v, d), "lm_head.weight")? {
@@ -282,7 +292,7 @@ impl Bart {
         };
         let final_logits_bias = w.get_opt((1, v), "final_logits_bias")?.map(|b| b.reshape(v)).transpose()?;
         let embed_scale = if cfg.scale_embedding { (d as f64).sqrt() } else { 1.0 };
-        Ok(Self { shared, embed_scale, encoder, decoder, lm_head, final_logits_bias, cfg })
+        Ok(Self { shared, decoder_embed_tokens, embed_scale, encoder, decoder, lm_head, final_logits_bias, cfg })
     }
 
     pub fn n_encoder_layers(&self) -> usize {
@@ -329,12 +339,21 @@ impl Bart {
     }
 }
 
+impl Bart {
+    fn embed_with(&self, table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let e = table.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
+        Ok(if self.embed_scale == 1.0 { e } else { (e * self.embed_scale)? })
+    }
+}
+
 impl EncoderDecoder for Bart {
     /// Scaled token embeddings `[b, t, d]` of ids `[b, t]` (`BartScaledWordEmbedding`).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let e = self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
-        Ok(if self.embed_scale == 1.0 { e } else { (e * self.embed_scale)? })
+        self.embed_with(&self.shared, ids)
+    }
+    fn embed_decoder(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_with(&self.decoder_embed_tokens, ids)
     }
     /// Encoder on (scaled) token embeddings `[b, t, d]`; positions are added here.
     fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
@@ -355,7 +374,7 @@ impl EncoderDecoder for Bart {
         cache: Option<&mut EncDecCache>,
         hooks: &dyn LmHooks,
     ) -> Result<Tensor> {
-        self.decode_embeds(&self.embed(ids)?, enc, enc_mask, cache, hooks)
+        self.decode_embeds(&self.embed_decoder(ids)?, enc, enc_mask, cache, hooks)
     }
     /// Logits from decoder hidden states `[.., d]`, with `final_logits_bias`.
     fn logits(&self, h: &Tensor) -> Result<Tensor> {

@@ -79,8 +79,10 @@ pub struct SpecialTokens {
 /// An encoder-decoder language model (T5, BART). Masks are `[b, t]` with 1 for tokens and 0
 /// for padding; hidden states are `[b, t, d]`.
 pub trait EncoderDecoder {
-    /// Token embeddings `[b, t, d]` as the stacks consume them (BART: already scaled).
+    /// The encoder's token embeddings `[b, t, d]` as it consumes them (BART: already scaled).
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
+    /// The decoder's (its own table when the checkpoint keeps untied per-stack tables).
+    fn embed_decoder(&self, ids: &Tensor) -> Result<Tensor>;
     /// Runs the encoder on embeddings (`Site::Encoder` hooks); returns its last hidden state.
     fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor>;
     /// Runs the decoder on token ids `[b, t]` placed after the `cache.len()` cached positions

@@ -189,7 +189,12 @@ struct Stack {
 
 pub struct T5 {
     /// `[vocab, d_model]`, the token embeddings of both stacks.
+    /// The encoder's token table (`shared`, or `encoder.embed_tokens` when the file keeps
+    /// untied per-stack tables).
     pub shared: Tensor,
+    /// The decoder's token table: `shared` unless the file keeps an untied
+    /// `decoder.embed_tokens` (what `transformers` then uses).
+    decoder_embed_tokens: Tensor,
     encoder: Stack,
     decoder: Stack,
     lm_head: Linear,
@@ -318,13 +323,19 @@ impl T5 {
         } else {
             w.get((v, d), "encoder.embed_tokens.weight")?
         };
+        // With `tie_word_embeddings: false` each stack reads its own table when the file has one.
+        let own = |stack: &str| -> Result<Tensor> {
+            let name = format!("{stack}.embed_tokens.weight");
+            Ok(if !cfg.tie_word_embeddings && w.contains(&name) { w.get((v, d), &name)? } else { shared.clone() })
+        };
+        let (enc_table, decoder_embed_tokens) = (own("encoder")?, own("decoder")?);
         let encoder = Stack::load(&w.pp("encoder"), &cfg, false)?;
         let decoder = Stack::load(&w.pp("decoder"), &cfg, true)?;
         let lm_head = match w.get_opt((v, d), "lm_head.weight")? {
             Some(h) => Linear::new(h, None),
             None => Linear::new(shared.clone(), None),
         };
-        Ok(Self { shared, encoder, decoder, lm_head, cfg })
+        Ok(Self { shared: enc_table, decoder_embed_tokens, encoder, decoder, lm_head, cfg })
     }
 
     pub fn n_encoder_layers(&self) -> usize {
@@ -412,6 +423,10 @@ impl EncoderDecoder for T5 {
         let (b, t) = ids.dims2()?;
         Ok(self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?)
     }
+    fn embed_decoder(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.decoder_embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?)
+    }
     /// Encoder on embeddings `[b, t, d]`.
     fn encode_embeds(&self, x: &Tensor, mask: Option<&Tensor>, hooks: &dyn LmHooks) -> Result<Tensor> {
         let t = x.dims3()?.1;
@@ -434,7 +449,7 @@ impl EncoderDecoder for T5 {
         cache: Option<&mut EncDecCache>,
         hooks: &dyn LmHooks,
     ) -> Result<Tensor> {
-        self.decode_embeds(&self.embed(ids)?, enc, enc_mask, cache, hooks)
+        self.decode_embeds(&self.embed_decoder(ids)?, enc, enc_mask, cache, hooks)
     }
     /// Logits from decoder hidden states `[.., d]`.
     fn logits(&self, h: &Tensor) -> Result<Tensor> {
