@@ -1393,16 +1393,53 @@ def write_readme(facts):
     (FIX / "README.md").write_text(text, encoding="utf-8")
 
 
+def make_official_memvp():
+    """The authors' released checkpoint layout (`checkpoint-19.pth`: `{"model": state_dict}` as
+    their DDP training loop saves it, keys prefixed `module.`), holding the tensors of
+    `memvp_llama_clip/adapter_model.safetensors` under the released names, plus tensors an
+    importer must skip: a frozen LLaMA weight, a frozen CLIP weight, and the unused modality
+    embedding."""
+    out = fresh_dir("official_memvp")
+    from safetensors.torch import load_file
+
+    ours = load_file(str(FIX / "memvp_llama_clip" / "adapter_model.safetensors"))
+    model = {}
+    for k, v in ours.items():
+        if k.startswith("projector."):
+            name = "adapter_proj." + k[len("projector."):]
+        elif k == "memory.key_embed":
+            name, v = "adapter_emb1", v.unsqueeze(0)
+        elif k == "memory.value_embed":
+            name, v = "adapter_emb2", v.unsqueeze(0)
+        else:
+            m = re.fullmatch(r"vision\.layers\.(\d+)\.adapter\.(down|up)\.weight", k)
+            assert m, k
+            fc = "fc1" if m.group(2) == "down" else "fc2"
+            name = f"backbone.visual.transformer.resblocks.{m.group(1)}.adapter_mlp.{fc}.weight"
+        model["module." + name] = v.clone()
+    g = torch.Generator().manual_seed(1300)
+    model["module.adapter_modality_embedding.weight"] = torch.randn(2, 64, generator=g).half()
+    model["module.layers.0.attention.wq.weight"] = torch.randn(64, 64, generator=g).half()
+    model["module.backbone.visual.transformer.resblocks.0.ln_1.weight"] = torch.ones(48).half()
+    torch.save({"model": model, "epoch": 19}, out / "checkpoint-19.pth")
+    # A checkpoint of something else: an unknown trained tensor must be refused, not dropped.
+    other = dict(model)
+    other["module.adapter_proj_cls.fc1.weight"] = torch.zeros(12, 48)
+    torch.save({"model": other, "epoch": 19}, out / "checkpoint-other.pth")
+
+
 def main():
     FIX.mkdir(parents=True, exist_ok=True)
     if len(sys.argv) > 2 and sys.argv[1] == "--only":
         # Regenerate some fixtures only (e.g. `--only bart_untied t5_untied`).
         for name in sys.argv[2:]:
-            if name in ("bart_untied", "t5_untied"):
+            if name == "official_memvp":
+                make_official_memvp()
+            elif name in ("bart_untied", "t5_untied"):
                 tok = bart_tokenizer() if name.startswith("bart") else t5_tokenizer()
                 make_untied(name, name.split("_")[0], tok)
             else:
-                raise SystemExit(f"--only knows bart_untied and t5_untied, not {name}")
+                raise SystemExit(f"--only knows bart_untied, t5_untied and official_memvp, not {name}")
         return
     llama_tok = llama_tokenizer()
     facts = {}

@@ -41,6 +41,9 @@ enum Cmd {
     /// Load-test a server: streaming requests from several clients; throughput, latency and
     /// time-to-first-token percentiles, errors by kind.
     Loadtest(Box<memvp::app::loadtest::LoadtestArgs>),
+    /// Turn the authors' released MemVP checkpoint (`checkpoint-19.pth`) into a run directory
+    /// with the released settings, ready for `memvp eval --run`.
+    ImportOfficial(Box<memvp::app::import_official::ImportArgs>),
     /// Write the patch features of an image as the vision tower produces them for MemVP.
     EncodeImage {
         /// CLIP checkpoint directory or random:<preset>[@seed].
@@ -85,6 +88,22 @@ fn run() -> Result<()> {
                 println!("{v}");
             } else {
                 memvp::app::loadtest::print(&v);
+            }
+            Ok(())
+        }
+        Cmd::ImportOfficial(a) => {
+            let r = memvp::app::import_official::run(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "imported {} tensors from {} ({} skipped: frozen base weights, the unused modality embedding) into {}; settings {}",
+                    r.imported.len(),
+                    r.checkpoint.display(),
+                    r.skipped.len(),
+                    r.run.display(),
+                    r.settings
+                );
             }
             Ok(())
         }
