@@ -41,6 +41,9 @@ enum Cmd {
     /// Load-test a server: streaming requests from several clients; throughput, latency and
     /// time-to-first-token percentiles, errors by kind.
     Loadtest(Box<memvp::app::loadtest::LoadtestArgs>),
+    /// Train several methods on the same data with the same budget, evaluate them as they
+    /// train, and report accuracy against training time (compare.json, compare.md, compare.png).
+    Compare(Box<memvp::app::compare::CompareArgs>),
     /// Turn the authors' released MemVP checkpoint (`checkpoint-19.pth`) into a run directory
     /// with the released settings, ready for `memvp eval --run`.
     ImportOfficial(Box<memvp::app::import_official::ImportArgs>),
@@ -88,6 +91,16 @@ fn run() -> Result<()> {
                 println!("{v}");
             } else {
                 memvp::app::loadtest::print(&v);
+            }
+            Ok(())
+        }
+        Cmd::Compare(a) => {
+            let r = memvp::app::compare::run(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{}", memvp::app::compare::markdown(&r));
+                println!("wrote compare.json, compare.md and compare.png in {}", a.out.display());
             }
             Ok(())
         }

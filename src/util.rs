@@ -35,3 +35,18 @@ pub fn write_json_atomic(path: &Path, v: &impl serde::Serialize) -> Result<()> {
 pub fn device() -> Device {
     Device::Cpu
 }
+
+/// The peak resident set (VmHWM) of this process in MB (since start, or since the bench reset
+/// it); NaN where /proc is not there.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}

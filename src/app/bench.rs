@@ -104,20 +104,6 @@ pub struct MethodResult {
     pub lm_sequence_length: usize,
 }
 
-/// The peak resident set (VmHWM) since the last reset.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|k| k.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 // SAFETY: this is glibc's `int malloc_trim(size_t pad)` (declared in <malloc.h>): `usize` is
 // `size_t` and `i32` is `int` on the Linux targets this is compiled for (gnu env only).
@@ -493,7 +479,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
         reset_peak_rss();
         let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 };
         one_round(tr, &batch, a, &mut tmp)?;
-        phases[k].peak = peak_rss_mb();
+        phases[k].peak = crate::util::peak_rss_mb();
     }
     let mut results = Vec::new();
     for (k, ph) in phases.iter().enumerate() {

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod import_official;
 pub mod loadtest;
 pub mod quickstart;

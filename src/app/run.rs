@@ -193,6 +193,8 @@ pub struct TrainReport {
     pub trainable_parameters: usize,
     /// Processes (MPI ranks) that trained.
     pub world_size: usize,
+    /// This process's peak resident set (rank 0's in a job of several).
+    pub peak_rss_mb: f64,
     pub summary: Summary,
 }
 
@@ -309,6 +311,7 @@ pub fn train_run(cfg: &RunSettings, out: &Path, start: Start) -> Result<TrainRep
         skipped_images: prep.skipped_images,
         trainable_parameters: vlm.cfg.trainable_parameters,
         world_size: ranks,
+        peak_rss_mb: crate::util::peak_rss_mb(),
         summary,
     };
     if root && !report.summary.already_complete {

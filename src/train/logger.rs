@@ -68,6 +68,7 @@ impl Logger {
             skipped_samples,
             world_size: self.world_size,
             step_s: rec.seconds,
+            samples: rec.samples,
             sync_s: rec.sync_seconds,
         };
         metrics::append(&self.run.join("metrics.jsonl"), &r)?;

@@ -32,6 +32,9 @@ pub struct Record {
     /// Seconds the step took.
     #[serde(default)]
     pub step_s: f64,
+    /// Samples in the step.
+    #[serde(default)]
+    pub samples: usize,
     /// Seconds of the step spent combining gradients across ranks (0 for one process).
     #[serde(default)]
     pub sync_s: f64,
@@ -72,7 +75,7 @@ pub fn truncate(path: &Path, step: u64) -> Result<()> {
 
 static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans-ascii.ttf");
 
-fn ensure_font() {
+pub(crate) fn ensure_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);

@@ -1,0 +1,153 @@
+//! `memvp compare` on the tiny fixtures: three runs (MemVP, input-space + LoRA, the image-blind
+//! control) on a rendered shapes set, evaluated during training; the report files; a stopped
+//! comparison continues where it was and a finished one does no work.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn compare(spec: &Path, out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_memvp"))
+        .args(["compare", "--spec", &spec.display().to_string(), "--out", &out.display().to_string(), "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn spec(dir: &Path, epochs: usize) -> PathBuf {
+    let data = memvp::data::synthetic::write_shapes(&dir.join("data"), 12, 3, 32, 7).unwrap();
+    let lm = fixtures().join("llama_gqa_tied");
+    let text = format!(
+        r#"
+[base]
+model = {{ vision = "random:tiny", lm = "{lm}" }}
+data = {{ source = "jsonl:{data}", max_len = 64 }}
+optim = {{ epochs = {epochs}, batch_size = 4, warmup_epochs = 0.5, seed = 3 }}
+memvp = {{ slots = 16, hidden_proj = 8, vision_adapter_dim = 4 }}
+input_space = {{ hidden_proj = 8 }}
+
+[compare]
+eval_every = 4
+eval_samples = 6
+eval_split = "test"
+final_split = "test"
+eval_batch_size = 3
+
+[[runs]]
+name = "memvp"
+settings = {{ method = {{ name = "memvp" }}, optim = {{ lr = 1e-3 }} }}
+
+[[runs]]
+name = "input-space+lora"
+settings = {{ method = {{ name = "input-space" }}, optim = {{ lr = 2e-3 }} }}
+
+[[runs]]
+name = "control"
+settings = {{ method = {{ name = "memvp", image_blind = true }}, optim = {{ lr = 1e-3 }} }}
+"#,
+        lm = lm.display(),
+        data = data.display(),
+        epochs = epochs
+    );
+    let p = dir.join("compare.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn three_methods_are_compared_and_a_rerun_does_no_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 2);
+    let out = dir.path().join("cmp");
+    let o = compare(&spec, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    // 24 training questions in batches of 4: 6 steps per epoch, 12 in all; points at 4, 8, 12.
+    for run in runs {
+        let steps: Vec<u64> = run["curve"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, vec![4, 8, 12], "{}", run["name"]);
+        let secs: Vec<f64> =
+            run["curve"].as_array().unwrap().iter().map(|p| p["train_seconds"].as_f64().unwrap()).collect();
+        assert!(secs.windows(2).all(|w| w[1] > w[0]) && secs[0] > 0.0, "{secs:?}");
+        assert_eq!(run["samples"], 48);
+        assert!(run["final_eval"]["accuracy"].as_f64().is_some());
+        assert_eq!(run["final_eval"]["n"], 6, "3 test images x 2 questions");
+        assert!(run["peak_rss_mb"].as_f64().unwrap() > 1.0);
+    }
+    assert_eq!(runs[1]["method"], "input-space");
+    assert_eq!(runs[2]["image_blind"], true);
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.contains("| input-space+lora | input-space |") && md.contains("(image-blind)"), "{md}");
+    let png = image::open(out.join("compare.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (1000, 800));
+    // Nothing left to do: no training, the same report.
+    let again = compare(&spec, &out);
+    assert!(again.status.success());
+    let r2: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(r2["runs"], r["runs"]);
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("training to step"));
+}
+
+#[test]
+fn a_stopped_comparison_continues_where_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    // 60 steps per run: still training when the signal comes.
+    let spec = spec(dir.path(), 10);
+    let out = dir.path().join("cmp");
+    // Stop it as the first run's second segment starts, as Ctrl-C does: SIGINT to the whole
+    // process group (the comparison and the `memvp train` it runs).
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(env!("CARGO_BIN_EXE_memvp"))
+        .args(["compare", "--spec", &spec.display().to_string(), "--out", &out.display().to_string()])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let curve = out.join("runs/memvp/curve.jsonl");
+    let t0 = std::time::Instant::now();
+    while !curve.exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no first point");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = Command::new("kill").args(["-s", "INT", "--", &format!("-{}", child.id())]).status().unwrap();
+    assert!(killed.success());
+    let stopped = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&stopped.stderr);
+    assert!(!stopped.status.success());
+    assert!(e.contains("run the same `memvp compare` command again"), "{e}");
+    let o = compare(&spec, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for run in r["runs"].as_array().unwrap() {
+        let steps: Vec<u64> = run["curve"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=15).map(|k| 4 * k).collect::<Vec<u64>>(), "{}", run["name"]);
+        assert_eq!(run["samples"], 240, "every step counted once");
+    }
+}
+
+#[test]
+fn a_bad_spec_is_refused_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[compare]\neval_every = 4\neval_samples = 2\n", "no [[runs]]"),
+        ("[compare]\neval_every = 0\neval_samples = 2\n[[runs]]\nname = \"a\"\n", "eval_every"),
+        ("[compare]\neval_every = 1\neval_samples = 2\n[[runs]]\nname = \"a/b\"\n", "run name `a/b`"),
+        ("[compare]\neval_every = 1\neval_samples = 2\n[[runs]]\nname = \"a\"\n[[runs]]\nname = \"a\"\n", "used twice"),
+        ("[compare]\neval_every = 1\neval_samples = 2\nevery = 3\n[[runs]]\nname = \"a\"\n", "every"),
+    ];
+    for (text, needle) in cases {
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, text).unwrap();
+        let o = compare(&p, &dir.path().join("out"));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{text}: {e}");
+        assert!(e.contains(needle) && e.contains("bad.toml"), "{text}: {e}");
+    }
+}
