@@ -1393,6 +1393,142 @@ def write_readme(facts):
     (FIX / "README.md").write_text(text, encoding="utf-8")
 
 
+ADEM = {
+    "hidden_proj": 12,
+    "visual_scale": 0.5,
+    "adapter_scale": 0.3,
+    "drop_ratio": 0.1,
+    "vision_adapter_dim": 6,
+    "vision_adapter_scale": 0.1,
+    "vision_layer": -2,
+}
+ADEM_PROMPTS = ["What colour is the shape?", "Is it a circle? Answer yes or no."]
+
+
+def make_adem():
+    """ADEM-VL as the released code computes it, on the tiny LLaMA and CLIP: multiscale entries
+    (the 4x4 patch grid and its 2x2 adaptive average pooling), SiLU(u) SiLU(K)^T with the
+    adaptive drop, and the CLS token projected into the slot after BOS + "Image: "."""
+    out = fresh_dir("adem_llama_clip")
+    lm = reload_llama(FIX / "llama_gqa_tied")
+    vision = CLIPVisionModel.from_pretrained(
+        FIX / "clip_vision_quickgelu", attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    tok = Tokenizer.from_file(str(FIX / "llama_gqa_tied" / "tokenizer.json"))
+    c, d = vision.config.hidden_size, lm.config.hidden_size
+    h, a = ADEM["hidden_proj"], ADEM["vision_adapter_dim"]
+    grid = vision.config.image_size // vision.config.patch_size  # 4
+    sizes = [grid * grid, (grid // 2) ** 2]
+    m = sum(sizes)
+    torch.manual_seed(1400)
+    adapter = {}
+    for p in ["projector", "projector_cls"]:
+        adapter[f"{p}.fc1.weight"] = 0.2 * torch.randn(h, c)
+        adapter[f"{p}.fc1.bias"] = 0.2 * torch.randn(h)
+        adapter[f"{p}.fc2.weight"] = 0.3 * torch.randn(d, h)
+        adapter[f"{p}.fc2.bias"] = 0.2 * torch.randn(d)
+    adapter["memory.key_embed"] = 0.3 * torch.randn(m, d)
+    adapter["memory.value_embed"] = 0.3 * torch.randn(m, d)
+    for i in range(vision.config.num_hidden_layers):
+        adapter[f"vision.layers.{i}.adapter.down.weight"] = 0.3 * torch.randn(a, c)
+        adapter[f"vision.layers.{i}.adapter.up.weight"] = 0.3 * torch.randn(c, a)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter_model.safetensors"))
+    write_json(out / "settings.json", dict(ADEM))
+
+    vs = ADEM["vision_adapter_scale"]
+
+    def patched_clip_layer(i):
+        down = adapter[f"vision.layers.{i}.adapter.down.weight"]
+        up = adapter[f"vision.layers.{i}.adapter.up.weight"]
+
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            x = hidden_states
+            attn, _ = self.self_attn(hidden_states=self.layer_norm1(x), attention_mask=attention_mask, **kwargs)
+            x = x + attn
+            u = self.layer_norm2(x)
+            return x + self.mlp(u) + vs * (F.gelu(u @ down.T) @ up.T)
+
+        return forward
+
+    for i, layer in enumerate(vision.encoder.layers):
+        layer.forward = types.MethodType(patched_clip_layer(i), layer)
+    torch.manual_seed(1401)
+    pixel_values = torch.randn(1, 3, 32, 32)  # row 0 has this image; row 1 has none
+    with torch.no_grad():
+        hs = vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        feats = vision.post_layernorm(hs[ADEM["vision_layer"]])  # [1, 17, c]
+        cls, patches = feats[:, 0], feats[:, 1:]
+        pooled = F.adaptive_avg_pool2d(patches.transpose(1, 2).reshape(1, c, grid, grid), grid // 2)
+        pooled = pooled.flatten(2).transpose(1, 2)
+        entries = torch.cat([patches, pooled], dim=1)  # [1, 20, c]
+
+        def proj(p, x):
+            x = F.silu(x @ adapter[f"{p}.fc1.weight"].T + adapter[f"{p}.fc1.bias"])
+            return x @ adapter[f"{p}.fc2.weight"].T + adapter[f"{p}.fc2.bias"]
+
+        z = ADEM["visual_scale"] * proj("projector", entries)
+        cls_emb = proj("projector_cls", cls)  # [1, d]: no beta, no indicator
+        zero = torch.zeros_like(z)
+        keys = torch.cat([z, zero]) + adapter["memory.key_embed"]
+        values = torch.cat([z, zero]) + adapter["memory.value_embed"]
+
+    # The prompts as the released code assembles them: BOS, the words, the CLS slot, the text.
+    bos = tok.encode("a").ids[0]
+    words = tok.encode("Image: ", add_special_tokens=False).ids
+    na = tok.encode("Image: N/A", add_special_tokens=False).ids
+    rows = [
+        [bos] + words + [0] + tok.encode(ADEM_PROMPTS[0], add_special_tokens=False).ids,
+        [bos] + na + tok.encode(ADEM_PROMPTS[1], add_special_tokens=False).ids,
+    ]
+    slot = 1 + len(words)
+    alpha, ratio = ADEM["adapter_scale"], ADEM["drop_ratio"]
+
+    def run(row, k, v, cls_vec):
+        ids = torch.tensor([rows[row]])
+        emb = lm.model.embed_tokens(ids)
+        if cls_vec is not None:
+            emb = emb.clone()
+            emb[0, slot] = cls_vec
+        sk = F.silu(k)
+
+        def patched_mlp(orig):
+            def forward(self, u):
+                x = F.silu(u) @ sk.transpose(1, 2)
+                score, _ = x.sort(dim=2)
+                threshold = score[:, :, int(ratio * score.size(2))].unsqueeze(2)
+                mask = torch.ones_like(x)
+                mask[torch.where(x < threshold)] = 0
+                return orig(u) + alpha * ((x * mask) @ v)
+
+            return forward
+
+        saved = [layer.mlp.forward for layer in lm.model.layers]
+        for layer in lm.model.layers:
+            layer.mlp.forward = types.MethodType(patched_mlp(layer.mlp.forward), layer.mlp)
+        with torch.no_grad():
+            logits = lm(inputs_embeds=emb).logits[0]
+        for layer, f in zip(lm.model.layers, saved):
+            layer.mlp.forward = f
+        return logits
+
+    ref = {
+        "pixel_values": pixel_values,
+        "entries": entries[0],
+        "cls_embedding": cls_emb[0],
+        "keys": keys,
+        "values": values,
+        "ids_0": torch.tensor(rows[0]),
+        "ids_1": torch.tensor(rows[1]),
+        "logits_0": run(0, keys[0:1], values[0:1], cls_emb[0]),
+        "logits_1": run(1, keys[1:2], values[1:2], None),
+    }
+    with torch.no_grad():
+        plain = lm(input_ids=torch.tensor([rows[0]])).logits[0]
+    assert (ref["logits_0"] - plain).abs().max() > 1e-2
+    save_reference(out / "reference.safetensors", ref)
+    write_json(out / "prompts.json", {"prompts": ADEM_PROMPTS, "slot": slot})
+
+
 def make_official_memvp():
     """The authors' released checkpoint layout (`checkpoint-19.pth`: `{"model": state_dict}` as
     their DDP training loop saves it, keys prefixed `module.`), holding the tensors of
@@ -1435,11 +1571,13 @@ def main():
         for name in sys.argv[2:]:
             if name == "official_memvp":
                 make_official_memvp()
+            elif name == "adem_llama_clip":
+                make_adem()
             elif name in ("bart_untied", "t5_untied"):
                 tok = bart_tokenizer() if name.startswith("bart") else t5_tokenizer()
                 make_untied(name, name.split("_")[0], tok)
             else:
-                raise SystemExit(f"--only knows bart_untied, t5_untied and official_memvp, not {name}")
+                raise SystemExit(f"--only knows bart_untied, t5_untied, official_memvp and adem_llama_clip, not {name}")
         return
     llama_tok = llama_tokenizer()
     facts = {}

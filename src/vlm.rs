@@ -48,7 +48,7 @@ impl Vlm {
         let spec = adapters::spec(&s.method)?;
         let vc = &base.vision.model.cfg;
         let lm = base.lm.model.as_ref();
-        let b = Build { vision: vc, vision_model: &base.vision.model, lm, seed: s.seed };
+        let b = Build { vision: vc, vision_model: &base.vision.model, lm, tok: &base.lm.tok, seed: s.seed };
         let adapter = (spec.build)(&b, &s.sections)?;
         let cfg = AdapterConfig {
             format: ADAPTER_FORMAT.into(),
@@ -157,6 +157,19 @@ impl Vlm {
 
     pub fn named(&self) -> Vec<(String, Var)> {
         self.adapter.named()
+    }
+
+    /// The tokens the adapter puts after BOS of every prompt (ADEM-VL), if any.
+    pub fn prompt_insert(&self) -> Option<&crate::data::batch::PromptInsert> {
+        self.adapter.prompt_insert()
+    }
+
+    /// Puts the adapter's tokens into prompt ids (see [`Self::prompt_insert`]); a row has an
+    /// image only when the adapter uses images.
+    pub fn insert_prompt(&self, ids: &mut Vec<u32>, has_image: bool) {
+        if let Some(i) = self.prompt_insert() {
+            i.apply(ids, has_image && self.uses_images());
+        }
     }
 
     /// `adapter_config.json` + `adapter_model.safetensors` (trained tensors only, f32).

@@ -491,3 +491,48 @@ fn loadtest_accounts_for_every_request() {
         assert!(v["latency_ms"][k].as_f64().unwrap() >= v["time_to_first_token_ms"][k].as_f64().unwrap(), "{v}");
     }
 }
+
+#[test]
+fn adem_runs_are_served_as_generate_answers() {
+    // ADEM-VL: its "Image: " words and CLS slot go into the server's prompts as into generate's.
+    let st = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("adem");
+    let lm = st.run.join("..").join("lm");
+    let o = bin()
+        .args(["train", "--method", "adem", "--vision", "random:tiny", "--lm", &s(&lm)])
+        .args(["--data", &format!("jsonl:{}", st.data.display()), "--out", &s(&run), "--max-len", "64"])
+        .args(["--hidden-proj", "8", "--vision-adapter-dim", "4", "--batch-size", "4", "--max-steps", "6"])
+        .args(["--blr", "0.5", "--seed", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut child = bin()
+        .args(["serve", "--run", &format!("adem={}", run.display()), "--port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let srv = Server { child, url: line.trim().strip_prefix("listening on ").unwrap().to_string() };
+    let q = "What shape is in the image?";
+    for image in [Some(&st.images[1]), None] {
+        let (status, v, _) = post(
+            &format!("{}/v1/chat/completions", srv.url),
+            &chat("adem", q, image.map(|p| p.as_path()), json!({})),
+            None,
+        );
+        assert_eq!(status, 200, "{v}");
+        let mut g = bin();
+        g.args(["generate", "--run", &s(&run), "--prompt", q, "--max-new-tokens", "8", "--temperature", "0", "--json"]);
+        if let Some(p) = image {
+            g.args(["--image", &s(p)]);
+        }
+        let o = g.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let gj: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], gj["text"], "image {image:?}: server and generate differ");
+        assert_eq!(v["usage"]["prompt_tokens"], gj["prompt_ids"].as_array().map(|a| a.len()).unwrap_or(0), "{gj}");
+    }
+}

@@ -115,14 +115,7 @@ impl Memvp {
         let (c, h, d, m) = (vision_width, cfg.hidden_proj, lm_width, cfg.slots);
         let projector = Projector::init(c, h, d, &mut rng, dtype, dev)?;
         let ek: Vec<f32> = (0..m * d).map(|_| (rng.normal() * 0.02) as f32).collect();
-        let mut vision_adapters = Vec::new();
-        if cfg.vision_adapter_dim > 0 {
-            for _ in 0..vision_blocks {
-                let down = xavier_uniform(&mut rng, cfg.vision_adapter_dim, c, dtype, dev)?;
-                let up = Tensor::zeros((c, cfg.vision_adapter_dim), dtype, dev)?;
-                vision_adapters.push((var(down)?, var(up)?));
-            }
-        }
+        let vision_adapters = init_vision_adapters(&mut rng, vision_blocks, c, cfg.vision_adapter_dim, dtype, dev)?;
         Ok(Self {
             projector,
             key_embed: var(Tensor::from_vec(ek, (m, d), dev)?.to_dtype(dtype)?)?,
@@ -162,10 +155,20 @@ impl Memvp {
         self.projector.forward(features)
     }
 
+    pub(crate) fn vision_hooks<'a>(&'a self, train: bool, rng: &'a RefCell<Rng>) -> VisionAdapters<'a> {
+        let c = &self.cfg;
+        VisionAdapters {
+            adapters: &self.vision_adapters,
+            scale: c.vision_adapter_scale,
+            dropout: c.vision_adapter_dropout,
+            train,
+            rng,
+        }
+    }
+
     /// The visual tokens `[b, n, c]` of a batch of pixels, with the vision adapters active.
     pub fn features(&self, vision: &ClipVision, pixels: &Tensor, train: bool, rng: &RefCell<Rng>) -> Result<Tensor> {
-        let hooks = VisionAdapters { m: self, train, rng };
-        vision.patch_features(pixels, self.cfg.vision_layer, &hooks)
+        vision.patch_features(pixels, self.cfg.vision_layer, &self.vision_hooks(train, rng))
     }
 
     /// The per-sample memory `K, V: [b, M, d]` from visual tokens (or none: text only).
@@ -258,22 +261,46 @@ impl LmHooks for Memory<'_> {
     }
 }
 
-struct VisionAdapters<'a> {
-    m: &'a Memvp,
-    train: bool,
-    rng: &'a RefCell<Rng>,
+/// The parallel adapters of the vision blocks (MemVP's, also used by ADEM-VL):
+/// `s_v · Up(Dropout(GELU(Down(u))))` beside each block's MLP.
+pub(crate) struct VisionAdapters<'a> {
+    /// `(down [r, c], up [c, r])` per block.
+    pub adapters: &'a [(Var, Var)],
+    pub scale: f64,
+    pub dropout: f64,
+    pub train: bool,
+    pub rng: &'a RefCell<Rng>,
 }
 
 impl VisionHooks for VisionAdapters<'_> {
     fn mlp_branch(&self, layer: usize, u: &Tensor) -> Result<Option<Tensor>> {
-        let Some((down, up)) = self.m.vision_adapters.get(layer) else {
+        let Some((down, up)) = self.adapters.get(layer) else {
             return Ok(None);
         };
-        let c = &self.m.cfg;
         let a = ops::activation(&linear_t(u, down.as_tensor(), None)?, Activation::Gelu)?;
-        let a = if self.train { dropout(&a, c.vision_adapter_dropout, &mut self.rng.borrow_mut())? } else { a };
-        Ok(Some((linear_t(&a, up.as_tensor(), None)? * c.vision_adapter_scale)?))
+        let a = if self.train { dropout(&a, self.dropout, &mut self.rng.borrow_mut())? } else { a };
+        Ok(Some((linear_t(&a, up.as_tensor(), None)? * self.scale)?))
     }
+}
+
+/// Fresh vision adapters for `blocks` blocks of width `c` (`Up` zero, as released).
+pub(crate) fn init_vision_adapters(
+    rng: &mut Rng,
+    blocks: usize,
+    c: usize,
+    r: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Vec<(Var, Var)>> {
+    let mut v = Vec::new();
+    if r > 0 {
+        for _ in 0..blocks {
+            let down = xavier_uniform(rng, r, c, dtype, dev)?;
+            let up = Tensor::zeros((c, r), dtype, dev)?;
+            v.push((var(down)?, var(up)?));
+        }
+    }
+    Ok(v)
 }
 
 impl Adapter for Memvp {

@@ -7,6 +7,7 @@
 //! Adding a method: a new file here with a struct implementing [`Adapter`], its settings
 //! section(s) and a `SPEC: MethodSpec`, plus one line in [`METHODS`].
 
+pub mod adem;
 pub mod file;
 pub mod input_space;
 pub mod lora;
@@ -75,6 +76,10 @@ pub trait Adapter: Send + Sync {
     fn prefix_tokens(&self) -> usize {
         0
     }
+    /// Tokens put after BOS of every prompt (ADEM-VL's `"Image: "` and CLS slot).
+    fn prompt_insert(&self) -> Option<&crate::data::batch::PromptInsert> {
+        None
+    }
     /// Runs the vision side for a batch and returns what goes into the LM. `train` turns
     /// dropout on, drawing from `rng`.
     fn install<'a>(
@@ -110,6 +115,8 @@ pub struct Build<'a> {
     pub vision: &'a ClipVisionConfig,
     pub vision_model: &'a ClipVision,
     pub lm: &'a dyn LanguageModel,
+    /// The LM's tokenizer (for methods that put tokens into the prompt).
+    pub tok: &'a crate::checkpoint::Tok,
     /// Seeds the initialisation.
     pub seed: u64,
 }
@@ -133,7 +140,7 @@ pub struct MethodSpec {
 }
 
 /// Every method memvp knows.
-pub const METHODS: &[&MethodSpec] = &[&memvp::SPEC, &input_space::SPEC, &lora::SPEC];
+pub const METHODS: &[&MethodSpec] = &[&memvp::SPEC, &adem::SPEC, &input_space::SPEC, &lora::SPEC];
 
 pub fn spec(name: &str) -> Result<&'static MethodSpec> {
     METHODS.iter().copied().find(|m| m.name == name).with_context(|| {

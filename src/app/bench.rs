@@ -3,6 +3,7 @@
 //! and the backward/forward ratio of a frozen LM with one small trained tensor inside.
 
 use super::run::VlmTask;
+use crate::adapters::adem::Adem;
 use crate::adapters::input_space::InputSpace;
 use crate::adapters::lora::Lora;
 use crate::adapters::memvp::Memvp;
@@ -60,6 +61,9 @@ pub struct BenchArgs {
     pub lm_kv_heads: usize,
     #[arg(long, default_value_t = 49152)]
     pub vocab: usize,
+    /// The memory-space method measured against the input-space baseline.
+    #[arg(long, default_value = "memvp", value_parser = ["memvp", "adem"])]
+    pub method: String,
     /// Skip the backward/forward-ratio measurement.
     #[arg(long)]
     pub skip_fwd_bwd: bool,
@@ -215,14 +219,24 @@ fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
     let head_train = 2.0 * d * v * answer as f64;
     let input_space = vlm.adapter.downcast::<InputSpace>();
     let lora = input_space.map(|x| &x.lora).or_else(|| vlm.adapter.downcast::<Lora>());
-    if let Some(mv) = vlm.adapter.downcast::<Memvp>() {
+    // The memory-space methods: (slots, adapter width, projector width, projected tokens,
+    // pooling FLOPs).
+    let memory_space = if let Some(mv) = vlm.adapter.downcast::<Memvp>() {
+        Some((mv.cfg.slots as f64, mv.cfg.vision_adapter_dim as f64, mv.cfg.hidden_proj as f64, n, 0.0))
+    } else {
+        vlm.adapter.downcast::<Adem>().map(|a| {
+            let mm = a.key_embed.dims()[0] as f64;
+            // The pooled entries, plus the CLS token through the second projector.
+            let pooled: f64 = a.scales.iter().filter(|(_, p)| p.is_some()).map(|(s, _)| *s as f64).sum();
+            let cls = if a.projector_cls.is_some() { 1.0 } else { 0.0 };
+            (mm, a.cfg.vision_adapter_dim as f64, a.cfg.hidden_proj as f64, mm + cls, 2.0 * pooled * n * cw)
+        })
+    };
+    if let Some((mm, r, hp, projected, pool)) = memory_space {
         let tt = t as f64;
-        let mm = mv.cfg.slots as f64;
-        let r = mv.cfg.vision_adapter_dim as f64;
-        let hp = mv.cfg.hidden_proj as f64;
         let branch = 2.0 * 2.0 * tt * mm * d;
         let adapters = vl * nt * 2.0 * 2.0 * cw * r;
-        let projector = n * 2.0 * (cw * hp + hp * d);
+        let projector = projected * 2.0 * (cw * hp + hp * d) + pool;
         let vis_fwd = patch + vl * vis_layer + adapters + projector;
         let lm_fwd = l * (lm_layer(tt) + branch) + head_train;
         // Backward: layers 1.. fully (input grads, attention 2x), every branch 2x,
@@ -455,7 +469,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     let peak = matmul_peak_gflops()?;
     // Both methods' adapters on the same frozen backbones.
     let base = Arc::new(Base { vision, lm });
-    let vlms = [Vlm::new(base.clone(), &settings("memvp"))?, Vlm::new(base.clone(), &settings("input-space"))?];
+    let vlms = [Vlm::new(base.clone(), &settings(&a.method))?, Vlm::new(base.clone(), &settings("input-space"))?];
     let mut rng = Rng::new(11);
     let batch = synthetic_batch(&vlms[0], a, &mut rng)?;
     let data = Repeat(batch.clone());
@@ -518,7 +532,8 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
         "settings": a,
         "visual_tokens": n_vis,
         "matmul_peak_gflops": peak,
-        "memvp": mv,
+        "memory_method": a.method,
+        (a.method.as_str()): mv,
         "input_space": is,
         "ratios": {
             "train_step": is.train_step_ms / mv.train_step_ms,
@@ -549,9 +564,11 @@ pub fn print_table(v: &serde_json::Value) {
         "matrix-product peak: {:.1} GFLOP/s (best of 1024^3 and 2048^3 f32 products)",
         v["matmul_peak_gflops"].as_f64().unwrap_or(0.0)
     );
-    println!("{:<26} {:>14} {:>14} {:>10}", "", "MemVP", "input-space", "ratio");
+    let method = v["memory_method"].as_str().unwrap_or("memvp");
+    let label = if method == "adem" { "ADEM-VL" } else { "MemVP" };
+    println!("{:<26} {:>14} {:>14} {:>10}", "", label, "input-space", "ratio");
     let row = |name: &str, key: &str, rkey: Option<&str>| {
-        let a = v["memvp"][key].as_f64().unwrap_or(f64::NAN);
+        let a = v[method][key].as_f64().unwrap_or(f64::NAN);
         let b = v["input_space"][key].as_f64().unwrap_or(f64::NAN);
         let r =
             rkey.map(|k| v["ratios"][k].as_f64().unwrap_or(f64::NAN)).map(|x| format!("{x:.2}x")).unwrap_or_default();
@@ -566,7 +583,7 @@ pub fn print_table(v: &serde_json::Value) {
     row("train GFLOP/step", "train_gflop", Some("train_flops"));
     row("train GFLOP/s", "train_gflops", None);
     println!(
-        "MemVP training step at {:.0}% of the matrix-product peak",
+        "{label} training step at {:.0}% of the matrix-product peak",
         100.0 * v["memvp_train_efficiency"].as_f64().unwrap_or(0.0)
     );
     if let Some(fb) = v.get("backward_forward").filter(|x| !x.is_null()) {

@@ -112,10 +112,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         } else {
             crate::data::prompt::open_ended(vlm.cfg.prompt.vqa_template.as_deref(), &a.prompt)
         };
-        let ids = tok.encode(&prompt, true)?;
+        let mut ids = tok.encode(&prompt, true)?;
         if ids.is_empty() {
             anyhow::bail!("the prompt encodes to no tokens")
         }
+        vlm.insert_prompt(&mut ids, a.image.is_some());
         let pixels = match &a.image {
             Some(p) => {
                 let pre = vlm.preprocess();

@@ -322,7 +322,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         Some(decoder_start) => TextLayout::EncoderDecoder { decoder_start },
     };
     // The builder is image-blind: the LM sees the text alone.
-    let enc: Vec<_> = train.iter().map(|x| encode(&tok, x, eos, 128)).collect::<Result<_>>()?;
+    let enc: Vec<_> = train.iter().map(|x| encode(&tok, x, eos, 128, None)).collect::<Result<_>>()?;
     let builder = Arc::new(BatchBuilder {
         samples: enc,
         cache: ImageCache::new(Preprocess { size: s.image_size, norm: Norm::Imagenet }, 0),

@@ -71,7 +71,11 @@ pub fn prepare_checked(
     let eos = vlm.eos();
     let tok = &vlm.lm().tok;
     let max_len = pf.max_len;
-    let mut enc: Vec<_> = samples.par_iter().map(|s| encode(tok, s, eos, max_len)).collect::<Result<_>>()?;
+    let ins = vlm.prompt_insert();
+    let mut enc: Vec<_> = samples
+        .par_iter()
+        .map(|s| encode(tok, s, eos, max_len, ins.map(|i| (i, !blind && s.image.is_some()))))
+        .collect::<Result<_>>()?;
     // An answer (with EOS) must leave room for at least one prompt token.
     let too_long: Vec<usize> = (0..enc.len()).filter(|&i| enc[i].target.len() + 1 > max_len).collect();
     if let Some(&first) = too_long.first() {
@@ -456,7 +460,10 @@ pub fn evaluate_on(
             .iter()
             .map(|smp| {
                 let mut ids = eval_input(tok, smp)?;
-                keep_first_and_tail(&mut ids, room);
+                let has_image = use_img && smp.image.is_some();
+                let extra = vlm.prompt_insert().map_or(0, |i| i.len(has_image));
+                keep_first_and_tail(&mut ids, room.saturating_sub(extra).max(1));
+                vlm.insert_prompt(&mut ids, has_image);
                 Ok(ids)
             })
             .collect::<Result<_>>()?;

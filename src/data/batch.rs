@@ -31,17 +31,78 @@ pub struct Encoded {
     pub image: Option<PathBuf>,
 }
 
+/// Tokens an adapter puts right after the tokenizer's leading special token (BOS) of every
+/// prompt, by whether the row has an image (ADEM-VL: the tokens of `"Image: "` and one slot
+/// whose embedding the adapter replaces by its CLS token; `"Image: N/A"` without an image).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PromptInsert {
+    /// Leading special tokens the tokenizer puts before the text (1 for a BOS, else 0).
+    pub lead: usize,
+    /// Ends with the slot when `slot` is set.
+    pub with_image: Vec<u32>,
+    pub without_image: Vec<u32>,
+    pub slot: bool,
+}
+
+impl PromptInsert {
+    /// Each piece tokenised on its own (no special tokens); the slot's id is a placeholder
+    /// whose embedding is always replaced.
+    pub fn new(tok: &Tok, with_image: &str, without_image: &str, slot: bool) -> Result<Self> {
+        let probe = "a";
+        let (with_sp, plain) = (tok.encode(probe, true)?, tok.encode(probe, false)?);
+        let lead = (0..=with_sp.len().saturating_sub(plain.len()))
+            .find(|&k| with_sp.get(k..k + plain.len()) == Some(&plain[..]))
+            .unwrap_or(0);
+        let mut w = tok.encode(with_image, false)?;
+        if slot {
+            w.push(0);
+        }
+        Ok(Self { lead, with_image: w, without_image: tok.encode(without_image, false)?, slot })
+    }
+
+    pub fn len(&self, has_image: bool) -> usize {
+        if has_image { self.with_image.len() } else { self.without_image.len() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.with_image.is_empty() && self.without_image.is_empty()
+    }
+
+    /// The slot's column in an inserted prompt (rows with an image).
+    pub fn slot_column(&self) -> Option<usize> {
+        self.slot.then(|| self.lead + self.with_image.len() - 1)
+    }
+
+    /// Inserts into prompt ids that start with the tokenizer's leading special tokens.
+    pub fn apply(&self, ids: &mut Vec<u32>, has_image: bool) {
+        let at = self.lead.min(ids.len());
+        let ins = if has_image { &self.with_image } else { &self.without_image };
+        ids.splice(at..at, ins.iter().copied());
+    }
+}
+
 /// Tokenizes prompt and answer separately and joins them, so that the prompt's ids are always
-/// a prefix of the training sequence (and of the evaluation input).
-pub fn encode(tok: &Tok, s: &Sample, eos: u32, max_len: usize) -> Result<Encoded> {
+/// a prefix of the training sequence (and of the evaluation input). `insert`: the adapter's
+/// tokens after BOS and whether this row has an image.
+pub fn encode(
+    tok: &Tok,
+    s: &Sample,
+    eos: u32,
+    max_len: usize,
+    insert: Option<(&PromptInsert, bool)>,
+) -> Result<Encoded> {
     let mut prompt = tok.encode(&s.prompt, true)?;
     // Tokenizers whose post-processor appends EOS to every input (T5) would put it mid-sequence
     // of a decoder-only model; an encoder keeps it.
     let mut target = tok.encode(&s.answer, false)?;
     target.push(eos);
-    if prompt.len() + target.len() > max_len {
+    let extra = insert.map_or(0, |(i, img)| i.len(img));
+    if prompt.len() + extra + target.len() > max_len {
         // Keep the answer and the start of the prompt's first token (BOS); drop the oldest text.
-        keep_first_and_tail(&mut prompt, max_len.saturating_sub(target.len()).max(1));
+        keep_first_and_tail(&mut prompt, max_len.saturating_sub(target.len() + extra).max(1));
+    }
+    if let Some((i, img)) = insert {
+        i.apply(&mut prompt, img);
     }
     Ok(Encoded { prompt, target, image: s.image.clone() })
 }

@@ -290,6 +290,11 @@ impl ClipVision {
 
     /// MemVP's visual tokens: hidden state `k`, CLS dropped, `post_layernorm` applied:
     /// `[b, patches, d]`.
+    /// `post_layernorm` of every token of hidden state `k`, the CLS token first: `[b, 1 + n, c]`.
+    pub fn features_with_cls(&self, pixels: &Tensor, k: isize, hooks: &dyn VisionHooks) -> Result<Tensor> {
+        self.post_layernorm.forward(&self.hidden_state(pixels, k, hooks)?)
+    }
+
     pub fn patch_features(&self, pixels: &Tensor, k: isize, hooks: &dyn VisionHooks) -> Result<Tensor> {
         let h = self.hidden_state(pixels, k, hooks)?;
         let n = h.dims()[1];

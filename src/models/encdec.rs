@@ -119,6 +119,7 @@ pub(crate) fn teacher_forcing(m: &dyn EncoderDecoder, tf: &TeacherForcing, hooks
     if let Some((p, _)) = tf.prefix {
         x = Tensor::cat(&[p, &x], 1)?;
     }
+    let x = super::edit_input(hooks, x, &vec![n; b])?;
     let enc_mask = key_mask(b, t, Some(tf.input_lens), tf.prefix.map(|p| (n, p.1)), x.device())?;
     let enc = m.encode_embeds(&x, enc_mask.as_ref(), hooks)?;
     let rows = dec.dims()[1];
@@ -235,6 +236,8 @@ impl<'a> EncDecStepper<'a> {
             x = Tensor::cat(&[&p.to_dtype(x.dtype())?, &x], 1)?;
             flags = Some((n, keep));
         }
+        let n = flags.map_or(0, |f| f.0);
+        let x = super::edit_input(hooks, x, &vec![n; b])?;
         let mask = key_mask(b, t, Some(&lens), flags, &dev)?;
         let enc = model.encode_embeds(&x, mask.as_ref(), hooks)?;
         let mut s = Self { model, hooks, enc, enc_mask: mask, cache: model.new_cache(), same_source: b == 1 };

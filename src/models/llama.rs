@@ -465,6 +465,7 @@ impl LanguageModel for Llama {
         if let Some((p, _)) = tf.prefix {
             x = Tensor::cat(&[p, &x], 1)?;
         }
+        let x = super::edit_input(hooks, x, &vec![n; b])?;
         // Right padding under a causal mask needs no key mask for the trained positions; a
         // prefix of a text-only row is masked out.
         let mask = key_mask(b, t, None, tf.prefix.map(|p| (n, p.1)), x.device())?;
@@ -548,6 +549,8 @@ impl LlamaState {
         if let Some((p, _)) = prefix {
             x = Tensor::cat(&[p, &x], 1)?;
         }
+        let starts: Vec<usize> = prompts.iter().map(|p| n + t - p.len()).collect();
+        let x = super::edit_input(hooks, x, &starts)?;
         let total = n + t;
         let plain = mask.iter().all(|r| r.iter().all(|&m| m == 1.0));
         let mut cache = model.new_cache();

@@ -197,6 +197,18 @@ pub trait LmHooks {
     fn modifies_projections(&self) -> bool {
         true
     }
+    /// Replaces input embeddings before the first block of the stack that reads the prompt
+    /// (ADEM-VL puts its CLS token into a slot of the prompt). `x` is `[b, t, d]`; row `i`'s
+    /// own tokens start at column `starts[i]` (after a prefix or left padding). Called once per
+    /// prompt pass (teacher forcing, prefill), never for generated tokens.
+    fn edit_input(&self, _x: &Tensor, _starts: &[usize]) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// `x` with `hooks`' input edit applied.
+pub(crate) fn edit_input(hooks: &dyn LmHooks, x: Tensor, starts: &[usize]) -> Result<Tensor> {
+    Ok(hooks.edit_input(&x, starts)?.unwrap_or(x))
 }
 
 /// The plain model.

@@ -27,11 +27,16 @@ impl Projector {
     }
 
     pub fn named(&self) -> Vec<(String, Var)> {
+        self.named_as("projector")
+    }
+
+    /// The tensors under `{prefix}.fc1.weight` etc.
+    pub fn named_as(&self, prefix: &str) -> Vec<(String, Var)> {
         vec![
-            ("projector.fc1.weight".to_string(), self.fc1_weight.clone()),
-            ("projector.fc1.bias".into(), self.fc1_bias.clone()),
-            ("projector.fc2.weight".into(), self.fc2_weight.clone()),
-            ("projector.fc2.bias".into(), self.fc2_bias.clone()),
+            (format!("{prefix}.fc1.weight"), self.fc1_weight.clone()),
+            (format!("{prefix}.fc1.bias"), self.fc1_bias.clone()),
+            (format!("{prefix}.fc2.weight"), self.fc2_weight.clone()),
+            (format!("{prefix}.fc2.bias"), self.fc2_bias.clone()),
         ]
     }
 

@@ -375,10 +375,11 @@ pub async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Result<
     };
     let vlm = &p.served.vlm;
     let prompt_text = crate::data::prompt::open_ended(vlm.cfg.prompt.vqa_template.as_deref(), &p.question);
-    let prompt = match vlm.lm().tok.encode(&prompt_text, true) {
+    let mut prompt = match vlm.lm().tok.encode(&prompt_text, true) {
         Ok(ids) if !ids.is_empty() => ids,
         _ => return app.reject(ApiError::bad("the question encodes to no tokens", "messages")),
     };
+    vlm.insert_prompt(&mut prompt, p.image.is_some());
     if vlm.lm().model.max_new_tokens(vlm.adapter.prefix_tokens() + prompt.len()) == Some(0) {
         return app.reject(
             ApiError::bad(
