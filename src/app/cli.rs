@@ -366,7 +366,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let mut opts = vlm.cfg.prompt.clone();
     opts.skip_bad_images |= a.skip_bad_images;
     let ds = crate::data::open(&a.data, &opts)?;
-    let mut samples = ds.samples(&a.split)?;
+    let mut samples = crate::data::split_samples(ds.as_ref(), &a.split)?;
     if let Some(n) = a.max_samples {
         samples.truncate(n);
     }

@@ -263,7 +263,7 @@ pub fn train_run(cfg: &RunSettings, out: &Path, start: Start) -> Result<TrainRep
     cfg.optim.accum_steps = cfg.optim.accum_steps.max(1) * comm.size();
     let cfg = &cfg;
     let vlm = load_vlm(cfg)?;
-    let mut samples = ds.samples(&cfg.data.split)?;
+    let mut samples = data::split_samples(ds.as_ref(), &cfg.data.split)?;
     if let Some(n) = cfg.data.max_train_samples {
         samples.truncate(n);
     }

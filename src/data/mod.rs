@@ -109,6 +109,32 @@ pub fn open(spec: &str, opts: &DataOptions) -> Result<Box<dyn Dataset>> {
     })
 }
 
+/// The samples of `split`, which may take a slice of a split as Python does:
+/// `train[:-2000]` (all but the last 2,000), `train[-2000:]` (the last 2,000), `test[100:200]`.
+/// A validation set cut from the training split this way is disjoint from what the rest trains
+/// on, in the split's own order.
+pub fn split_samples(ds: &dyn Dataset, split: &str) -> Result<Vec<Sample>> {
+    let Some((name, rest)) = split.split_once('[') else { return ds.samples(split) };
+    let Some(range) = rest.strip_suffix(']') else {
+        bail!("split `{split}`: expected NAME[START:END] (for example train[-2000:])")
+    };
+    let Some((a, b)) = range.split_once(':') else {
+        bail!("split `{split}`: expected NAME[START:END] (for example train[-2000:])")
+    };
+    let all = ds.samples(name)?;
+    let n = all.len() as i64;
+    let bound = |x: &str, default: i64| -> Result<usize> {
+        let v = if x.trim().is_empty() {
+            default
+        } else {
+            x.trim().parse::<i64>().map_err(|_| anyhow::anyhow!("split `{split}`: `{x}` is not an integer"))?
+        };
+        Ok((if v < 0 { n + v } else { v }).clamp(0, n) as usize)
+    };
+    let (lo, hi) = (bound(a, 0)?, bound(b, n)?);
+    Ok(all.into_iter().skip(lo).take(hi.saturating_sub(lo)).collect())
+}
+
 pub(crate) fn read_json_file(path: &Path) -> Result<serde_json::Value> {
     crate::checkpoint::read_json(path)
 }
@@ -207,4 +233,57 @@ pub fn exact_match(samples: &[Sample], outputs: &[String]) -> Scored {
 
 pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod split_tests {
+    use super::*;
+
+    struct Ten;
+    impl Dataset for Ten {
+        fn kind(&self) -> &'static str {
+            "ten"
+        }
+        fn samples(&self, split: &str) -> Result<Vec<Sample>> {
+            if split != "train" {
+                bail!("no split `{split}`")
+            }
+            Ok((0..10)
+                .map(|i| Sample {
+                    id: i.to_string(),
+                    image: None,
+                    prompt: String::new(),
+                    answer: String::new(),
+                    eval_prefix: String::new(),
+                    qtype: None,
+                    references: vec![],
+                    extra: serde_json::Value::Null,
+                })
+                .collect())
+        }
+        fn score(&self, samples: &[Sample], outputs: &[String]) -> Result<Scored> {
+            Ok(exact_match(samples, outputs))
+        }
+    }
+
+    fn ids(split: &str) -> Vec<String> {
+        split_samples(&Ten, split).unwrap().into_iter().map(|s| s.id).collect()
+    }
+
+    #[test]
+    fn slices_cut_splits_as_python_does() {
+        assert_eq!(ids("train").len(), 10);
+        assert_eq!(ids("train[-3:]"), ["7", "8", "9"]);
+        assert_eq!(ids("train[:-8]"), ["0", "1"]);
+        assert_eq!(ids("train[2:4]"), ["2", "3"]);
+        assert_eq!(ids("train[8:100]"), ["8", "9"]);
+        assert!(ids("train[5:2]").is_empty());
+        // The two halves of a cut are disjoint and cover the split.
+        let (a, b) = (ids("train[:-4]"), ids("train[-4:]"));
+        assert_eq!([a, b].concat(), ids("train"));
+        for bad in ["train[3]", "train[a:]", "train[1:2"] {
+            assert!(split_samples(&Ten, bad).unwrap_err().to_string().contains(bad), "{bad}");
+        }
+        assert!(split_samples(&Ten, "val[1:2]").is_err());
+    }
 }

@@ -57,6 +57,15 @@ pub fn launched_size() -> Option<usize> {
         .find_map(|k| std::env::var(k).ok().and_then(|v| v.trim().parse().ok()))
 }
 
+/// This process's rank among those of the job on the same machine (what a GPU rank uses to
+/// pick its device), from the launcher's variables; 0 outside a launcher.
+pub fn local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMIX_LOCAL_RANK", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
 /// Joins the job the launcher started (once; later calls do nothing). Outside a launcher the
 /// world is this process alone. Refuses a multi-process launch of a build without `mpi`, which
 /// would otherwise run N independent copies writing the same run.
