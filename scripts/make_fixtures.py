@@ -1529,6 +1529,106 @@ def make_adem():
     write_json(out / "prompts.json", {"prompts": ADEM_PROMPTS, "slot": slot})
 
 
+META_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: Which of these is a mammal?\nOptions: (A) shark (B) whale\nAnswer:",
+    "naïve café – 東京 🙂 x²",
+]
+
+
+def make_meta_llama():
+    """Meta's original LLaMA layout: `params.json`, `consolidated.00.pth` and `.01.pth` (model
+    parallel 2: column-parallel weights split along dim 0, row-parallel ones and the token
+    embedding along dim 1, norms replicated, q/k in Meta's rotary layout), and a SentencePiece
+    `tokenizer.model` (BPE with byte fallback, trained here). The reference is the Hugging Face
+    model these files convert to (transformers' `permute` of q/k, shards concatenated) and the
+    token ids of transformers' LlamaTokenizer built from `tokenizer.model`."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out = fresh_dir("meta_llama")
+    corpus = out / "corpus.txt"  # the fixtures' own text, so that the model is reproducible
+    corpus.write_text("\n".join(CORPUS_LINES * 4 + META_TEXTS) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, num_threads=1, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2,
+    )
+    (out / "tokenizer.vocab").unlink()
+    corpus.unlink()
+    dim, n_layers, n_heads, n_kv, multiple_of, eps = 64, 2, 4, 2, 32, 1e-5
+    hidden = int(2 * 4 * dim / 3)
+    hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)  # 192
+    # As Meta's own code and Hugging Face's converted LLaMA checkpoints encode: with BOS.
+    tok = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True)
+    vocab = tok.vocab_size
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, rms_norm_eps=eps, rope_theta=10000.0,
+        max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(1500)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    reinit(model, 1501, std=0.2, overrides=[(r"embed_tokens", 0.5)])
+    round_params(model, torch.bfloat16)  # Meta ships bf16/f16 weights; the reference uses them
+    sd = model.state_dict()
+    hd = dim // n_heads
+
+    def permute(w, heads, d1, d2):  # Meta -> Hugging Face (convert_llama_weights_to_hf.py)
+        return w.view(heads, d1 // heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+    def unpermute(w, heads, d1, d2):  # Hugging Face -> Meta
+        return w.view(heads, 2, d1 // heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"], "rope.freqs": torch.zeros(hd // 2)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        q = sd[p + "self_attn.q_proj.weight"]
+        k = sd[p + "self_attn.k_proj.weight"]
+        assert torch.equal(permute(unpermute(q, n_heads, dim, dim), n_heads, dim, dim), q)
+        meta.update({
+            f"layers.{i}.attention.wq.weight": unpermute(q, n_heads, dim, dim),
+            f"layers.{i}.attention.wk.weight": unpermute(k, n_kv, n_kv * hd, dim),
+            f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+        })
+    # Model parallel 2, as Meta's fairscale layers split them.
+    dim0 = ("wq", "wk", "wv", "w1", "w3", "output")
+    dim1 = ("wo", "w2", "tok_embeddings")
+    shards = [{}, {}]
+    for k, v in meta.items():
+        v = v.to(torch.bfloat16)
+        kind = k.split(".")[-2] if k.count(".") >= 2 else k.split(".")[0]
+        if kind in dim0:
+            parts = v.chunk(2, dim=0)
+        elif kind in dim1:
+            parts = v.chunk(2, dim=1)
+        else:
+            parts = (v, v)
+        for s_, part in zip(shards, parts):
+            s_[k] = part.clone()
+    for j, s_ in enumerate(shards):
+        torch.save(s_, out / f"consolidated.{j:02d}.pth")
+    write_json(out / "params.json", {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads,
+                                     "n_kv_heads": n_kv, "n_layers": n_layers, "norm_eps": eps, "vocab_size": -1})
+    ids = [tok(t).input_ids for t in META_TEXTS]
+    ref = {}
+    for j, row in enumerate(ids):
+        assert row[0] == 1
+        with torch.no_grad():
+            ref[f"logits_{j}"] = model(input_ids=torch.tensor([row])).logits[0]
+        ref[f"ids_{j}"] = torch.tensor(row)
+    save_reference(out / "reference.safetensors", ref)
+    write_json(out / "texts.json", {"texts": META_TEXTS, "decoded": [tok.decode(r, skip_special_tokens=True) for r in ids]})
+
+
 def make_official_memvp():
     """The authors' released checkpoint layout (`checkpoint-19.pth`: `{"model": state_dict}` as
     their DDP training loop saves it, keys prefixed `module.`), holding the tensors of
@@ -1573,11 +1673,13 @@ def main():
                 make_official_memvp()
             elif name == "adem_llama_clip":
                 make_adem()
+            elif name == "meta_llama":
+                make_meta_llama()
             elif name in ("bart_untied", "t5_untied"):
                 tok = bart_tokenizer() if name.startswith("bart") else t5_tokenizer()
                 make_untied(name, name.split("_")[0], tok)
             else:
-                raise SystemExit(f"--only knows bart_untied, t5_untied, official_memvp and adem_llama_clip, not {name}")
+                raise SystemExit(f"--only knows bart_untied, t5_untied, official_memvp, adem_llama_clip and meta_llama, not {name}")
         return
     llama_tok = llama_tokenizer()
     facts = {}

@@ -3,13 +3,14 @@
 
 mod config;
 mod gguf;
+pub mod spm;
 mod store;
 mod tokenizer;
 
 pub use config::Cfg;
 pub use gguf::GgufFile;
 pub use store::{Weights, safetensors_bytes, save_safetensors_atomic};
-pub use tokenizer::{Tok, tokenizer_from_gguf};
+pub use tokenizer::{Tok, tokenizer_from_gguf, tokenizer_from_spm};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};

@@ -142,29 +142,73 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<Tok> {
                           "vocab": vocab, "merges": merges}
             })
         }
-        "llama" => spm_json(g, &tokens, added, vocab, bos_tok, &template)?,
+        "llama" => {
+            let scores = floats(g, "tokenizer.ggml.scores");
+            let mut merges = strings(g, "tokenizer.ggml.merges")?;
+            if merges.is_empty() {
+                merges = generate_merges(&tokens, MergeOrder::Scores(&scores));
+            }
+            let add_bos = flag(g, "tokenizer.ggml.add_bos_token").unwrap_or(true);
+            let add_prefix = flag(g, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+            spm_json(added, vocab, merges, template(add_bos, bos_tok), add_prefix)
+        }
         other => bail!("{}: unsupported tokenizer.ggml.model `{other}` (supported: gpt2, llama)", g.path.display()),
     };
     Tok::from_json(&v).with_context(|| format!("{}: building the {model} tokenizer", g.path.display()))
 }
 
-/// transformers' `GGUFLlamaConverter`: a byte-fallback BPE whose merges are generated from the
-/// piece scores (`generate_merges`), SentencePiece-style normalizer and decoder.
+/// The tokenizer of a SentencePiece `tokenizer.model` (LLaMA 1/2, Meta's layout) as
+/// transformers 5 builds it (`SentencePieceExtractor` + `LlamaTokenizer`): a byte-fallback BPE
+/// whose merges follow the vocabulary order, control and unknown pieces special, BOS added.
+pub fn tokenizer_from_spm(path: &std::path::Path) -> Result<Tok> {
+    use super::spm::{self, SpmModel};
+    let m = SpmModel::read(path)?;
+    if m.model_type != spm::BPE {
+        bail!(
+            "{}: a SentencePiece {} model; memvp reads BPE models (LLaMA's)",
+            path.display(),
+            if m.model_type == spm::UNIGRAM { "Unigram" } else { "non-BPE" }
+        )
+    }
+    if !m.byte_fallback {
+        bail!("{}: a SentencePiece BPE model without byte fallback; LLaMA's has it", path.display())
+    }
+    let tokens: Vec<String> = m.pieces.iter().map(|p| p.0.clone()).collect();
+    let added: Vec<serde_json::Value> = m
+        .pieces
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p.2, spm::UNKNOWN | spm::CONTROL | spm::USER_DEFINED))
+        .map(|(i, p)| {
+            let special = p.2 != spm::USER_DEFINED;
+            json!({"id": i, "content": p.0, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+        })
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let merges = generate_merges(&tokens, MergeOrder::Vocabulary);
+    let post = match SpmModel::id(m.bos_id).and_then(|b| tokens.get(b as usize).map(|t| (b, t))) {
+        Some((id, b)) => json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": b, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": b, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {b.as_str(): {"id": b, "ids": [id], "tokens": [b]}}
+        }),
+        None => serde_json::Value::Null,
+    };
+    let v = spm_json(added, vocab, merges, post, m.add_dummy_prefix);
+    Tok::from_json(&v).with_context(|| format!("{}: building the tokenizer", path.display()))
+}
+
+/// transformers' `GGUFLlamaConverter` / `LlamaTokenizer`: a byte-fallback BPE, Metaspace
+/// pre-tokenizer, SentencePiece-style decoder.
 fn spm_json(
-    g: &GgufFile,
-    tokens: &[String],
     added: Vec<serde_json::Value>,
     vocab: serde_json::Map<String, serde_json::Value>,
-    bos_tok: Option<&String>,
-    template: &dyn Fn(bool, Option<&String>) -> serde_json::Value,
-) -> Result<serde_json::Value> {
-    let scores = floats(g, "tokenizer.ggml.scores");
-    let mut merges = strings(g, "tokenizer.ggml.merges")?;
-    if merges.is_empty() {
-        merges = generate_merges(tokens, &scores);
-    }
-    let add_bos = flag(g, "tokenizer.ggml.add_bos_token").unwrap_or(true);
-    let add_prefix = flag(g, "tokenizer.ggml.add_space_prefix").unwrap_or(true);
+    merges: Vec<String>,
+    post: serde_json::Value,
+    add_prefix: bool,
+) -> serde_json::Value {
     // transformers 5: no normalizer; Metaspace with prepend_scheme "first" (a `▁` before the
     // first piece unless the text starts with one), no split.
     let pre = json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": if add_prefix { "first" } else { "never" }, "split": false});
@@ -176,29 +220,40 @@ fn spm_json(
     if add_prefix {
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
-    Ok(json!({
+    json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre,
-        "post_processor": template(add_bos, bos_tok),
+        "post_processor": post,
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
-    }))
+    })
 }
 
-/// transformers' `generate_merges(vocab, vocab_scores)`: every split of every piece into two
-/// pieces of the vocabulary, ordered by the piece's score (highest first), then by the
-/// lengths of the two parts.
-fn generate_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
+/// How [`generate_merges`] orders the merges.
+enum MergeOrder<'a> {
+    /// By the merged piece's score, highest first (GGUF, `generate_merges(vocab, scores)`).
+    Scores(&'a [f64]),
+    /// By the merged piece's id, lowest first (`generate_merges(vocab)`, tokenizer.model).
+    Vocabulary,
+}
+
+/// transformers' `generate_merges`: every split of every piece into two pieces of the
+/// vocabulary, ordered by the piece's score (highest first) or id (lowest first), then by the
+/// lengths of the two parts (the same direction).
+fn generate_merges(tokens: &[String], by: MergeOrder) -> Vec<String> {
     use std::collections::HashMap;
     let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(String, String, f64, usize)> = Vec::new();
     let mut order = 0usize;
     for (i, piece) in tokens.iter().enumerate() {
-        let score = scores.get(i).copied().unwrap_or(0.0);
+        let score = match by {
+            MergeOrder::Scores(s) => s.get(i).copied().unwrap_or(0.0),
+            MergeOrder::Vocabulary => i as f64,
+        };
         let mut local = Vec::new();
         let cuts: Vec<usize> = piece.char_indices().map(|(b, _)| b).skip(1).collect();
         for c in cuts {
@@ -213,11 +268,13 @@ fn generate_merges(tokens: &[String], scores: &[f64]) -> Vec<String> {
             order += 1;
         }
     }
-    // Python's sort is stable; with reverse=True equal keys keep their original order.
+    // Python's sort is stable, also with reverse=True: equal keys keep their original order.
+    let descending = matches!(by, MergeOrder::Scores(_));
     merges.sort_by(|a, b| {
         let ka = (a.2, a.0.chars().count(), a.1.chars().count());
         let kb = (b.2, b.0.chars().count(), b.1.chars().count());
-        kb.0.total_cmp(&ka.0).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2)).then(a.3.cmp(&b.3))
+        let by_key = ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1)).then(ka.2.cmp(&kb.2));
+        (if descending { by_key.reverse() } else { by_key }).then(a.3.cmp(&b.3))
     });
     merges.into_iter().map(|(l, r, _, _)| format!("{l} {r}")).collect()
 }

@@ -93,6 +93,9 @@ pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
     if !path.exists() {
         bail!("{}: no such file or directory (expected a Hugging Face model directory or a .gguf file)", path.display())
     }
+    if !path.join("config.json").is_file() && path.join("params.json").is_file() {
+        return super::meta::load_meta(path, dtype, dev);
+    }
     let cfg_path = path.join("config.json");
     let cfg = Cfg::load(&cfg_path)?;
     // An unknown family fails before the weights are read.

@@ -6,6 +6,7 @@ pub mod encdec;
 pub mod kv_cache;
 pub mod llama;
 pub mod load;
+pub mod meta;
 pub mod t5;
 
 pub use kv_cache::KvCache;
