@@ -9,4 +9,7 @@ EASYVQA=$(where easy_vqa)/data
 mkdir -p "$out"
 sed -e "s|@GGUF@|$GGUF|" -e "s|@EASYVQA@|$EASYVQA|" "$spec" > "$out/spec.toml"
 cargo build --release
-target/release/memvp compare --spec "$out/spec.toml" --out "$out" "$@"
+# A copy of the binary: a rebuild while the comparison runs must not pull it from under the
+# child processes it starts.
+mkdir -p "$out/bin" && cp target/release/memvp "$out/bin/memvp"
+"$out/bin/memvp" compare --spec "$out/spec.toml" --out "$out" "$@"

@@ -292,7 +292,9 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
             peak = peak.max(sum["peak_rss_mb"].as_f64().unwrap_or(0.0));
         }
         let now = newest_step(&dir);
-        if now > step && curve.last().is_none_or(|p| p.step < now) {
+        // Evaluate the newest checkpoint unless the curve has it (also after a stop between a
+        // segment's end and its evaluation).
+        if now > 0 && curve.last().is_none_or(|p| p.step < now) {
             let ev = evaluate(
                 c,
                 &data,
