@@ -14,7 +14,7 @@
 //! The CLS projection is not scaled by beta nor multiplied by the indicator; its prompt
 //! positions carry no loss (they are prompt). `no_cls` leaves the CLS and its words out.
 
-use super::memvp::{MemorySites, VisionAdapters, init_vision_adapters};
+use super::memvp::{MemorySites, VisionAdapters, check_placement, init_vision_adapters, vision_adapter_names};
 use super::{Adapter, Build, Installed, MethodSpec, RequestVisual, Sections, Visual, section, to_section};
 use crate::data::batch::PromptInsert;
 use crate::data::image::Norm;
@@ -197,10 +197,7 @@ impl Adem {
         }
         v.push(("memory.key_embed".into(), self.key_embed.clone()));
         v.push(("memory.value_embed".into(), self.value_embed.clone()));
-        for (i, (d, u)) in self.vision_adapters.iter().enumerate() {
-            v.push((format!("vision.layers.{i}.adapter.down.weight"), d.clone()));
-            v.push((format!("vision.layers.{i}.adapter.up.weight"), u.clone()));
-        }
+        v.extend(vision_adapter_names(&self.vision_adapters));
         v
     }
 
@@ -377,19 +374,7 @@ impl Adapter for Adem {
 
 fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
     let cfg: AdemConfig = section(s, "adem")?;
-    b.vision_model.resolve_layer(cfg.vision_layer)?;
-    if !b.lm.stacks().iter().any(|(site, _)| cfg.memory_sites.includes(*site)) {
-        bail!("memory sites `{:?}`: this {} LM has no such stack", cfg.memory_sites, b.lm.family())
-    }
-    let per_stack = b.lm.layers_per_stack();
-    if let Some(layers) = &cfg.memory_layers {
-        if let Some(bad) = layers.iter().find(|&&l| l >= per_stack) {
-            bail!("memory layer {bad} does not exist: the LM has {per_stack} blocks per stack (valid: 0..{per_stack})")
-        }
-        if layers.is_empty() {
-            bail!("memory layers: the list is empty (leave it out to give every block the branch)")
-        }
-    }
+    check_placement(b, cfg.vision_layer, cfg.memory_sites, cfg.memory_layers.as_ref())?;
     Ok(Box::new(Adem::init(cfg, b, DType::F32)?))
 }
 

@@ -131,10 +131,7 @@ impl Memvp {
         let mut v = self.projector.named();
         v.push(("memory.key_embed".into(), self.key_embed.clone()));
         v.push(("memory.value_embed".into(), self.value_embed.clone()));
-        for (i, (d, u)) in self.vision_adapters.iter().enumerate() {
-            v.push((format!("vision.layers.{i}.adapter.down.weight"), d.clone()));
-            v.push((format!("vision.layers.{i}.adapter.up.weight"), u.clone()));
-        }
+        v.extend(vision_adapter_names(&self.vision_adapters));
         v
     }
 
@@ -343,19 +340,23 @@ impl Adapter for Memvp {
     }
 }
 
-fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
-    let cfg: MemvpConfig = section(s, "memvp")?;
-    b.vision_model.resolve_layer(cfg.vision_layer)?;
-    let stacks = b.lm.stacks();
-    if !stacks.iter().any(|(site, _)| cfg.memory_sites.includes(*site)) {
+/// The vision layer, memory sites and memory layers of a memory-space method against the bases
+/// (MemVP's and ADEM-VL's settings share them).
+pub(crate) fn check_placement(
+    b: &Build,
+    vision_layer: isize,
+    sites: MemorySites,
+    layers: Option<&Vec<usize>>,
+) -> Result<()> {
+    b.vision_model.resolve_layer(vision_layer)?;
+    if !b.lm.stacks().iter().any(|(site, _)| sites.includes(*site)) {
         bail!(
-            "memory sites `{:?}`: this {} LM has no such stack (a decoder-only LM takes decoder or both)",
-            cfg.memory_sites,
+            "memory sites `{sites:?}`: this {} LM has no such stack (a decoder-only LM takes decoder or both)",
             b.lm.family()
         )
     }
     let per_stack = b.lm.layers_per_stack();
-    if let Some(layers) = &cfg.memory_layers {
+    if let Some(layers) = layers {
         if let Some(bad) = layers.iter().find(|&&l| l >= per_stack) {
             bail!("memory layer {bad} does not exist: the LM has {per_stack} blocks per stack (valid: 0..{per_stack})")
         }
@@ -363,6 +364,22 @@ fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
             bail!("memory layers: the list is empty (leave it out to give every block memory)")
         }
     }
+    Ok(())
+}
+
+/// The file names of the vision adapters.
+pub(crate) fn vision_adapter_names(adapters: &[(Var, Var)]) -> Vec<(String, Var)> {
+    let mut v = Vec::new();
+    for (i, (d, u)) in adapters.iter().enumerate() {
+        v.push((format!("vision.layers.{i}.adapter.down.weight"), d.clone()));
+        v.push((format!("vision.layers.{i}.adapter.up.weight"), u.clone()));
+    }
+    v
+}
+
+fn build(b: &Build, s: &Sections) -> Result<Box<dyn Adapter>> {
+    let cfg: MemvpConfig = section(s, "memvp")?;
+    check_placement(b, cfg.vision_layer, cfg.memory_sites, cfg.memory_layers.as_ref())?;
     if b.vision.num_patches() > cfg.slots {
         bail!(
             "the vision tower gives {} visual tokens but MemVP has {} memory slots (raise slots)",

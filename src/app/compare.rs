@@ -526,10 +526,7 @@ fn plot(report: &CompareReport, path: &Path) -> Result<()> {
         }
         root.present().map_err(|e| err(&e))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;
-    let mut png = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    crate::util::write_atomic(path, &png)
+    crate::train::metrics::write_png(buf, w, h, path)
 }
 
 #[cfg(test)]

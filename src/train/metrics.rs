@@ -154,6 +154,11 @@ pub fn plot(records: &[Record], path: &Path, title: &str) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    write_png(buf, w, h, path)
+}
+
+/// An RGB buffer drawn by plotters, written as a PNG (atomically).
+pub(crate) fn write_png(buf: Vec<u8>, w: u32, h: u32, path: &Path) -> Result<()> {
     let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer")?;
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
