@@ -44,7 +44,8 @@ fn quickstart(family: &str) {
         assert!((0.0..=1.0).contains(&v), "{k} = {v} is not a fraction");
     }
     assert!(memvp - control >= 0.30, "{family}: MemVP {memvp} does not beat the image-blind control {control} by 0.30");
-    assert!(secs > 0.0 && secs < 180.0, "{family}: took {secs}s");
+    // The time is reported, not bounded: a loaded machine must not fail the test.
+    assert!(secs > 0.0, "{family}: took {secs}s");
     // It wrote both runs' evaluations where it said.
     for run in ["memvp", "control"] {
         assert!(out.join(run).join("eval.json").is_file(), "{run}/eval.json missing");

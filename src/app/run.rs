@@ -34,7 +34,7 @@ pub fn prepare(
     prepare_checked(
         vlm,
         samples,
-        &Preflight { skip_bad, max_len, truncate_answers: false, source: "" },
+        &Preflight { skip_bad, max_len, truncate_answers: false, source: "", comm: &crate::dist::Single },
         cache_mb,
         blind,
     )
@@ -50,6 +50,8 @@ pub struct Preflight<'a> {
     pub truncate_answers: bool,
     /// The data source, for messages.
     pub source: &'a str,
+    /// The ranks that share the image check.
+    pub comm: &'a dyn crate::dist::Comm,
 }
 
 /// Every image decoded (each distinct file once, in parallel) and every sample's length
@@ -64,7 +66,7 @@ pub fn prepare_checked(
     if samples.is_empty() {
         bail!("{}: the split has no samples (check the split name and --max-train-samples)", pf.source)
     }
-    let (samples, skipped) = if blind { (samples, 0) } else { data::filter_images(samples, pf.skip_bad)? };
+    let (samples, skipped) = if blind { (samples, 0) } else { data::filter_images_on(samples, pf.skip_bad, pf.comm)? };
     if samples.is_empty() {
         bail!("no samples left after skipping unreadable images")
     }
@@ -273,6 +275,7 @@ pub fn train_run(cfg: &RunSettings, out: &Path, start: Start) -> Result<TrainRep
         max_len: vlm.max_text_len(),
         truncate_answers: cfg.data.truncate_answers,
         source: &cfg.data.source,
+        comm,
     };
     let prep = prepare_checked(&vlm, samples, &pf, cfg.data.image_cache_mb, blind)?;
     let n = prep.builder.samples.len();
@@ -420,7 +423,8 @@ pub fn evaluate_on(
         std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write into this directory", dir.display()))?;
         let _ = std::fs::remove_file(&probe);
     }
-    let (samples, skipped) = if vlm.uses_images() { data::filter_images(samples, skip_bad)? } else { (samples, 0) };
+    let (samples, skipped) =
+        if vlm.uses_images() { data::filter_images_on(samples, skip_bad, comm)? } else { (samples, 0) };
     if samples.is_empty() {
         bail!("nothing to evaluate")
     }

@@ -165,13 +165,44 @@ pub fn check_outputs(kind: &str, samples: &[Sample], outputs: &[String], what: &
 /// Drops (and counts) samples whose image is missing or unreadable when `skip`, else fails on
 /// the first such image.
 pub fn filter_images(samples: Vec<Sample>, skip: bool) -> Result<(Vec<Sample>, usize)> {
+    filter_images_on(samples, skip, &crate::dist::Single)
+}
+
+/// [`filter_images`] with the decoding shared by the ranks of `comm`: rank r decodes every
+/// N-th distinct image, rank 0 gathers what failed (naming the rank that saw it) and every rank
+/// applies the same verdict.
+pub fn filter_images_on(
+    samples: Vec<Sample>,
+    skip: bool,
+    comm: &dyn crate::dist::Comm,
+) -> Result<(Vec<Sample>, usize)> {
     use rayon::prelude::*;
     // Each distinct image once: VQA v2 asks ~5 questions per image, COCO has ~5 captions.
     let mut distinct: Vec<PathBuf> = samples.iter().filter_map(|s| s.image.clone()).collect();
     distinct.sort();
     distinct.dedup();
-    let bad: std::collections::HashMap<PathBuf, String> =
-        distinct.into_par_iter().filter_map(|p| check_image(&p).err().map(|e| (p, format!("{e:#}")))).collect();
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let mine: Vec<PathBuf> =
+        distinct.into_iter().enumerate().filter(|(i, _)| i % ranks == rank).map(|(_, p)| p).collect();
+    let mut bad: std::collections::HashMap<PathBuf, String> =
+        mine.into_par_iter().filter_map(|p| check_image(&p).err().map(|e| (p, format!("{e:#}")))).collect();
+    if ranks > 1 {
+        let who = crate::dist::who();
+        let list: Vec<(PathBuf, String)> = bad.drain().map(|(p, e)| (p, format!("{who}{e}"))).collect();
+        let all = comm.gather(&serde_json::to_vec(&list)?)?;
+        let merged: Vec<(PathBuf, String)> = match all {
+            Some(parts) => {
+                let mut m = Vec::new();
+                for part in parts {
+                    m.extend(serde_json::from_slice::<Vec<(PathBuf, String)>>(&part)?);
+                }
+                m
+            }
+            None => Vec::new(),
+        };
+        let merged: Vec<(PathBuf, String)> = serde_json::from_slice(&comm.broadcast(serde_json::to_vec(&merged)?)?)?;
+        bad = merged.into_iter().collect();
+    }
     let mut kept = Vec::with_capacity(samples.len());
     let mut skipped = 0;
     for s in samples {
