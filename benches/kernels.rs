@@ -77,9 +77,9 @@ fn mlp(c: &mut Criterion) {
     let x = randn(&[4 * 64, d], 8);
     fwd_bwd(c, "swiglu_mlp/memvp-fused", &x, &|t| m.forward(t).unwrap());
     fwd_bwd(c, "swiglu_mlp/candle-matmul", &x, &|t| {
-        let g = t.matmul(&m.w1.weight.t().unwrap()).unwrap();
-        let u = t.matmul(&m.w2.as_ref().unwrap().weight.t().unwrap()).unwrap();
-        (g.silu().unwrap() * u).unwrap().matmul(&m.down.weight.t().unwrap()).unwrap()
+        let g = t.matmul(&m.w1.weight.tensor().unwrap().t().unwrap()).unwrap();
+        let u = t.matmul(&m.w2.as_ref().unwrap().weight.tensor().unwrap().t().unwrap()).unwrap();
+        (g.silu().unwrap() * u).unwrap().matmul(&m.down.weight.tensor().unwrap().t().unwrap()).unwrap()
     });
 }
 

@@ -7,7 +7,7 @@ use crate::data::DataOptions;
 use crate::data::batch::{Batch, TextLayout};
 use crate::data::image::Preprocess;
 use crate::generate::{self, BeamStepper, Finished, Sampling, Sequence};
-use crate::models::{LoadedLm, LoadedVision, TeacherForcing, load_lm, load_vision};
+use crate::models::{LoadedLm, LoadedVision, Precision, TeacherForcing, load_lm, load_vision};
 use crate::ops;
 use crate::rng::Rng;
 use anyhow::{Result, bail};
@@ -84,12 +84,12 @@ impl Vlm {
 
     /// Loads a run's adapter onto its base models (or the given ones), refusing base models
     /// whose content differs from those it was trained on.
-    pub fn from_run(run: &Path, vision: Option<&str>, lm: Option<&Path>) -> Result<Self> {
+    pub fn from_run(run: &Path, vision: Option<&str>, lm: Option<&Path>, prec: Precision) -> Result<Self> {
         let cfg = AdapterConfig::read(run)?;
         let cfg_path = run.join(adapters::file::CONFIG_FILE);
         let dev = crate::util::device();
         let vsrc = vision.map(str::to_string).unwrap_or_else(|| cfg.vision.source.clone());
-        let vis = load_vision(&vsrc, DType::F32, &dev)?;
+        let vis = load_vision(&vsrc, DType::F32, prec.vision, &dev)?;
         if vis.fingerprint != cfg.vision.sha256 {
             bail!(
                 "{}: this adapter was trained on the vision tower {} (sha256 {}), but {} has sha256 {}: refusing to load it on another base model",
@@ -101,7 +101,7 @@ impl Vlm {
             )
         }
         let lpath = lm.map(Path::to_path_buf).unwrap_or_else(|| cfg.lm.source.clone().into());
-        let l = load_lm(&lpath, DType::F32, &dev)?;
+        let l = load_lm(&lpath, DType::F32, prec.lm, &dev)?;
         if l.fingerprint != cfg.lm.sha256 {
             bail!(
                 "{}: this adapter was trained on the language model {} (sha256 {}), but {} has sha256 {}: refusing to load it on another base model",

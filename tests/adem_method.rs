@@ -40,8 +40,10 @@ fn setup(drop_ratio: Option<f64>) -> Setup {
         s["drop_ratio"] = r.into();
     }
     let dev = Device::Cpu;
-    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F32, &dev).unwrap();
-    let vision = load_vision(fixtures().join("clip_vision_quickgelu").to_str().unwrap(), DType::F32, &dev).unwrap();
+    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F32, Default::default(), &dev).unwrap();
+    let vision =
+        load_vision(fixtures().join("clip_vision_quickgelu").to_str().unwrap(), DType::F32, Default::default(), &dev)
+            .unwrap();
     let settings = AdapterSettings {
         method: "adem".into(),
         sections: [("adem".to_string(), s)].into(),
@@ -155,8 +157,10 @@ fn gradient_check(drop_ratio: f64, eps: f64) {
     let sections = [("adem".to_string(), s)].into();
     let cfg: AdemConfig = memvp::adapters::section(&sections, "adem").unwrap();
     let dev = Device::Cpu;
-    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F64, &dev).unwrap();
-    let vision = load_vision(fixtures().join("clip_vision_quickgelu").to_str().unwrap(), DType::F64, &dev).unwrap();
+    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F64, Default::default(), &dev).unwrap();
+    let vision =
+        load_vision(fixtures().join("clip_vision_quickgelu").to_str().unwrap(), DType::F64, Default::default(), &dev)
+            .unwrap();
     let b =
         Build { vision: &vision.model.cfg, vision_model: &vision.model, lm: lm.model.as_ref(), tok: &lm.tok, seed: 0 };
     let adem = Adem::init(cfg, &b, DType::F64).unwrap();

@@ -21,7 +21,9 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 
 fn check_model(name: &str) {
     let r = reference(name);
-    let lm = load_lm(&fixtures().join("gguf").join(format!("{name}.gguf")), DType::F32, &Device::Cpu).unwrap();
+    let lm =
+        load_lm(&fixtures().join("gguf").join(format!("{name}.gguf")), DType::F32, Default::default(), &Device::Cpu)
+            .unwrap();
     let m = lm.llama().unwrap();
     let prompt = ids(&r["prompt_ids"]);
     assert_eq!(lm.tok.encode(r["prompt"].as_str().unwrap(), true).unwrap(), prompt);
@@ -48,7 +50,7 @@ fn gguf_gpt2_tokenizer_quantized_weights() {
 fn gguf_sentencepiece_tokenizer() {
     check_model("tiny_spmtok");
     let r = reference("tiny_spmtok");
-    let lm = load_lm(&fixtures().join("gguf/tiny_spmtok.gguf"), DType::F32, &Device::Cpu).unwrap();
+    let lm = load_lm(&fixtures().join("gguf/tiny_spmtok.gguf"), DType::F32, Default::default(), &Device::Cpu).unwrap();
     for p in r["prompts"].as_array().unwrap() {
         let text = p["text"].as_str().unwrap();
         let got = lm.tok.encode(text, true).unwrap();
@@ -60,7 +62,7 @@ fn gguf_sentencepiece_tokenizer() {
 #[test]
 fn gguf_loads_like_the_hf_checkpoint() {
     // The SentencePiece GGUF holds exactly the f16 weights of spm_hf/.
-    let a = load_lm(&fixtures().join("gguf/tiny_spmtok.gguf"), DType::F32, &Device::Cpu).unwrap();
+    let a = load_lm(&fixtures().join("gguf/tiny_spmtok.gguf"), DType::F32, Default::default(), &Device::Cpu).unwrap();
     let cfg = memvp::checkpoint::Cfg::load(&fixtures().join("gguf/spm_hf/config.json")).unwrap();
     let c = memvp::models::llama::LlamaConfig::from_hf(&cfg).unwrap();
     let files = memvp::checkpoint::safetensors_files(&fixtures().join("gguf/spm_hf")).unwrap();

@@ -848,7 +848,7 @@ fn memvp_bart_forward_matches_formula() {
 #[test]
 fn fixture_branch_activations() {
     for fam in FAMILIES {
-        let lm = memvp::models::load_lm(&fixtures().join(fam.fixture()), F64, &cpu()).unwrap();
+        let lm = memvp::models::load_lm(&fixtures().join(fam.fixture()), F64, Default::default(), &cpu()).unwrap();
         let (_, _, a) = lm_shape(&lm);
         assert_eq!(a, fam.branch_act(), "{}", fam.fixture());
     }

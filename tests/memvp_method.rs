@@ -693,8 +693,10 @@ fn memvp_matches_pytorch_reference() {
         ..MemvpConfig::default()
     };
     assert_eq!((cfg.slots, cfg.hidden_proj, cfg.vision_adapter_dim, cfg.vision_layer), (24, 12, 6, -2));
-    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F32, &cpu()).unwrap();
-    let vis = load_vision(fixtures().join("clip_vision_quickgelu").to_str().unwrap(), DType::F32, &cpu()).unwrap();
+    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F32, Default::default(), &cpu()).unwrap();
+    let vis =
+        load_vision(fixtures().join("clip_vision_quickgelu").to_str().unwrap(), DType::F32, Default::default(), &cpu())
+            .unwrap();
     let llama = lm.llama().unwrap();
     let vc = &vis.model.cfg;
     let mv = Memvp::init(
@@ -894,9 +896,9 @@ fn lora_forward_equals_merged_weights_and_gradients_match() {
 #[test]
 fn input_space_loss_matches_concatenation_by_hand() {
     let mut rng = Rng::new(61);
-    let vision = load_vision("random:tiny", DType::F32, &cpu()).unwrap();
+    let vision = load_vision("random:tiny", DType::F32, Default::default(), &cpu()).unwrap();
     let lm_dir = fixtures().join("llama_gqa_tied");
-    let lm = load_lm(&lm_dir, DType::F32, &cpu()).unwrap();
+    let lm = load_lm(&lm_dir, DType::F32, Default::default(), &cpu()).unwrap();
     let sections = [
         (
             "input_space".to_string(),

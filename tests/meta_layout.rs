@@ -20,7 +20,7 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn meta_layout_loads_as_its_hugging_face_conversion() {
-    let lm = load_lm(&dir(), DType::F32, &Device::Cpu).unwrap();
+    let lm = load_lm(&dir(), DType::F32, Default::default(), &Device::Cpu).unwrap();
     assert_eq!(lm.model.family(), "llama");
     let r = candle_core::safetensors::load(dir().join("reference.safetensors"), &Device::Cpu).unwrap();
     let texts: serde_json::Value = serde_json::from_slice(&std::fs::read(dir().join("texts.json")).unwrap()).unwrap();
@@ -57,7 +57,8 @@ fn broken_meta_layouts_are_refused_naming_the_problem() {
         }
         d
     };
-    let err = |d: &std::path::Path| format!("{:#}", load_lm(d, DType::F32, &Device::Cpu).err().unwrap());
+    let err =
+        |d: &std::path::Path| format!("{:#}", load_lm(d, DType::F32, Default::default(), &Device::Cpu).err().unwrap());
     let e = err(&copy("consolidated.01.pth"));
     // One shard alone: the halves do not make the model.
     assert!(e.contains("rows") || e.contains("do not match") || e.contains("shape"), "{e}");

@@ -22,7 +22,7 @@ fn ids(t: &Tensor) -> Tensor {
 }
 
 fn check_llama(dir: &str) {
-    let lm = load_lm(&fixtures().join(dir), DType::F32, &Device::Cpu).unwrap();
+    let lm = load_lm(&fixtures().join(dir), DType::F32, Default::default(), &Device::Cpu).unwrap();
     let m = lm.llama().unwrap();
     let r = reference(dir);
     let input = ids(&r["input_ids"]);
@@ -74,7 +74,7 @@ fn llama3_rope_scaling_sharded() {
 
 #[test]
 fn left_padded_batch_generation_equals_single() {
-    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F32, &Device::Cpu).unwrap();
+    let lm = load_lm(&fixtures().join("llama_gqa_tied"), DType::F32, Default::default(), &Device::Cpu).unwrap();
     let m = lm.llama().unwrap();
     let prompts = vec![lm.tok.encode("The capital of France is", true).unwrap(), lm.tok.encode("It is", true).unwrap()];
     let s = Sampling { max_new_tokens: 10, ..Default::default() };
@@ -88,7 +88,13 @@ fn left_padded_batch_generation_equals_single() {
 }
 
 fn check_clip(dir: &str) {
-    let v = memvp::models::load_vision(fixtures().join(dir).to_str().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let v = memvp::models::load_vision(
+        fixtures().join(dir).to_str().unwrap(),
+        DType::F32,
+        Default::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
     let r = reference(dir);
     let px = &r["pixel_values"];
     let hs = v.model.hidden_states(px).unwrap();
@@ -198,7 +204,7 @@ fn smollm2_gguf_greedy_matches_transformers() {
     }
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixtures().join("smollm2_reference.json")).unwrap()).unwrap();
-    let lm = load_lm(&path, DType::F32, &Device::Cpu).unwrap();
+    let lm = load_lm(&path, DType::F32, Default::default(), &Device::Cpu).unwrap();
     let m = lm.llama().unwrap();
     for g in r["generations"].as_array().unwrap() {
         let prompt: Vec<u32> = serde_json::from_value(g["prompt_ids"].clone()).unwrap();

@@ -212,7 +212,7 @@ fn adapter_files_and_round_trip() {
     assert_eq!(ac["dims"]["lm_width"], 64);
 
     // Reloading gives the same tensors, the same loss and the same generations.
-    let re = Vlm::from_run(&out, None, None).unwrap();
+    let re = Vlm::from_run(&out, None, None, Default::default()).unwrap();
     let a: Vec<(String, Vec<f32>)> =
         vlm.named().into_iter().map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect();
     let b: Vec<(String, Vec<f32>)> =
@@ -239,7 +239,7 @@ fn adapter_files_and_round_trip() {
 
     // Onto another LM: a clear error naming both models, no panic.
     let other = fixtures().join("llama_rope_parameters");
-    let e = match Vlm::from_run(&out, None, Some(&other)) {
+    let e = match Vlm::from_run(&out, None, Some(&other), Default::default()) {
         Ok(_) => panic!("an adapter loaded onto another LM"),
         Err(e) => format!("{e:#}"),
     };

@@ -19,7 +19,6 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 use serde_json::json;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,6 +60,19 @@ pub struct BenchArgs {
     pub lm_kv_heads: usize,
     #[arg(long, default_value_t = 49152)]
     pub vocab: usize,
+    /// A named LM shape with random weights (overrides --lm-layers etc.; ignored with --lm):
+    /// smollm2-135m, llama-7b, llama-13b.
+    #[arg(long, value_parser = ["smollm2-135m", "llama-7b", "llama-13b"])]
+    pub lm_shape: Option<String>,
+    /// Format of the LM's frozen matrices (random weights are made directly in it).
+    #[arg(long, default_value = "f32")]
+    pub lm_dtype: crate::ops::WeightFormat,
+    /// Format of the vision tower's frozen matrices.
+    #[arg(long, default_value = "f32")]
+    pub vision_dtype: crate::ops::WeightFormat,
+    /// Measure the memory-space method alone (no input-space baseline): for large shapes.
+    #[arg(long)]
+    pub no_baseline: bool,
     /// The memory-space method measured against the input-space baseline.
     #[arg(long, default_value = "memvp", value_parser = ["memvp", "adem"])]
     pub method: String,
@@ -128,31 +140,44 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// A random SmolLM2-shaped LM (frozen, plain tensors) with a byte-level stand-in tokenizer.
+/// (vocab, hidden, intermediate, layers, heads, kv heads, tied) of a named LM shape.
+fn lm_shape(name: &str) -> Result<(usize, usize, usize, usize, usize, usize, bool)> {
+    Ok(match name {
+        "smollm2-135m" => (49152, 576, 1536, 30, 9, 3, true),
+        "llama-7b" => (32000, 4096, 11008, 32, 32, 32, false),
+        "llama-13b" => (32000, 5120, 13824, 40, 40, 40, false),
+        other => bail!("--lm-shape {other}: unknown (smollm2-135m, llama-7b, llama-13b)"),
+    })
+}
+
+/// A random LM (SmolLM2-shaped unless told otherwise), its frozen matrices made directly in
+/// `--lm-dtype`, with a byte-level stand-in tokenizer.
 pub fn random_lm(a: &BenchArgs) -> Result<LoadedLm> {
+    let (vocab, d, inter, layers, heads, kv, tied) = match &a.lm_shape {
+        Some(s) => lm_shape(s)?,
+        None => (a.vocab, a.lm_hidden, a.lm_intermediate, a.lm_layers, a.lm_heads, a.lm_kv_heads, true),
+    };
+    let label = format!("random {}-shaped LM", a.lm_shape.as_deref().unwrap_or("SmolLM2"));
     let cfg = LlamaConfig {
-        vocab_size: a.vocab,
-        hidden_size: a.lm_hidden,
-        intermediate_size: a.lm_intermediate,
-        num_hidden_layers: a.lm_layers,
-        num_attention_heads: a.lm_heads,
-        num_key_value_heads: a.lm_kv_heads,
-        head_dim: a.lm_hidden / a.lm_heads,
+        vocab_size: vocab,
+        hidden_size: d,
+        intermediate_size: inter,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: d / heads,
         rms_norm_eps: 1e-5,
         rope_theta: 100000.0,
         rope_scaling: None,
         max_position_embeddings: 2048,
-        tie_word_embeddings: true,
+        tie_word_embeddings: tied,
         hidden_act: Activation::Silu,
         attention_bias: false,
         mlp_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     };
-    let w = Weights::random("random SmolLM2-shaped LM", 0, 0.02, DType::F32, &Device::Cpu);
-    Llama::load(&w, cfg.clone())?;
-    let frozen: HashMap<String, Tensor> = w.made().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
-    let model = Llama::load(&Weights::from_tensors("random SmolLM2-shaped LM", frozen, DType::F32, &Device::Cpu), cfg)?;
+    let model = Llama::load(&Weights::random_frozen(&label, 0, 0.02, a.lm_dtype, &Device::Cpu), cfg)?;
     let tok = Tok::from_json(&json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
@@ -458,28 +483,29 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     a.validate()?;
     let dev = Device::Cpu;
     let lm = match &a.lm {
-        Some(p) => load_lm(p, DType::F32, &dev)?,
+        Some(p) => load_lm(p, DType::F32, a.lm_dtype, &dev)?,
         None => random_lm(a)?,
     };
     if lm.llama().is_none() {
         bail!("memvp bench measures decoder-only LMs (LLaMA family)")
     }
-    let vision = load_vision(&a.vision, DType::F32, &dev)?;
+    let vision = load_vision(&a.vision, DType::F32, a.vision_dtype, &dev)?;
     let n_vis = vision.model.cfg.num_patches();
     let peak = matmul_peak_gflops()?;
     // Both methods' adapters on the same frozen backbones.
     let base = Arc::new(Base { vision, lm });
-    let vlms = [Vlm::new(base.clone(), &settings(&a.method))?, Vlm::new(base.clone(), &settings("input-space"))?];
+    let mut vlms = vec![Vlm::new(base.clone(), &settings(&a.method))?];
+    if !a.no_baseline {
+        vlms.push(Vlm::new(base.clone(), &settings("input-space"))?);
+    }
     let mut rng = Rng::new(11);
     let batch = synthetic_batch(&vlms[0], a, &mut rng)?;
     let data = Repeat(batch.clone());
-    let mut phases = [
-        Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 },
-        Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 },
-    ];
-    let mut trainers = [trainer(&vlms[0], &data)?, trainer(&vlms[1], &data)?];
-    let flops = vlms.each_ref().map(|v| count_flops(v, a.batch_size, a.text_tokens, a.answer_tokens));
-    let params = vlms.each_ref().map(|v| v.cfg.trainable_parameters);
+    let mut phases: Vec<Phase> =
+        vlms.iter().map(|_| Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 }).collect();
+    let mut trainers = vlms.iter().map(|v| trainer(v, &data)).collect::<Result<Vec<_>>>()?;
+    let flops: Vec<_> = vlms.iter().map(|v| count_flops(v, a.batch_size, a.text_tokens, a.answer_tokens)).collect();
+    let params: Vec<_> = vlms.iter().map(|v| v.cfg.trainable_parameters).collect();
     for round in 0..a.warmup + a.iters {
         for (k, tr) in trainers.iter_mut().enumerate() {
             let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 };
@@ -526,21 +552,34 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
             "candle_matmul_linears": {"forward_ms": fc, "backward_ms": bc, "backward_over_forward": bc / fc},
         })
     };
-    let (mv, is) = (&results[0], &results[1]);
+    let mv = &results[0];
+    let (is, ratios) = match results.get(1) {
+        Some(is) => (
+            json!(is),
+            json!({
+                "train_step": is.train_step_ms / mv.train_step_ms,
+                "prefill": is.prefill_ms / mv.prefill_ms,
+                "decode": is.decode_ms_per_token / mv.decode_ms_per_token,
+                "train_flops": is.train_gflop / mv.train_gflop,
+            }),
+        ),
+        None => (serde_json::Value::Null, serde_json::Value::Null),
+    };
+    let lm_cfg = &base.lm.llama().context("the bench's LM is not a LLaMA-family model")?.cfg;
     Ok(json!({
         "machine": machine(),
         "settings": a,
+        "lm": {
+            "layers": lm_cfg.num_hidden_layers, "hidden": lm_cfg.hidden_size,
+            "intermediate": lm_cfg.intermediate_size, "vocab": lm_cfg.vocab_size,
+            "dtype": a.lm_dtype, "vision_dtype": a.vision_dtype,
+        },
         "visual_tokens": n_vis,
         "matmul_peak_gflops": peak,
         "memory_method": a.method,
         (a.method.as_str()): mv,
         "input_space": is,
-        "ratios": {
-            "train_step": is.train_step_ms / mv.train_step_ms,
-            "prefill": is.prefill_ms / mv.prefill_ms,
-            "decode": is.decode_ms_per_token / mv.decode_ms_per_token,
-            "train_flops": is.train_gflop / mv.train_gflop,
-        },
+        "ratios": ratios,
         "memvp_train_efficiency": mv.train_gflops / peak,
         "backward_forward": fb,
     }))

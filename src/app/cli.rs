@@ -20,6 +20,24 @@ pub fn serde_enum<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Resul
     serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|e| e.to_string())
 }
 
+/// `--lm-dtype` / `--vision-dtype` for the commands that load a trained run's base models.
+#[derive(clap::Args, Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PrecisionArgs {
+    /// Format of the LM's frozen matrices: f32, bf16, f16, keep (as stored; GGUF blocks stay
+    /// quantized), q8_0, q4_0, q4_1, q4_k, q6_k.
+    #[arg(long, default_value = "f32")]
+    pub lm_dtype: crate::ops::WeightFormat,
+    /// Format of the vision tower's frozen matrices (as --lm-dtype).
+    #[arg(long, default_value = "f32")]
+    pub vision_dtype: crate::ops::WeightFormat,
+}
+
+impl PrecisionArgs {
+    pub fn precision(&self) -> crate::models::Precision {
+        crate::models::Precision { lm: self.lm_dtype, vision: self.vision_dtype }
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
     /// Hugging Face model directory or GGUF file (optional with --run: the adapter's own LM).
@@ -57,6 +75,8 @@ pub struct GenerateArgs {
     /// Print one JSON object instead of the text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 /// Refuses sampling settings that are out of range or that contradict each other.
@@ -98,7 +118,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let (prompt_ids, generated, text, eos, capped) = if let Some(run) = &a.run {
-        let vlm = crate::vlm::Vlm::from_run(run, a.vision.as_deref(), a.lm.as_deref())?;
+        let vlm = crate::vlm::Vlm::from_run(run, a.vision.as_deref(), a.lm.as_deref(), a.precision.precision())?;
         if a.image.is_some() && !vlm.uses_images() {
             anyhow::bail!(
                 "--image: the adapter in {} does not use images ({}); leave --image out",
@@ -138,7 +158,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if a.image.is_some() {
             anyhow::bail!("--image needs --run (a trained adapter that connects a vision tower to the LM)")
         }
-        let lm = load_lm(lm_path, DType::F32, &device())?;
+        let lm = load_lm(lm_path, DType::F32, a.precision.lm_dtype, &device())?;
         let ids = lm.tok.encode(&a.prompt, true)?;
         if ids.is_empty() {
             anyhow::bail!("the prompt encodes to no tokens")
@@ -196,7 +216,7 @@ fn decode(
 
 pub fn encode_image(vision: &str, image: &Path, layer: isize, norm: Norm, out: &Path) -> Result<()> {
     let dev = device();
-    let v = crate::models::load_vision(vision, DType::F32, &dev)?;
+    let v = crate::models::load_vision(vision, DType::F32, crate::ops::WeightFormat::F32, &dev)?;
     let pre = Preprocess { size: v.model.cfg.image_size, norm };
     let px = pre.load(image)?;
     let s = pre.size;
@@ -359,10 +379,12 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    let vlm = crate::vlm::Vlm::from_run(&a.run, a.vision.as_deref(), a.lm.as_deref())?;
+    let vlm = crate::vlm::Vlm::from_run(&a.run, a.vision.as_deref(), a.lm.as_deref(), a.precision.precision())?;
     let mut opts = vlm.cfg.prompt.clone();
     opts.skip_bad_images |= a.skip_bad_images;
     let ds = crate::data::open(&a.data, &opts)?;

@@ -375,7 +375,7 @@ pub fn run(out: &Path, s: &QuickstartSettings, verbose: bool) -> Result<Quicksta
         let run_dir = out.join(if blind { "control" } else { "memvp" });
         let _ = std::fs::remove_dir_all(&run_dir);
         let rep = super::run::train_run(&rc, &run_dir, super::run::Start::New)?;
-        let vlm = crate::vlm::Vlm::from_run(&run_dir, None, None)?;
+        let vlm = crate::vlm::Vlm::from_run(&run_dir, None, None, Default::default())?;
         let ev = super::run::evaluate(&vlm, ds.as_ref(), test.clone(), 64, false, Some(&run_dir))?;
         if verbose {
             eprintln!(

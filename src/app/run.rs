@@ -184,8 +184,8 @@ pub fn load_vlm(cfg: &RunSettings) -> Result<Vlm> {
         bail!("both --vision and --lm are needed (a CLIP directory or random:<preset>, and an LM directory or .gguf)")
     }
     let dev = crate::util::device();
-    let vision = load_vision(&cfg.model.vision, DType::F32, &dev)?;
-    let lm = load_lm(Path::new(&cfg.model.lm), DType::F32, &dev)?;
+    let vision = load_vision(&cfg.model.vision, DType::F32, cfg.model.vision_dtype, &dev)?;
+    let lm = load_lm(Path::new(&cfg.model.lm), DType::F32, cfg.model.lm_dtype, &dev)?;
     Vlm::new(Arc::new(Base { vision, lm }), &cfg.adapter_settings())
 }
 

@@ -7,6 +7,7 @@
 
 use crate::adapters::{self, Sections};
 use crate::data::DataOptions;
+use crate::ops::WeightFormat;
 use crate::settings::{Check, Flag, Kind, Rule, check_all, check_toml_finite, set_path};
 use crate::train::{LogSettings, OptimSettings};
 use crate::vlm::AdapterSettings;
@@ -24,6 +25,18 @@ pub const COMMON_FLAGS: &[Flag] = &[
         help: "CLIP checkpoint directory or random:<preset>[@seed] (presets: tiny, mini, small, bench, vit-b16, vit-l14)",
     },
     Flag { name: "lm", keys: &["model.lm"], kind: Kind::Str, help: "LM directory (Hugging Face) or .gguf file" },
+    Flag {
+        name: "lm-dtype",
+        keys: &["model.lm_dtype"],
+        kind: Kind::Str,
+        help: "Format of the LM's frozen matrices: f32, bf16, f16, keep (as stored; GGUF blocks stay quantized), q8_0, q4_0, q4_1, q4_k, q6_k [default: f32]",
+    },
+    Flag {
+        name: "vision-dtype",
+        keys: &["model.vision_dtype"],
+        kind: Kind::Str,
+        help: "Format of the vision tower's frozen matrices (as --lm-dtype) [default: f32]",
+    },
     Flag {
         name: "data",
         keys: &["data.source"],
@@ -236,6 +249,17 @@ pub struct ModelSettings {
     pub vision: String,
     /// LM directory or `.gguf` file.
     pub lm: String,
+    /// The format the LM's frozen matrices are kept in.
+    #[serde(skip_serializing_if = "is_f32")]
+    pub lm_dtype: WeightFormat,
+    /// The format the vision tower's frozen matrices are kept in.
+    #[serde(skip_serializing_if = "is_f32")]
+    pub vision_dtype: WeightFormat,
+}
+
+/// Runs in f32 (the default) write no dtype keys, so their files stay as earlier versions wrote them.
+fn is_f32(f: &WeightFormat) -> bool {
+    *f == WeightFormat::F32
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

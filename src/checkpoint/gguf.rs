@@ -3,11 +3,13 @@
 //! rows put back in the order Hugging Face's rotate-half rope expects (llama.cpp's converter
 //! permutes them for its interleaved rope).
 
+use crate::ops::Weight;
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 pub struct GgufFile {
     pub path: PathBuf,
@@ -158,6 +160,60 @@ impl GgufFile {
         } else {
             Ok(t)
         }
+    }
+}
+
+impl GgufFile {
+    /// A matrix by its Hugging Face name as stored: llama.cpp blocks stay blocks (q/k rows
+    /// reordered as whole rows of blocks), 16-bit tables stay 16-bit, f32 becomes `dtype`.
+    pub fn load_hf_stored(&self, hf: &str, dtype: DType, dev: &Device) -> Result<Weight> {
+        let Some(g) = Self::gguf_name(hf) else {
+            bail!("{}: no GGUF tensor corresponds to `{hf}`", self.path.display())
+        };
+        let Some(info) = self.content.tensor_infos.get(&g) else {
+            bail!("{}: tensor `{g}` (for `{hf}`) not found", self.path.display())
+        };
+        let stored = match info.ggml_dtype {
+            GgmlDType::F32 => return Ok(Weight::Dense(self.load_hf(hf, dev)?.to_dtype(dtype)?)),
+            GgmlDType::F16 => return Ok(Weight::Dense(self.load_hf(hf, dev)?.to_dtype(DType::F16)?)),
+            GgmlDType::BF16 => return Ok(Weight::Dense(self.load_hf(hf, dev)?.to_dtype(DType::BF16)?)),
+            t => t,
+        };
+        let q = {
+            let mut f = self.file.lock().unwrap();
+            self.content.tensor(&mut *f, &g, &Device::Cpu).map_err(|e| {
+                anyhow::anyhow!("{}: cannot read tensor `{g}` (truncated or corrupt?): {e}", self.path.display())
+            })?
+        };
+        let (rows, cols) =
+            q.shape().dims2().with_context(|| format!("{}: tensor `{g}` is not a matrix", self.path.display()))?;
+        let (h, kv) = self.heads()?;
+        let heads = if hf.ends_with("self_attn.q_proj.weight") {
+            h
+        } else if hf.ends_with("self_attn.k_proj.weight") {
+            kv
+        } else {
+            return Ok(Weight::Quant(Arc::new(q)));
+        };
+        // The rows of blocks in Hugging Face's order, as `unpermute` does for a dense matrix.
+        if rows % (2 * heads) != 0 {
+            bail!("{}: q/k weight `{g}` of {rows} rows cannot be split into {heads} heads", self.path.display())
+        }
+        let row_bytes = cols / stored.block_size() * stored.type_size();
+        let data = q.data()?;
+        let half = rows / heads / 2;
+        let mut out = Vec::with_capacity(data.len());
+        // New row (h, s, j) = h·2·half + s·half + j is file row h·2·half + 2·j + s.
+        for hh in 0..heads {
+            for s in 0..2 {
+                for j in 0..half {
+                    let r = hh * 2 * half + 2 * j + s;
+                    out.extend_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
+                }
+            }
+        }
+        let st = QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, stored)?;
+        Ok(Weight::Quant(Arc::new(QTensor::new(st, (rows, cols))?)))
     }
 }
 

@@ -3,6 +3,7 @@
 //! dtype on load and their shapes checked against what the config implies.
 
 use super::gguf::GgufFile;
+use crate::ops::{Weight, WeightFormat};
 use anyhow::{Context, Result, bail};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor};
@@ -28,14 +29,24 @@ enum Source {
         rng: std::sync::Mutex<crate::rng::Rng>,
         made: std::sync::Mutex<Vec<(String, candle_core::Var)>>,
     },
+    /// Frozen random tensors made on request directly in the store's format (a LLaMA-7B shape
+    /// in bf16 or Q4_0 for measuring memory, without ever holding the f32 model).
+    RandomFrozen {
+        label: String,
+        seed: u64,
+        std: f64,
+    },
 }
 
 #[derive(Clone)]
 pub struct Weights {
     src: Arc<Source>,
     prefix: String,
+    /// The working dtype: activations, norms, biases, and matrices kept in `F32` format.
     pub dtype: DType,
     pub device: Device,
+    /// The format [`Weights::matrix`] keeps frozen matrices in.
+    pub format: WeightFormat,
 }
 
 impl Weights {
@@ -63,11 +74,23 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            format: WeightFormat::F32,
         })
     }
 
     pub fn from_gguf(g: Arc<GgufFile>, dtype: DType, device: &Device) -> Self {
-        Self { src: Arc::new(Source::Gguf(g)), prefix: String::new(), dtype, device: device.clone() }
+        Self {
+            src: Arc::new(Source::Gguf(g)),
+            prefix: String::new(),
+            dtype,
+            device: device.clone(),
+            format: WeightFormat::F32,
+        }
+    }
+
+    /// The same weights with frozen matrices kept in `format`.
+    pub fn with_format(self, format: WeightFormat) -> Self {
+        Self { format, ..self }
     }
 
     pub fn from_tensors(label: &str, tensors: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Self {
@@ -76,6 +99,7 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            format: WeightFormat::F32,
         }
     }
 
@@ -92,6 +116,20 @@ impl Weights {
             prefix: String::new(),
             dtype,
             device: device.clone(),
+            format: WeightFormat::F32,
+        }
+    }
+
+    /// Frozen random weights made in `format` as the model asks for them: norm weights 1,
+    /// biases 0, everything else uniform with standard deviation `std` (fast to draw in
+    /// parallel, and nothing here depends on the distribution's shape).
+    pub fn random_frozen(label: &str, seed: u64, std: f64, format: WeightFormat, device: &Device) -> Self {
+        Self {
+            src: Arc::new(Source::RandomFrozen { label: label.to_string(), seed, std }),
+            prefix: String::new(),
+            dtype: DType::F32,
+            device: device.clone(),
+            format,
         }
     }
 
@@ -124,7 +162,9 @@ impl Weights {
                 }
             },
             Source::Gguf(g) => g.path.display().to_string(),
-            Source::Memory { label, .. } | Source::Random { label, .. } => label.clone(),
+            Source::Memory { label, .. } | Source::Random { label, .. } | Source::RandomFrozen { label, .. } => {
+                label.clone()
+            }
         }
     }
 
@@ -134,7 +174,7 @@ impl Weights {
             Source::Safetensors { index, .. } => index.contains_key(&full),
             Source::Gguf(g) => g.contains_hf(&full),
             Source::Memory { tensors, .. } => tensors.contains_key(&full),
-            Source::Random { .. } => false,
+            Source::Random { .. } | Source::RandomFrozen { .. } => false,
         }
     }
 
@@ -145,6 +185,7 @@ impl Weights {
             Source::Gguf(g) => g.hf_names(),
             Source::Memory { tensors, .. } => tensors.keys().cloned().collect(),
             Source::Random { made, .. } => made.lock().unwrap().iter().map(|(n, _)| n.clone()).collect(),
+            Source::RandomFrozen { .. } => vec![],
         };
         let mut v: Vec<String> = if self.prefix.is_empty() {
             all
@@ -158,6 +199,52 @@ impl Weights {
 
     /// Loads a tensor without checking its shape.
     pub fn get_any(&self, n: &str) -> Result<Tensor> {
+        let t = self.get_stored(n)?;
+        if t.dtype() == self.dtype { Ok(t) } else { Ok(t.to_dtype(self.dtype)?) }
+    }
+
+    /// A frozen matrix `[rows, cols]` in this store's [`WeightFormat`], its shape checked. The
+    /// trainable tensors of a random store stay dense in the working dtype.
+    pub fn matrix(&self, shape: impl Into<Shape>, n: &str) -> Result<Weight> {
+        let shape = shape.into();
+        let full = self.full_name(n);
+        let fmt = self.format;
+        if fmt == WeightFormat::F32 || matches!(&*self.src, Source::Random { .. }) {
+            return Ok(Weight::Dense(self.get(shape, n)?));
+        }
+        if let Source::RandomFrozen { .. } = &*self.src {
+            let t = self.get(shape, n)?;
+            let fmt = if fmt == WeightFormat::Keep { WeightFormat::F32 } else { fmt };
+            return Weight::convert(t, fmt).with_context(|| format!("{}: tensor `{full}`", self.label()));
+        }
+        let w = match (&*self.src, fmt) {
+            (Source::Gguf(g), WeightFormat::Keep) => g.load_hf_stored(&full, self.dtype, &self.device)?,
+            (_, WeightFormat::Keep) => {
+                let t = self.get_stored(n)?;
+                match t.dtype() {
+                    DType::BF16 | DType::F16 => Weight::Dense(t),
+                    _ => Weight::Dense(t.to_dtype(self.dtype)?),
+                }
+            }
+            _ => {
+                let t = self.get_stored(n)?;
+                let t = if matches!(fmt, WeightFormat::Bf16 | WeightFormat::F16) { t } else { t.to_dtype(DType::F32)? };
+                Weight::convert(t, fmt).with_context(|| format!("{}: tensor `{full}`", self.label()))?
+            }
+        };
+        if w.dims() != shape.dims() {
+            bail!(
+                "{}: tensor `{full}` has shape {:?}, but config.json implies {:?}",
+                self.label(),
+                w.dims(),
+                shape.dims()
+            )
+        }
+        Ok(w)
+    }
+
+    /// Loads a tensor in the dtype it is stored in.
+    fn get_stored(&self, n: &str) -> Result<Tensor> {
         let full = self.full_name(n);
         let t = match &*self.src {
             Source::Safetensors { files, index } => {
@@ -177,8 +264,9 @@ impl Weights {
                 Some((_, v)) => v.as_tensor().clone(),
                 None => bail!("{label}: tensor `{full}` has not been made"),
             },
+            Source::RandomFrozen { label, .. } => bail!("{label}: tensor `{full}` is made with a shape (use get)"),
         };
-        if t.dtype() == self.dtype { Ok(t) } else { Ok(t.to_dtype(self.dtype)?) }
+        Ok(t)
     }
 
     /// Loads a tensor and checks it has the shape the config implies.
@@ -205,6 +293,17 @@ impl Weights {
             made.push((full, var.clone()));
             return Ok(var.as_tensor().clone());
         }
+        if let Source::RandomFrozen { seed, std, .. } = &*self.src {
+            let full = self.full_name(n);
+            let leaf = full.rsplit('.').nth(1).unwrap_or("");
+            return Ok(if full.ends_with(".bias") || full == "final_logits_bias" {
+                Tensor::zeros(shape, self.dtype, &self.device)?
+            } else if leaf.contains("norm") && full.ends_with(".weight") {
+                Tensor::ones(shape, self.dtype, &self.device)?
+            } else {
+                random_uniform(&full, *seed, *std, shape, &self.device)?.to_dtype(self.dtype)?
+            });
+        }
         let t = self.get_any(n)?;
         if t.shape() != &shape {
             bail!(
@@ -221,6 +320,21 @@ impl Weights {
     pub fn get_opt(&self, shape: impl Into<Shape>, n: &str) -> Result<Option<Tensor>> {
         if self.contains(n) { self.get(shape, n).map(Some) } else { Ok(None) }
     }
+}
+
+/// Uniform values of standard deviation `std`, drawn in parallel chunks whose streams depend
+/// on the seed, the tensor's name and the chunk only.
+fn random_uniform(name: &str, seed: u64, std: f64, shape: Shape, dev: &Device) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let mut v = vec![0f32; shape.elem_count()];
+    let half_width = (std * 3f64.sqrt()) as f32;
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+        let mut r = crate::rng::Rng::derive(seed, &format!("{name}/{i}"));
+        for x in c {
+            *x = (2.0 * r.uniform_f32() - 1.0) * half_width;
+        }
+    });
+    Ok(Tensor::from_vec(v, shape, dev)?)
 }
 
 /// Writes tensors as safetensors through a temporary file and a rename, so that a crash never

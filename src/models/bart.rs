@@ -93,7 +93,7 @@ struct Attn {
 }
 
 fn linear(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(w.get((out, inp), &format!("{name}.weight"))?, Some(w.get(out, &format!("{name}.bias"))?)))
+    Ok(Linear::new(w.matrix((out, inp), &format!("{name}.weight"))?, Some(w.get(out, &format!("{name}.bias"))?)))
 }
 
 struct Norm {
@@ -285,7 +285,7 @@ impl Bart {
         let (shared, decoder_embed_tokens) = (own("encoder")?, own("decoder")?);
         let encoder = Stack::load(&m.pp("encoder"), &cfg, false)?;
         let decoder = Stack::load(&m.pp("decoder"), &cfg, true)?;
-        let lm_head = match w.get_opt((v, d), "lm_head.weight")? {
+        let lm_head = match w.contains("lm_head.weight").then(|| w.matrix((v, d), "lm_head.weight")).transpose()? {
             Some(h) => Linear::new(h, None),
             None if cfg.tie_word_embeddings => Linear::new(shared.clone(), None),
             None => bail!("{}: tensor `lm_head.weight` not found (and tie_word_embeddings is false)", w.label()),

@@ -177,7 +177,7 @@ pub struct ClipVision {
 }
 
 fn lin(w: &Weights, name: &str, out: usize, inp: usize) -> Result<Linear> {
-    Ok(Linear::new(w.get((out, inp), &format!("{name}.weight"))?, Some(w.get(out, &format!("{name}.bias"))?)))
+    Ok(Linear::new(w.matrix((out, inp), &format!("{name}.weight"))?, Some(w.get(out, &format!("{name}.bias"))?)))
 }
 
 impl ClipVision {

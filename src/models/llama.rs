@@ -8,7 +8,7 @@ use super::encdec::key_mask;
 use super::{Hidden, KvCache, LanguageModel, LmHooks, Proj, Site, TeacherForcing, add_opt};
 use crate::checkpoint::{Cfg, GgufFile, Weights};
 use crate::generate::stepper::{BeamStepper, Stepper};
-use crate::ops::{self, Activation, AttentionOpts, BlockNorm, FrozenAttnBlock, FrozenMlp, Linear, RopeTable};
+use crate::ops::{self, Activation, AttentionOpts, BlockNorm, FrozenAttnBlock, FrozenMlp, Linear, RopeTable, Weight};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -222,16 +222,19 @@ pub enum Positions {
 }
 
 pub struct Llama {
-    pub embed_tokens: Tensor,
+    /// `[vocab, d]` in the frozen format (rows are decoded as they are looked up).
+    pub embed_tokens: Weight,
     layers: Vec<Block>,
     norm: Tensor,
     lm_head: Linear,
     rope: RopeTable,
     pub cfg: LlamaConfig,
+    dtype: DType,
+    device: Device,
 }
 
 fn linear(w: &Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let weight = w.get((out, inp), &format!("{name}.weight"))?;
+    let weight = w.matrix((out, inp), &format!("{name}.weight"))?;
     let bias = if bias { Some(w.get(out, &format!("{name}.bias"))?) } else { None };
     Ok(Linear::new(weight, bias))
 }
@@ -241,7 +244,7 @@ impl Llama {
         let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let m = w.pp("model");
-        let embed_tokens = m.get((v, d), "embed_tokens.weight")?;
+        let embed_tokens = m.matrix((v, d), "embed_tokens.weight")?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let b = m.pp(format!("layers.{l}"));
@@ -271,7 +274,7 @@ impl Llama {
         }
         let norm = m.get(d, "norm.weight")?;
         let lm_head = if w.contains("lm_head.weight") {
-            Linear::new(w.get((v, d), "lm_head.weight")?, None)
+            Linear::new(w.matrix((v, d), "lm_head.weight")?, None)
         } else if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None)
         } else {
@@ -279,7 +282,7 @@ impl Llama {
         };
         let rope = RopeTable::new(&cfg.inv_freq(), cfg.max_position_embeddings.max(1), w.dtype, &w.device)
             .context("building the rope table")?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg })
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg, dtype: w.dtype, device: w.device.clone() })
     }
 
     pub fn n_layers(&self) -> usize {
@@ -291,17 +294,17 @@ impl Llama {
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.dtype
     }
 
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        &self.device
     }
 
     /// Token embeddings `[b, t, d]` of ids `[b, t]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        Ok(self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+        Ok(self.embed_tokens.embedding(ids, self.dtype)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Runs every block on embeddings `x: [b, t, d]` and applies the final norm.

@@ -9,10 +9,18 @@ use super::clip::{ClipVision, ClipVisionConfig};
 use super::llama::{Llama, LlamaConfig};
 use super::t5::{T5, T5Config};
 use crate::checkpoint::{self, Cfg, GgufFile, Tok, Weights};
+use crate::ops::WeightFormat;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The formats the frozen base models' matrices are kept in (`--lm-dtype`, `--vision-dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Precision {
+    pub lm: WeightFormat,
+    pub vision: WeightFormat,
+}
 
 /// A language model with its tokenizer and identity.
 pub struct LoadedLm {
@@ -86,15 +94,16 @@ fn loader(cfg: &Cfg) -> Result<FamilyLoader> {
     }
 }
 
-pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
+/// Loads a language model, its frozen matrices kept in `format` (`--lm-dtype`).
+pub fn load_lm(path: &Path, dtype: DType, format: WeightFormat, dev: &Device) -> Result<LoadedLm> {
     if path.is_file() {
-        return load_gguf(path, dtype, dev);
+        return load_gguf(path, dtype, format, dev);
     }
     if !path.exists() {
         bail!("{}: no such file or directory (expected a Hugging Face model directory or a .gguf file)", path.display())
     }
     if !path.join("config.json").is_file() && path.join("params.json").is_file() {
-        return super::meta::load_meta(path, dtype, dev);
+        return super::meta::load_meta(path, dtype, format, dev);
     }
     let cfg_path = path.join("config.json");
     let cfg = Cfg::load(&cfg_path)?;
@@ -112,7 +121,7 @@ pub fn load_lm(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
             .filter(|p| p.is_file())
             .collect();
     let tokenizer_fingerprint = Some(checkpoint::fingerprint(&tok_files)?);
-    let weights = Weights::from_safetensors(&files, dtype, dev)?;
+    let weights = Weights::from_safetensors(&files, dtype, dev)?.with_format(format);
     let (model, mut eos) = load(&cfg, &weights)?;
     extend_eos_from_generation_config(path, &mut eos)?;
     Ok(LoadedLm { model, tok, eos, path: path.to_path_buf(), fingerprint, tokenizer_fingerprint })
@@ -131,14 +140,14 @@ fn extend_eos_from_generation_config(dir: &Path, eos: &mut Vec<u32>) -> Result<(
     Ok(())
 }
 
-fn load_gguf(path: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
+fn load_gguf(path: &Path, dtype: DType, format: WeightFormat, dev: &Device) -> Result<LoadedLm> {
     let g = Arc::new(GgufFile::open(path)?);
     let tok =
         checkpoint::tokenizer_from_gguf(&g).with_context(|| format!("{}: building the tokenizer", path.display()))?;
     let cfg = LlamaConfig::from_gguf(&g, tok.vocab_size())?;
     let eos = cfg.eos_token_ids.clone();
     let fingerprint = checkpoint::fingerprint(&[path.to_path_buf()])?;
-    let weights = Weights::from_gguf(g, dtype, dev);
+    let weights = Weights::from_gguf(g, dtype, dev).with_format(format);
     let m = Llama::load(&weights, cfg)?;
     Ok(LoadedLm { model: Box::new(m), tok, eos, path: path.to_path_buf(), fingerprint, tokenizer_fingerprint: None })
 }
@@ -150,7 +159,8 @@ pub struct LoadedVision {
     pub fingerprint: String,
 }
 
-pub fn load_vision(spec: &str, dtype: DType, dev: &Device) -> Result<LoadedVision> {
+/// Loads a CLIP vision tower, its frozen matrices kept in `format` (`--vision-dtype`).
+pub fn load_vision(spec: &str, dtype: DType, format: WeightFormat, dev: &Device) -> Result<LoadedVision> {
     if let Some(rest) = spec.strip_prefix("random:") {
         let (preset, seed) = match rest.split_once('@') {
             Some((p, s)) => {
@@ -160,7 +170,7 @@ pub fn load_vision(spec: &str, dtype: DType, dev: &Device) -> Result<LoadedVisio
         };
         let cfg = ClipVisionConfig::preset(preset)?;
         let tensors = cfg.random_weights(seed, dtype, dev)?;
-        let w = Weights::from_tensors(spec, tensors, dtype, dev);
+        let w = Weights::from_tensors(spec, tensors, dtype, dev).with_format(format);
         let model = ClipVision::load(&w, cfg.clone())?;
         let fingerprint = checkpoint::sha256_str(&format!("{spec}:{}", serde_json::to_string(&cfg)?));
         return Ok(LoadedVision { model, source: spec.to_string(), fingerprint });
@@ -176,7 +186,7 @@ pub fn load_vision(spec: &str, dtype: DType, dev: &Device) -> Result<LoadedVisio
     let mut hashed = vec![cfg_path];
     hashed.extend(files.iter().cloned());
     let fingerprint = checkpoint::fingerprint(&hashed)?;
-    let w = Weights::from_safetensors(&files, dtype, dev)?;
+    let w = Weights::from_safetensors(&files, dtype, dev)?.with_format(format);
     let w = if w.contains("vision_model.embeddings.class_embedding") { w.pp("vision_model") } else { w };
     let model = ClipVision::load(&w, vc)?;
     Ok(LoadedVision { model, source: spec.to_string(), fingerprint })

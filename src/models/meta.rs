@@ -64,7 +64,7 @@ fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(w.reshape((heads, d / heads / 2, 2, dim))?.transpose(1, 2)?.contiguous()?.reshape((d, dim))?)
 }
 
-pub fn load_meta(dir: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
+pub fn load_meta(dir: &Path, dtype: DType, format: crate::ops::WeightFormat, dev: &Device) -> Result<LoadedLm> {
     let params_path = dir.join("params.json");
     let params = Cfg::load(&params_path)?;
     let int = |k: &str| -> Result<usize> {
@@ -165,7 +165,7 @@ pub fn load_meta(dir: &Path, dtype: DType, dev: &Device) -> Result<LoadedLm> {
         "eos_token_id": spm.eos_id,
     });
     let cfg = Cfg::from_value(hf, &params_path);
-    let weights = Weights::from_tensors(&format!("{} (Meta layout)", dir.display()), w, dtype, dev);
+    let weights = Weights::from_tensors(&format!("{} (Meta layout)", dir.display()), w, dtype, dev).with_format(format);
     let (model, eos) = model_from_config(&cfg, &weights)?;
     let mut hashed = vec![params_path.clone()];
     hashed.extend(files.iter().cloned());

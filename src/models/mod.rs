@@ -10,7 +10,7 @@ pub mod meta;
 pub mod t5;
 
 pub use kv_cache::KvCache;
-pub use load::{LoadedLm, LoadedVision, load_lm, load_vision};
+pub use load::{LoadedLm, LoadedVision, Precision, load_lm, load_vision};
 
 use crate::generate::stepper::BeamStepper;
 use crate::ops::Activation;

@@ -152,7 +152,7 @@ impl Attn {
     fn load(w: &Weights, d: usize, heads: usize, d_kv: usize) -> Result<Self> {
         let inner = heads * d_kv;
         let lin = |n: &str, o: usize, i: usize| -> Result<Linear> {
-            Ok(Linear::new(w.get((o, i), &format!("{n}.weight"))?, None))
+            Ok(Linear::new(w.matrix((o, i), &format!("{n}.weight"))?, None))
         };
         Ok(Self {
             q: lin("q", inner, d)?,
@@ -282,7 +282,7 @@ impl Stack {
             let lf = b.pp(format!("layer.{ff_idx}"));
             let dr = lf.pp("DenseReluDense");
             let lin = |n: &str, o: usize, i: usize| -> Result<Linear> {
-                Ok(Linear::new(dr.get((o, i), &format!("{n}.weight"))?, None))
+                Ok(Linear::new(dr.matrix((o, i), &format!("{n}.weight"))?, None))
             };
             let ff = if cfg.is_gated_act {
                 FrozenMlp {
@@ -331,7 +331,7 @@ impl T5 {
         let (enc_table, decoder_embed_tokens) = (own("encoder")?, own("decoder")?);
         let encoder = Stack::load(&w.pp("encoder"), &cfg, false)?;
         let decoder = Stack::load(&w.pp("decoder"), &cfg, true)?;
-        let lm_head = match w.get_opt((v, d), "lm_head.weight")? {
+        let lm_head = match w.contains("lm_head.weight").then(|| w.matrix((v, d), "lm_head.weight")).transpose()? {
             Some(h) => Linear::new(h, None),
             None => Linear::new(shared.clone(), None),
         };

@@ -194,7 +194,7 @@ impl CustomOp1 for BlockOp {
 impl FrozenAttnBlock {
     /// Whether the fused op applies (CPU, plain frozen weights, shared positions).
     pub fn fusable(&self, x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> bool {
-        let plain = |l: &Linear| !l.weight.is_variable() && l.weight.dtype() == x.dtype() && l.weight.is_contiguous();
+        let plain = |l: &Linear| l.kernel_ready();
         super::fast_path(x)
             && !super::linear::candle_matmul_on()
             && [&self.q, &self.k, &self.v, &self.o].iter().all(|l| plain(l))

@@ -2,19 +2,21 @@
 //! candle's matmul backward would also form `xᵀ dy` for the weight, a full extra matrix product
 //! per projection, and keep it in memory, although nothing frozen is ever updated.
 
-use super::{Real, cpu_slice, dispatch, fast_path, gemm_strided, num_threads};
+use super::weight::Weight;
+use super::{Real, cpu_slice, dispatch, fast_path, gemm_strided, num_threads, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, WithDType, bail};
+use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 pub struct Linear {
-    /// `[out, in]`, as stored in checkpoints.
-    pub weight: Tensor,
+    /// `[out, in]`, as stored in checkpoints, in the format the user chose.
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 struct LinearOp {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
@@ -106,11 +108,130 @@ pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k
 
 /// `x Wᵀ + b` for `m` rows of `x`, reading the frozen layer's own storage.
 pub(crate) fn linear_rows<T: Real>(l: &Linear, x: &[T], m: usize) -> Result<Vec<T>> {
-    let (n, k) = l.weight.dims2()?;
-    storage_slice::<T, _>(&l.weight, |w| match &l.bias {
-        Some(b) => storage_slice::<T, _>(b, |b| Ok(linear_fwd(x, w, Some(b), m, k, n))),
-        None => Ok(linear_fwd(x, w, None, m, k, n)),
+    weight_rows(&l.weight, l.bias.as_ref(), x, m)
+}
+
+fn weight_rows<T: Real>(weight: &Weight, bias: Option<&Tensor>, x: &[T], m: usize) -> Result<Vec<T>> {
+    let (n, k) = weight.dims2()?;
+    let run = |b: Option<&[T]>| match weight.dense_as(T::DTYPE) {
+        Some(t) => storage_slice::<T, _>(t, |w| Ok(linear_fwd(x, w, b, m, k, n))),
+        None => tiled_fwd(weight, x, b, m, k, n),
+    };
+    match bias {
+        Some(b) => storage_slice::<T, _>(b, |b| run(Some(b))),
+        None => run(None),
+    }
+}
+
+/// Rows of a frozen weight per tile: about 4 MB of f32, so that a tile stays in the outer
+/// caches and the decoding costs O(n·k) against the product's O(m·n·k).
+fn tile_rows(n: usize, k: usize) -> usize {
+    ((1usize << 20) / k.max(1)).max(64).min(n.max(1))
+}
+
+/// Rows `j0..j1` of `w` decoded into `out` (as `T`), split over the threads.
+fn decode_rows<T: Real>(w: &Weight, j0: usize, j1: usize, k: usize, out: &mut [T]) -> Result<()> {
+    let per = (j1 - j0).div_ceil(num_threads()).max(1);
+    out.par_chunks_mut(per * k).enumerate().try_for_each(|(c, o)| {
+        let a = j0 + c * per;
+        let b = a + o.len() / k;
+        if T::DTYPE == DType::F32 {
+            // SAFETY: `Real` is implemented for f32 and f64 only, and T's dtype is F32, so T is
+            // f32: the same size, alignment and bit validity; the slice is borrowed exclusively.
+            let o32 = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr() as *mut f32, o.len()) };
+            w.rows_f32(a, b, o32)
+        } else {
+            let mut tmp = vec![0f32; o.len()];
+            w.rows_f32(a, b, &mut tmp)?;
+            for (d, v) in o.iter_mut().zip(tmp) {
+                *d = T::from_f64(v as f64);
+            }
+            Ok(())
+        }
     })
+}
+
+/// `x Wᵀ + b` for a weight held in another format (bf16, f16, llama.cpp blocks): a tile of
+/// rows of W at a time is decoded to f32 and multiplied there, so W is never copied whole.
+fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Result<Vec<T>> {
+    if x.len() < m * k || b.is_some_and(|b| b.len() < n) {
+        bail!("linear: input of {} elements does not fit [{m}, {k}]", x.len())
+    }
+    let mut dst = vec![T::zero(); m * n];
+    if m <= 4 {
+        // Decoding: each task decodes its own chunk of rows and takes dot products.
+        const CHUNK: usize = 64;
+        let mut by_col = vec![T::zero(); n * m];
+        by_col.par_chunks_mut(m * CHUNK).enumerate().try_for_each(|(c, out)| {
+            let j0 = c * CHUNK;
+            let j1 = j0 + out.len() / m;
+            let mut rows = vec![T::zero(); (j1 - j0) * k];
+            decode_one(w, j0, j1, &mut rows)?;
+            for (jj, o) in out.chunks_mut(m).enumerate() {
+                let col = &rows[jj * k..(jj + 1) * k];
+                for (i, oi) in o.iter_mut().enumerate() {
+                    let acc = super::dot(&x[i * k..(i + 1) * k], col);
+                    *oi = b.map_or(acc, |b| b[j0 + jj] + acc);
+                }
+            }
+            Ok::<_, candle_core::Error>(())
+        })?;
+        for j in 0..n {
+            for i in 0..m {
+                dst[i * n + j] = by_col[j * m + i];
+            }
+        }
+        return Ok(dst);
+    }
+    if let Some(b) = b {
+        for row in dst.chunks_mut(n) {
+            row.copy_from_slice(&b[..n]);
+        }
+    }
+    let tr = tile_rows(n, k);
+    let mut tile = vec![T::zero(); tr * k];
+    for j0 in (0..n).step_by(tr) {
+        let j1 = (j0 + tr).min(n);
+        let tn = j1 - j0;
+        decode_rows(w, j0, j1, k, &mut tile[..tn * k])?;
+        // dst[:, j0..j1] += x · tileᵀ, tileᵀ[kk, j] = tile[j·k + kk].
+        // SAFETY: x has m·k elements (checked above), the tile tn·k, and dst m·n with the
+        // columns j0..j1 < n addressed at row stride n; dst is a fresh Vec, disjoint from both.
+        unsafe {
+            gemm_strided(
+                m,
+                tn,
+                k,
+                dst.as_mut_ptr().add(j0),
+                n as isize,
+                1,
+                true,
+                x.as_ptr(),
+                k as isize,
+                1,
+                tile.as_ptr(),
+                1,
+                k as isize,
+                num_threads(),
+            )
+        };
+    }
+    Ok(dst)
+}
+
+/// Rows `j0..j1` decoded on the calling thread (inside a parallel loop).
+fn decode_one<T: Real>(w: &Weight, j0: usize, j1: usize, out: &mut [T]) -> Result<()> {
+    if T::DTYPE == DType::F32 {
+        // SAFETY: as in decode_rows: T is f32 when its dtype is F32.
+        let o32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
+        return w.rows_f32(j0, j1, o32);
+    }
+    let mut tmp = vec![0f32; out.len()];
+    w.rows_f32(j0, j1, &mut tmp)?;
+    for (d, v) in out.iter_mut().zip(tmp) {
+        *d = T::from_f64(v as f64);
+    }
+    Ok(())
 }
 
 /// The input gradient of a frozen layer: `dst (+)= dy · W` for `W: [n, k]`, `dy: [m, n]`.
@@ -130,7 +251,10 @@ pub(crate) fn linear_input_grad<T: Real>(
             dst.len()
         )
     }
-    storage_slice::<T, _>(&l.weight, |w| {
+    let Some(wt) = l.weight.dense_as(T::DTYPE) else {
+        return tiled_input_grad(&l.weight, dy, m, n, k, dst, accumulate);
+    };
+    storage_slice::<T, _>(wt, |w| {
         // SAFETY: dst[i·k + j] < m·k and dy[i·n + kk] < m·n by the check above, and W[kk·k + j]
         // < n·k = w.len() (storage_slice yields exactly the [n, k] weight). dst is an exclusive
         // borrow of initialized data, so it overlaps neither dy nor W and nothing else touches it.
@@ -156,6 +280,48 @@ pub(crate) fn linear_input_grad<T: Real>(
     })
 }
 
+/// `dst (+)= dy · W` for a weight held in another format, a tile of rows of W at a time.
+fn tiled_input_grad<T: Real>(
+    w: &Weight,
+    dy: &[T],
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    accumulate: bool,
+) -> Result<()> {
+    let tr = tile_rows(n, k);
+    let mut tile = vec![T::zero(); tr * k];
+    for (t, j0) in (0..n).step_by(tr).enumerate() {
+        let j1 = (j0 + tr).min(n);
+        let tn = j1 - j0;
+        decode_rows(w, j0, j1, k, &mut tile[..tn * k])?;
+        // dst[m, k] (+)= dy[:, j0..j1] · tile[tn, k].
+        // SAFETY: the caller checked dy.len() >= m·n and dst.len() >= m·k; dy's columns
+        // j0..j1 < n are read at row stride n, the tile has tn·k elements, and dst is an
+        // exclusive borrow, disjoint from dy and from the tile.
+        unsafe {
+            gemm_strided(
+                m,
+                k,
+                tn,
+                dst.as_mut_ptr(),
+                k as isize,
+                1,
+                accumulate || t > 0,
+                dy.as_ptr().add(j0),
+                n as isize,
+                1,
+                tile.as_ptr(),
+                k as isize,
+                1,
+                num_threads(),
+            )
+        };
+    }
+    Ok(())
+}
+
 impl CustomOp1 for LinearOp {
     fn name(&self) -> &'static str {
         "memvp-frozen-linear"
@@ -169,27 +335,39 @@ impl CustomOp1 for LinearOp {
         let m = l.shape().elem_count() / k;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().unwrap() = n;
-        fn go<T: Real>(op: &LinearOp, s: &CpuStorage, l: &Layout, m: usize, k: usize, n: usize) -> Result<Vec<T>> {
-            let x = cpu_slice::<T>(s, l)?;
-            storage_slice::<T, _>(&op.weight, |w| match &op.bias {
-                Some(b) => storage_slice::<T, _>(b, |b| Ok(linear_fwd(x, w, Some(b), m, k, n))),
-                None => Ok(linear_fwd(x, w, None, m, k, n)),
-            })
-        }
         let out = match s.dtype() {
-            DType::F32 => f32::to_cpu_storage_owned(go::<f32>(self, s, l, m, k, n)?),
-            DType::F64 => f64::to_cpu_storage_owned(go::<f64>(self, s, l, m, k, n)?),
+            DType::F32 => {
+                f32::to_cpu_storage_owned(weight_rows::<f32>(&self.weight, self.bias.as_ref(), cpu_slice(s, l)?, m)?)
+            }
+            DType::F64 => {
+                f64::to_cpu_storage_owned(weight_rows::<f64>(&self.weight, self.bias.as_ref(), cpu_slice(s, l)?, m)?)
+            }
             dt => bail!("linear: unsupported dtype {dt:?}"),
         };
         Ok((out, Shape::from(out_dims)))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         // dx = dy · W; nothing is formed for W.
-        let n = self.weight.dims()[0];
+        let (n, k) = self.weight.dims2()?;
         let m = dy.elem_count() / n;
-        let dx = dy.reshape((m, n))?.matmul(&self.weight)?;
-        Ok(Some(dx.reshape(x.dims())?))
+        if let Some(w) = self.weight.dense_as(dy.dtype()) {
+            let dx = dy.reshape((m, n))?.matmul(w)?;
+            return Ok(Some(dx.reshape(x.dims())?));
+        }
+        let l = Linear { weight: self.weight.clone(), bias: None };
+        let dx = match dy.dtype() {
+            DType::F32 => Tensor::from_vec(grad_rows::<f32>(&l, dy, m, k)?, x.dims(), x.device())?,
+            DType::F64 => Tensor::from_vec(grad_rows::<f64>(&l, dy, m, k)?, x.dims(), x.device())?,
+            dt => bail!("linear backward: unsupported dtype {dt:?}"),
+        };
+        Ok(Some(dx))
     }
+}
+
+fn grad_rows<T: Real>(l: &Linear, dy: &Tensor, m: usize, k: usize) -> Result<Vec<T>> {
+    let mut dx = vec![T::zero(); m * k];
+    with_slice::<T, _>(dy, |g| linear_input_grad(l, g, m, &mut dx, false))?;
+    Ok(dx)
 }
 
 static CANDLE_MATMUL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -205,8 +383,13 @@ pub(crate) fn candle_matmul_on() -> bool {
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: impl Into<Weight>, bias: Option<Tensor>) -> Self {
+        Self { weight: weight.into(), bias }
+    }
+
+    /// Whether the custom kernels can compute with this layer: a frozen weight they can read.
+    pub(crate) fn kernel_ready(&self) -> bool {
+        !self.weight.is_variable() && self.weight.readable()
     }
 
     pub fn out_features(&self) -> usize {
@@ -220,18 +403,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // A weight that is itself being trained (pre-training a tiny LM) takes candle's matmul,
         // whose backward forms the weight gradient.
-        let fast = fast_path(x)
-            && !self.weight.is_variable()
-            && !CANDLE_MATMUL.load(std::sync::atomic::Ordering::Relaxed)
-            && self.weight.is_contiguous()
-            && x.dtype() == self.weight.dtype();
+        let fast = fast_path(x) && self.kernel_ready() && !CANDLE_MATMUL.load(std::sync::atomic::Ordering::Relaxed);
         dispatch(
             fast,
             [x],
             Tensor::contiguous,
             || Ok((LinearOp { weight: self.weight.clone(), bias: self.bias.clone() }, x.track_op())),
             || {
-                let y = x.broadcast_matmul(&self.weight.t()?)?;
+                let y = x.broadcast_matmul(&self.weight.to_dense(x.dtype())?.t()?)?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),

@@ -150,7 +150,7 @@ impl CustomOp1 for MlpOp {
 
 impl FrozenMlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let plain = |l: &Linear| !l.weight.is_variable() && l.weight.dtype() == x.dtype() && l.weight.is_contiguous();
+        let plain = |l: &Linear| l.kernel_ready();
         let fusable = fast_path(x)
             && !super::linear::candle_matmul_on()
             && plain(&self.w1)

@@ -17,6 +17,7 @@ pub mod nn;
 mod norm;
 mod rope;
 mod softmax;
+mod weight;
 
 pub use act::{Activation, activation, gated};
 pub use attention::{AttentionOpts, attention, attention_reference};
@@ -28,6 +29,7 @@ pub use mlp::FrozenMlp;
 pub use norm::{layer_norm, rms_norm};
 pub use rope::{RopeTable, rope};
 pub use softmax::softmax_last_dim;
+pub use weight::{Weight, WeightFormat};
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Storage, Tensor, WithDType, bail,

@@ -144,6 +144,8 @@ pub struct Shared {
     /// Rows in running batches.
     pub running: AtomicUsize,
     pub cache: Mutex<Cache>,
+    /// The formats base models are loaded in.
+    pub precision: crate::models::Precision,
 }
 
 /// A request in a running batch.

@@ -56,6 +56,8 @@ pub struct ServeArgs {
     /// The largest `max_tokens` a request may ask for.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+    #[command(flatten)]
+    pub precision: crate::app::cli::PrecisionArgs,
 }
 
 /// Loads run `run` as adapter `name`, sharing base models already loaded, and registers it.
@@ -64,7 +66,7 @@ pub fn load(shared: &Shared, name: &str, run: &Path) -> Result<Arc<Served>> {
     let base = shared.registry.read().expect("registry lock").base_for(&cfg);
     let vlm = match base {
         Some(b) => crate::vlm::Vlm::from_run_on(run, b)?,
-        None => crate::vlm::Vlm::from_run(run, None, None)?,
+        None => crate::vlm::Vlm::from_run(run, None, None, shared.precision)?,
     };
     if vlm.lm().model.decoder_start().is_some() {
         bail!(
@@ -122,6 +124,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         queued: AtomicUsize::new(0),
         running: AtomicUsize::new(0),
         cache: Mutex::new(Cache::new(a.cache_mb << 20)),
+        precision: a.precision.precision(),
     });
     for spec in &a.runs {
         let (name, dir) = match spec.split_once('=') {
