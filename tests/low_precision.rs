@@ -267,6 +267,16 @@ fn a_short_memvp_training_in_low_precision_tracks_f32() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{dtype}: {}", String::from_utf8_lossy(&o.stderr));
+        // The run evaluates with its base in the same format.
+        let e = Command::new(env!("CARGO_BIN_EXE_memvp"))
+            .args(["eval", "--run"])
+            .arg(&out)
+            .arg("--data")
+            .arg(format!("jsonl:{}", data.display()))
+            .args(["--split", "train", "--max-samples", "8", "--lm-dtype", dtype, "--vision-dtype", dtype])
+            .output()
+            .unwrap();
+        assert!(e.status.success(), "eval {dtype}: {}", String::from_utf8_lossy(&e.stderr));
         let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
         assert_eq!(cfg.contains(&format!("lm_dtype = \"{dtype}\"")), dtype != "f32", "{cfg}");
         std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -286,4 +296,27 @@ fn a_short_memvp_training_in_low_precision_tracks_f32() {
         assert!(worst < tol, "{dtype}: a loss differs from f32's by {worst:.3} (relative)");
         assert!(got != base, "{dtype}: identical to f32, so the format was not applied");
     }
+}
+
+/// `memvp bench` makes its random LM directly in the asked format and can measure the memory
+/// method alone; a format that does not exist is refused naming it.
+#[test]
+fn bench_takes_the_format_and_measures_the_method_alone() {
+    let o = Command::new(env!("CARGO_BIN_EXE_memvp"))
+        .args(["bench", "--lm-layers", "2", "--lm-hidden", "64", "--lm-intermediate", "128", "--lm-heads", "4"])
+        .args(["--lm-kv-heads", "2", "--vocab", "256", "--vision", "random:tiny", "--batch-size", "1"])
+        .args(["--text-tokens", "16", "--answer-tokens", "4", "--iters", "1", "--warmup", "0", "--decode-tokens", "2"])
+        .args(["--lm-dtype", "q4_0", "--vision-dtype", "bf16", "--no-baseline", "--skip-fwd-bwd", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lm"]["dtype"], "q4_0", "{v}");
+    assert_eq!(v["lm"]["vision_dtype"], "bf16", "{v}");
+    assert!(v["memvp"]["peak_rss_mb"].as_f64().unwrap() > 0.0 && v["memvp"]["train_step_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["input_space"].is_null() && v["ratios"].is_null(), "{v}");
+    let o = Command::new(env!("CARGO_BIN_EXE_memvp")).args(["bench", "--lm-dtype", "q3"]).output().unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("q3") && e.contains("q4_0"), "{e}");
 }

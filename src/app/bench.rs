@@ -603,15 +603,25 @@ pub fn print_table(v: &serde_json::Value) {
         "matrix-product peak: {:.1} GFLOP/s (best of 1024^3 and 2048^3 f32 products)",
         v["matmul_peak_gflops"].as_f64().unwrap_or(0.0)
     );
+    let lm = &v["lm"];
+    println!(
+        "LM: {} layers x {} (FFN {}, vocab {}), frozen matrices in {}; vision tower's in {}",
+        lm["layers"],
+        lm["hidden"],
+        lm["intermediate"],
+        lm["vocab"],
+        lm["dtype"].as_str().unwrap_or("?"),
+        lm["vision_dtype"].as_str().unwrap_or("?")
+    );
     let method = v["memory_method"].as_str().unwrap_or("memvp");
     let label = if method == "adem" { "ADEM-VL" } else { "MemVP" };
     println!("{:<26} {:>14} {:>14} {:>10}", "", label, "input-space", "ratio");
     let row = |name: &str, key: &str, rkey: Option<&str>| {
         let a = v[method][key].as_f64().unwrap_or(f64::NAN);
-        let b = v["input_space"][key].as_f64().unwrap_or(f64::NAN);
-        let r =
-            rkey.map(|k| v["ratios"][k].as_f64().unwrap_or(f64::NAN)).map(|x| format!("{x:.2}x")).unwrap_or_default();
-        println!("{name:<26} {a:>14.2} {b:>14.2} {r:>10}");
+        // `--no-baseline` measures the memory-space method alone.
+        let b = v["input_space"][key].as_f64().map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into());
+        let r = rkey.and_then(|k| v["ratios"][k].as_f64()).map(|x| format!("{x:.2}x")).unwrap_or_default();
+        println!("{name:<26} {a:>14.2} {b:>14} {r:>10}");
     };
     row("LM sequence length", "lm_sequence_length", None);
     row("trainable parameters", "trainable_parameters", None);

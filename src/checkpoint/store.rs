@@ -133,6 +133,12 @@ impl Weights {
         }
     }
 
+    /// Whether tensors are made when asked for (random stores): optional ones are then absent
+    /// unless the config asks for them.
+    pub fn makes_on_request(&self) -> bool {
+        matches!(&*self.src, Source::Random { .. } | Source::RandomFrozen { .. })
+    }
+
     /// The tensors a random store has made, by name, in the order they were asked for.
     pub fn made(&self) -> Vec<(String, candle_core::Var)> {
         match &*self.src {

@@ -273,7 +273,7 @@ impl Llama {
             });
         }
         let norm = m.get(d, "norm.weight")?;
-        let lm_head = if w.contains("lm_head.weight") {
+        let lm_head = if w.contains("lm_head.weight") || (!cfg.tie_word_embeddings && w.makes_on_request()) {
             Linear::new(w.matrix((v, d), "lm_head.weight")?, None)
         } else if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None)

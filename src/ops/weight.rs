@@ -5,7 +5,7 @@
 //! multiply it in f32, so no f32 copy of a whole weight is ever formed.
 
 use candle_core::quantized::k_quants::{self, GgmlType};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
@@ -119,7 +119,7 @@ impl Weight {
                     )
                 }
                 let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
-                Ok(Weight::Quant(Arc::new(QTensor::quantize(&t, g)?)))
+                Ok(Weight::Quant(Arc::new(quantize_rows(&t, g)?)))
             }
         }
     }
@@ -272,6 +272,26 @@ impl Weight {
     }
 }
 
+/// `QTensor::quantize`, over chunks of rows in parallel (a LLaMA-7B shape has 6.7 G values).
+fn quantize_rows(t: &Tensor, g: GgmlDType) -> Result<QTensor> {
+    use rayon::prelude::*;
+    let (rows, cols) = t.dims2()?;
+    let data = t.flatten_all()?.to_vec1::<f32>()?;
+    let chunk_rows = ((1usize << 20) / cols.max(1)).max(1);
+    let parts: Vec<Vec<u8>> = data
+        .par_chunks(chunk_rows * cols)
+        .map(|xs| {
+            let mut q = g.cpu_zeros(xs.len());
+            q.from_float(xs);
+            // SAFETY: as_ptr and storage_size_in_bytes describe the quantized Vec that `q` owns
+            // and keeps alive (and unchanged) while these bytes are copied out.
+            unsafe { std::slice::from_raw_parts(q.as_ptr(), q.storage_size_in_bytes()) }.to_vec()
+        })
+        .collect();
+    let st = QStorage::from_data(std::borrow::Cow::Owned(parts.concat()), &Device::Cpu, g)?;
+    QTensor::new(st, (rows, cols))
+}
+
 /// Decodes whole llama.cpp blocks.
 fn blocks_to_f32<B: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let size = std::mem::size_of::<B>();
@@ -309,12 +329,27 @@ mod tests {
         let t = Tensor::randn(0f32, 1.0, (40, 256), &Device::Cpu).unwrap();
         for f in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4K] {
             let w = Weight::convert(t.clone(), f).unwrap();
+            if let (Some(g), Weight::Quant(q)) = (f.ggml(), &w) {
+                let whole = QTensor::quantize(&t, g).unwrap();
+                assert_eq!(q.data().unwrap(), whole.data().unwrap(), "{f}: quantized in chunks differs");
+            }
             let whole = w.to_dense(DType::F32).unwrap().to_vec2::<f32>().unwrap();
             let mut rows = vec![0f32; 7 * 256];
             w.rows_f32(11, 18, &mut rows).unwrap();
             for (i, r) in rows.chunks(256).enumerate() {
                 assert_eq!(r, whole[11 + i].as_slice(), "{f}: row {}", 11 + i);
             }
+        }
+    }
+
+    #[test]
+    fn quantizing_in_chunks_of_rows_equals_quantizing_whole() {
+        // 32,768 wide: chunks of 32 rows, so 70 rows are three chunks.
+        let t = Tensor::randn(0f32, 1.0, (70, 32768), &Device::Cpu).unwrap();
+        for g in [GgmlDType::Q4_0, GgmlDType::Q6K] {
+            let chunked = quantize_rows(&t, g).unwrap();
+            let whole = QTensor::quantize(&t, g).unwrap();
+            assert_eq!(chunked.data().unwrap(), whole.data().unwrap(), "{g:?}");
         }
     }
 
