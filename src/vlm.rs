@@ -40,6 +40,9 @@ pub struct Vlm {
     pub base: Arc<Base>,
     pub adapter: Box<dyn Adapter>,
     pub cfg: AdapterConfig,
+    /// Training steps keep only each LM block's input and recompute the blocks in the backward
+    /// (`--grad-checkpoint`): less memory, about one more forward of the LM per step.
+    pub grad_checkpoint: bool,
 }
 
 impl Vlm {
@@ -79,7 +82,7 @@ impl Vlm {
             },
             trainable_parameters: adapter.trainable_parameters(),
         };
-        Ok(Self { base, adapter, cfg })
+        Ok(Self { base, adapter, cfg, grad_checkpoint: false })
     }
 
     /// Loads a run's adapter onto its base models (or the given ones), refusing base models
@@ -223,19 +226,25 @@ impl Vlm {
             prefix: inst.prefix.as_ref().map(|p| (p, batch.indicator.as_slice())),
         };
         let lm = self.lm().model.as_ref();
+        let mut loss = |hd: &crate::models::Hidden| -> anyhow::Result<Tensor> {
+            let (h, rows, offset) = (&hd.h, hd.rows, hd.offset);
+            let d = h.dims()[2];
+            let grid = rows - offset;
+            // Only the answer positions go through the LM head.
+            let pos: Vec<u32> = batch
+                .loss_positions
+                .iter()
+                .map(|&p| (p as usize / grid * rows + offset + p as usize % grid) as u32)
+                .collect();
+            let idx = Tensor::from_vec(pos, batch.loss_positions.len(), h.device())?;
+            let hs = h.reshape((b * rows, d))?.index_select(&idx, 0)?;
+            Ok(ops::cross_entropy(&lm.logits(&hs)?, &batch.loss_targets)?)
+        };
+        if self.grad_checkpoint && train {
+            return lm.teacher_forcing_checkpointed(&tf, inst.hooks.as_ref(), &mut loss);
+        }
         let hd = lm.teacher_forcing(&tf, inst.hooks.as_ref())?;
-        let (h, rows, offset) = (hd.h, hd.rows, hd.offset);
-        let d = h.dims()[2];
-        let grid = rows - offset;
-        // Only the answer positions go through the LM head.
-        let pos: Vec<u32> = batch
-            .loss_positions
-            .iter()
-            .map(|&p| (p as usize / grid * rows + offset + p as usize % grid) as u32)
-            .collect();
-        let idx = Tensor::from_vec(pos, batch.loss_positions.len(), h.device())?;
-        let hs = h.reshape((b * rows, d))?.index_select(&idx, 0)?;
-        Ok(ops::cross_entropy(&lm.logits(&hs)?, &batch.loss_targets)?)
+        loss(&hd)
     }
 
     /// Greedy (or sampled) answers for prompts (ids) with their images.

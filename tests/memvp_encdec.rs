@@ -1022,6 +1022,7 @@ fn vlm_loss_encdec_matches_hand_and_finite_differences() {
         let family = lm.family();
         let sections = [("memvp".to_string(), serde_json::to_value(&mv.cfg).unwrap())].into();
         let vlm = Vlm {
+            grad_checkpoint: false,
             cfg: AdapterConfig {
                 format: ADAPTER_FORMAT.into(),
                 method: "memvp".into(),

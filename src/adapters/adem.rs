@@ -277,6 +277,13 @@ impl<'a> Fusion<'a> {
 }
 
 impl LmHooks for Fusion<'_> {
+    fn checkpoint_tensors(&self) -> Option<Vec<Tensor>> {
+        Some(vec![self.k.clone(), self.v.clone()])
+    }
+    fn rebind<'s>(&'s self, ts: &[Tensor]) -> Result<Box<dyn LmHooks + 's>> {
+        let [k, v] = ts else { bail!("ADEM-VL hooks are rebound to K and V; got {} tensors", ts.len()) };
+        Ok(Box::new(Fusion::new(self.m, k.clone(), v.clone(), self.cls.clone(), self.has_cls.clone())?))
+    }
     fn ffn_branch(&self, site: Site, layer: usize, u: &Tensor) -> Result<Option<Tensor>> {
         let c = &self.m.cfg;
         if !c.memory_sites.includes(site) || c.memory_layers.as_ref().is_some_and(|l| !l.contains(&layer)) {

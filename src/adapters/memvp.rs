@@ -212,7 +212,7 @@ impl Memvp {
             _ => None,
         };
         let (k, v) = self.memory_from_features(feats.as_ref(), indicator, b)?;
-        Ok(Memory { m: self, k, v, train, rng })
+        Ok(Memory { m: self, k, v, train, rng, masks: Default::default() })
     }
 }
 
@@ -223,7 +223,12 @@ pub struct Memory<'a> {
     pub v: Tensor,
     train: bool,
     rng: &'a RefCell<Rng>,
+    /// The dropout mask each block drew, shared with rebound copies, so that a block
+    /// recomputed for gradient checkpointing sees the same mask.
+    masks: Masks,
 }
+
+type Masks = std::rc::Rc<RefCell<Vec<((Site, usize), Tensor)>>>;
 
 impl Memory<'_> {
     /// Keeps batch rows `idx` (beam search, or one image per several prompts).
@@ -234,6 +239,7 @@ impl Memory<'_> {
             v: self.v.index_select(idx, 0)?,
             train: self.train,
             rng: self.rng,
+            masks: Default::default(),
         })
     }
 }
@@ -246,8 +252,16 @@ impl LmHooks for Memory<'_> {
         }
         // s · Dropout(act(u Kᵀ)) V
         let mask = if self.train && c.memory_dropout > 0.0 {
-            let (b, t, _) = u.dims3()?;
-            Some(dropout_mask(&[b, t, self.k.dims()[1]], c.memory_dropout, &mut self.rng.borrow_mut(), u)?)
+            let seen = self.masks.borrow().iter().find(|(at, _)| *at == (site, layer)).map(|(_, m)| m.clone());
+            match seen {
+                Some(m) => Some(m),
+                None => {
+                    let (b, t, _) = u.dims3()?;
+                    let m = dropout_mask(&[b, t, self.k.dims()[1]], c.memory_dropout, &mut self.rng.borrow_mut(), u)?;
+                    self.masks.borrow_mut().push(((site, layer), m.clone()));
+                    Some(m)
+                }
+            }
         } else {
             None
         };
@@ -255,6 +269,20 @@ impl LmHooks for Memory<'_> {
     }
     fn modifies_projections(&self) -> bool {
         false
+    }
+    fn checkpoint_tensors(&self) -> Option<Vec<Tensor>> {
+        Some(vec![self.k.clone(), self.v.clone()])
+    }
+    fn rebind<'s>(&'s self, ts: &[Tensor]) -> Result<Box<dyn LmHooks + 's>> {
+        let [k, v] = ts else { bail!("MemVP hooks are rebound to K and V; got {} tensors", ts.len()) };
+        Ok(Box::new(Memory {
+            m: self.m,
+            k: k.clone(),
+            v: v.clone(),
+            train: self.train,
+            rng: self.rng,
+            masks: self.masks.clone(),
+        }))
     }
 }
 
@@ -330,7 +358,7 @@ impl Adapter for Memvp {
     }
     fn batch_hooks<'a>(&'a self, rows: &[Tensor], rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>> {
         let [k, v] = rows else { bail!("MemVP rows are K and V; got {} tensors", rows.len()) };
-        Ok(Box::new(Memory { m: self, k: k.clone(), v: v.clone(), train: false, rng }))
+        Ok(Box::new(Memory { m: self, k: k.clone(), v: v.clone(), train: false, rng, masks: Default::default() }))
     }
     fn sections(&self) -> Result<Sections> {
         Ok([to_section("memvp", &self.cfg)?].into())

@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// Measure the memory-space method alone (no input-space baseline): for large shapes.
     #[arg(long)]
     pub no_baseline: bool,
+    /// Gradient checkpointing in the memory-space method's training step (the baseline's LoRA
+    /// hooks cannot be recomputed, so it runs without).
+    #[arg(long)]
+    pub grad_checkpoint: bool,
     /// The memory-space method measured against the input-space baseline.
     #[arg(long, default_value = "memvp", value_parser = ["memvp", "adem"])]
     pub method: String,
@@ -113,6 +117,9 @@ pub struct MethodResult {
     pub decode_ms_per_token: f64,
     pub decode_spread_ms: (f64, f64),
     pub peak_rss_mb: f64,
+    /// Resident before the measured round (weights, allocator-held memory): the peak minus
+    /// this is what the round itself added.
+    pub rss_before_round_mb: f64,
     pub train_gflop: f64,
     pub train_gflops: f64,
     pub prefill_gflop: f64,
@@ -334,6 +341,7 @@ struct Phase {
     prefill: Vec<f64>,
     decode: Vec<f64>,
     peak: f64,
+    base: f64,
 }
 
 pub fn settings(method: &str) -> AdapterSettings {
@@ -495,6 +503,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     // Both methods' adapters on the same frozen backbones.
     let base = Arc::new(Base { vision, lm });
     let mut vlms = vec![Vlm::new(base.clone(), &settings(&a.method))?];
+    vlms[0].grad_checkpoint = a.grad_checkpoint;
     if !a.no_baseline {
         vlms.push(Vlm::new(base.clone(), &settings("input-space"))?);
     }
@@ -502,13 +511,13 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     let batch = synthetic_batch(&vlms[0], a, &mut rng)?;
     let data = Repeat(batch.clone());
     let mut phases: Vec<Phase> =
-        vlms.iter().map(|_| Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 }).collect();
+        vlms.iter().map(|_| Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0, base: 0.0 }).collect();
     let mut trainers = vlms.iter().map(|v| trainer(v, &data)).collect::<Result<Vec<_>>>()?;
     let flops: Vec<_> = vlms.iter().map(|v| count_flops(v, a.batch_size, a.text_tokens, a.answer_tokens)).collect();
     let params: Vec<_> = vlms.iter().map(|v| v.cfg.trainable_parameters).collect();
     for round in 0..a.warmup + a.iters {
         for (k, tr) in trainers.iter_mut().enumerate() {
-            let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 };
+            let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0, base: 0.0 };
             let ph = if round < a.warmup { &mut tmp } else { &mut phases[k] };
             one_round(tr, &batch, a, ph)?;
         }
@@ -517,7 +526,8 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     // system (trimming inside the timed rounds would charge page faults to the timings).
     for (k, tr) in trainers.iter_mut().enumerate() {
         reset_peak_rss();
-        let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0 };
+        phases[k].base = crate::util::rss_mb();
+        let mut tmp = Phase { train: vec![], prefill: vec![], decode: vec![], peak: 0.0, base: 0.0 };
         one_round(tr, &batch, a, &mut tmp)?;
         phases[k].peak = crate::util::peak_rss_mb();
     }
@@ -532,6 +542,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
             decode_ms_per_token: dc.median,
             decode_spread_ms: (dc.min, dc.max),
             peak_rss_mb: ph.peak,
+            rss_before_round_mb: ph.base,
             train_gflop: flops[k].0 / 1e9,
             train_gflops: flops[k].0 / 1e9 / (tr.median / 1e3),
             prefill_gflop: flops[k].1 / 1e9,

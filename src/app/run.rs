@@ -186,7 +186,9 @@ pub fn load_vlm(cfg: &RunSettings) -> Result<Vlm> {
     let dev = crate::util::device();
     let vision = load_vision(&cfg.model.vision, DType::F32, cfg.model.vision_dtype, &dev)?;
     let lm = load_lm(Path::new(&cfg.model.lm), DType::F32, cfg.model.lm_dtype, &dev)?;
-    Vlm::new(Arc::new(Base { vision, lm }), &cfg.adapter_settings())
+    let mut vlm = Vlm::new(Arc::new(Base { vision, lm }), &cfg.adapter_settings())?;
+    vlm.grad_checkpoint = cfg.model.grad_checkpoint;
+    Ok(vlm)
 }
 
 #[derive(Serialize)]

@@ -38,6 +38,12 @@ pub const COMMON_FLAGS: &[Flag] = &[
         help: "Format of the vision tower's frozen matrices (as --lm-dtype) [default: f32]",
     },
     Flag {
+        name: "grad-checkpoint",
+        keys: &["model.grad_checkpoint"],
+        kind: Kind::Bool,
+        help: "Gradient checkpointing: keep only each LM block's input, recompute the blocks in the backward (less memory, about one more LM forward per step)",
+    },
+    Flag {
         name: "data",
         keys: &["data.source"],
         kind: Kind::Str,
@@ -255,6 +261,10 @@ pub struct ModelSettings {
     /// The format the vision tower's frozen matrices are kept in.
     #[serde(skip_serializing_if = "is_f32")]
     pub vision_dtype: WeightFormat,
+    /// Keep only each LM block's input during a training step and recompute the blocks in the
+    /// backward (LLaMA-family LMs; MemVP, ADEM-VL and the image-blind control).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub grad_checkpoint: bool,
 }
 
 /// Runs in f32 (the default) write no dtype keys, so their files stay as earlier versions wrote them.

@@ -475,6 +475,83 @@ impl LanguageModel for Llama {
         let h = self.forward_embeds(&x, &Positions::From(0), None, mask.as_ref(), hooks)?;
         Ok(Hidden { h, rows: t + n, offset: n })
     }
+    fn teacher_forcing_checkpointed(
+        &self,
+        tf: &TeacherForcing,
+        hooks: &dyn LmHooks,
+        loss: &mut dyn FnMut(&Hidden) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let Some(ts) = hooks.checkpoint_tensors() else {
+            bail!("gradient checkpointing: this method's hooks cannot be recomputed block by block")
+        };
+        let (b, t) = tf.input_ids.dims2()?;
+        let mut x = self.embed(tf.input_ids)?;
+        let n = tf.prefix.map_or(0, |p| p.0.dims()[1]);
+        if let Some((p, _)) = tf.prefix {
+            x = Tensor::cat(&[p, &x], 1)?;
+        }
+        let x0 = super::edit_input(hooks, x, &vec![n; b])?;
+        let mask = key_mask(b, t, None, tf.prefix.map(|p| (n, p.1)), x0.device())?;
+        let (cos, sin) = self.rope.range(0, t + n)?;
+        let eps = self.cfg.rms_norm_eps;
+        // The forward on detached inputs records no graph, so the fused kernels keep nothing.
+        let detached: Vec<Tensor> = ts.iter().map(Tensor::detach).collect();
+        let plain = hooks.rebind(&detached)?;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut h = x0.detach();
+        for (l, blk) in self.layers.iter().enumerate() {
+            inputs.push(h.clone());
+            h = blk.forward(&h, l, &cos, &sin, 0, None, mask.as_ref(), plain.as_ref(), eps)?;
+        }
+        drop(plain);
+        let top = candle_core::Var::from_tensor(&h)?;
+        drop(h);
+        let hn = ops::rms_norm(top.as_tensor(), &self.norm, eps)?;
+        let l = loss(&Hidden { h: hn, rows: t + n, offset: n })?;
+        let g = l.backward()?;
+        let mut dh = match g.get(top.as_tensor()) {
+            Some(d) => d.clone(),
+            None => top.as_tensor().zeros_like()?,
+        };
+        drop(g);
+        // Backward block by block: recompute block l from its input with fresh leaves for the
+        // input and the hooks' tensors, and carry the input's gradient down.
+        let mut dts: Vec<Option<Tensor>> = vec![None; ts.len()];
+        for (l, blk) in self.layers.iter().enumerate().rev() {
+            let xin = candle_core::Var::from_tensor(&inputs[l])?;
+            let leaves = detached.iter().map(candle_core::Var::from_tensor).collect::<candle_core::Result<Vec<_>>>()?;
+            let lt: Vec<Tensor> = leaves.iter().map(|v| v.as_tensor().clone()).collect();
+            let hk = hooks.rebind(&lt)?;
+            let out = blk.forward(xin.as_tensor(), l, &cos, &sin, 0, None, mask.as_ref(), hk.as_ref(), eps)?;
+            let g = (out * &dh)?.sum_all()?.backward()?;
+            dh = match g.get(xin.as_tensor()) {
+                Some(d) => d.clone(),
+                None => xin.as_tensor().zeros_like()?,
+            };
+            for (acc, v) in dts.iter_mut().zip(&leaves) {
+                if let Some(gv) = g.get(v.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + gv)?,
+                        None => gv.clone(),
+                    });
+                }
+            }
+            inputs.truncate(l);
+        }
+        // A tensor equal to the loss whose gradient is the true one: for every tensor t that
+        // the blocks read with a graph behind it, sum(t · dt) - its detached value.
+        let mut out = l.detach();
+        let terms = std::iter::once((&x0, Some(dh))).chain(ts.iter().zip(dts));
+        for (t, d) in terms {
+            if let Some(d) = d
+                && t.track_op()
+            {
+                let p = (t * d)?.sum_all()?;
+                out = (out + (&p - p.detach())?)?;
+            }
+        }
+        Ok(out)
+    }
     fn logits(&self, h: &Tensor) -> Result<Tensor> {
         Llama::logits(self, h)
     }

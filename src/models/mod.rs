@@ -85,6 +85,18 @@ pub trait LanguageModel: Send + Sync {
     fn embed(&self, ids: &Tensor) -> Result<Tensor>;
     /// The final hidden states of a teacher-forcing pass.
     fn teacher_forcing(&self, tf: &TeacherForcing, hooks: &dyn LmHooks) -> Result<Hidden>;
+    /// Teacher forcing with gradient checkpointing: only each block's input is kept, and the
+    /// blocks are recomputed one at a time for the backward. `loss` maps the hidden states to
+    /// the scalar loss. Returns a tensor equal to the loss whose backward gives every trained
+    /// tensor the gradient it would get without checkpointing.
+    fn teacher_forcing_checkpointed(
+        &self,
+        _tf: &TeacherForcing,
+        _hooks: &dyn LmHooks,
+        _loss: &mut dyn FnMut(&Hidden) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        anyhow::bail!("gradient checkpointing is implemented for LLaMA-family language models only")
+    }
     /// Logits `[.., vocab]` from final hidden states `[.., d]`.
     fn logits(&self, h: &Tensor) -> Result<Tensor>;
     /// Runs the prompts (and an optional embedding prefix per row, as in [`TeacherForcing`])
@@ -205,6 +217,17 @@ pub trait LmHooks {
     fn edit_input(&self, _x: &Tensor, _starts: &[usize]) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// The tensors carrying a gradient that these hooks read inside the blocks, for gradient
+    /// checkpointing (each block is recomputed with them replaced by fresh leaves); `None`
+    /// when the hooks cannot be recomputed that way.
+    fn checkpoint_tensors(&self) -> Option<Vec<Tensor>> {
+        None
+    }
+    /// These hooks reading `ts` (in the order of `checkpoint_tensors`) instead; random draws
+    /// (dropout masks) repeat those of the first pass through the same block.
+    fn rebind<'s>(&'s self, _ts: &[Tensor]) -> Result<Box<dyn LmHooks + 's>> {
+        anyhow::bail!("these hooks cannot be recomputed block by block (gradient checkpointing)")
+    }
 }
 
 /// `x` with `hooks`' input edit applied.
@@ -217,6 +240,12 @@ pub struct NoHooks;
 impl LmHooks for NoHooks {
     fn modifies_projections(&self) -> bool {
         false
+    }
+    fn checkpoint_tensors(&self) -> Option<Vec<Tensor>> {
+        Some(vec![])
+    }
+    fn rebind<'s>(&'s self, _ts: &[Tensor]) -> Result<Box<dyn LmHooks + 's>> {
+        Ok(Box::new(NoHooks))
     }
 }
 
