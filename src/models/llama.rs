@@ -301,6 +301,26 @@ impl Llama {
         &self.device
     }
 
+    /// The embeddings a teacher-forcing pass starts from (prefix, text, the hooks' edit), its
+    /// key mask, its rows and the prefix length.
+    fn teacher_input(
+        &self,
+        tf: &TeacherForcing,
+        hooks: &dyn LmHooks,
+    ) -> Result<(Tensor, Option<Tensor>, usize, usize)> {
+        let (b, t) = tf.input_ids.dims2()?;
+        let mut x = self.embed(tf.input_ids)?;
+        let n = tf.prefix.map_or(0, |p| p.0.dims()[1]);
+        if let Some((p, _)) = tf.prefix {
+            x = Tensor::cat(&[p, &x], 1)?;
+        }
+        let x = super::edit_input(hooks, x, &vec![n; b])?;
+        // Right padding under a causal mask needs no key mask for the trained positions; a
+        // prefix of a text-only row is masked out.
+        let mask = key_mask(b, t, None, tf.prefix.map(|p| (n, p.1)), x.device())?;
+        Ok((x, mask, t + n, n))
+    }
+
     /// Token embeddings `[b, t, d]` of ids `[b, t]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -462,18 +482,9 @@ impl LanguageModel for Llama {
         Llama::embed(self, ids)
     }
     fn teacher_forcing(&self, tf: &TeacherForcing, hooks: &dyn LmHooks) -> Result<Hidden> {
-        let (b, t) = tf.input_ids.dims2()?;
-        let mut x = self.embed(tf.input_ids)?;
-        let n = tf.prefix.map_or(0, |p| p.0.dims()[1]);
-        if let Some((p, _)) = tf.prefix {
-            x = Tensor::cat(&[p, &x], 1)?;
-        }
-        let x = super::edit_input(hooks, x, &vec![n; b])?;
-        // Right padding under a causal mask needs no key mask for the trained positions; a
-        // prefix of a text-only row is masked out.
-        let mask = key_mask(b, t, None, tf.prefix.map(|p| (n, p.1)), x.device())?;
+        let (x, mask, rows, n) = self.teacher_input(tf, hooks)?;
         let h = self.forward_embeds(&x, &Positions::From(0), None, mask.as_ref(), hooks)?;
-        Ok(Hidden { h, rows: t + n, offset: n })
+        Ok(Hidden { h, rows, offset: n })
     }
     fn teacher_forcing_checkpointed(
         &self,
@@ -484,15 +495,8 @@ impl LanguageModel for Llama {
         let Some(ts) = hooks.checkpoint_tensors() else {
             bail!("gradient checkpointing: this method's hooks cannot be recomputed block by block")
         };
-        let (b, t) = tf.input_ids.dims2()?;
-        let mut x = self.embed(tf.input_ids)?;
-        let n = tf.prefix.map_or(0, |p| p.0.dims()[1]);
-        if let Some((p, _)) = tf.prefix {
-            x = Tensor::cat(&[p, &x], 1)?;
-        }
-        let x0 = super::edit_input(hooks, x, &vec![n; b])?;
-        let mask = key_mask(b, t, None, tf.prefix.map(|p| (n, p.1)), x0.device())?;
-        let (cos, sin) = self.rope.range(0, t + n)?;
+        let (x0, mask, rows, n) = self.teacher_input(tf, hooks)?;
+        let (cos, sin) = self.rope.range(0, rows)?;
         let eps = self.cfg.rms_norm_eps;
         // The forward on detached inputs records no graph, so the fused kernels keep nothing.
         let detached: Vec<Tensor> = ts.iter().map(Tensor::detach).collect();
@@ -507,7 +511,7 @@ impl LanguageModel for Llama {
         let top = candle_core::Var::from_tensor(&h)?;
         drop(h);
         let hn = ops::rms_norm(top.as_tensor(), &self.norm, eps)?;
-        let l = loss(&Hidden { h: hn, rows: t + n, offset: n })?;
+        let l = loss(&Hidden { h: hn, rows, offset: n })?;
         let g = l.backward()?;
         let mut dh = match g.get(top.as_tensor()) {
             Some(d) => d.clone(),

@@ -49,6 +49,11 @@ fn linear_few_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usiz
             }
         }
     });
+    by_row(&by_col, m, n)
+}
+
+/// `[m, n]` row-major from the `[n, m]` column-major results of the few-rows loops.
+fn by_row<T: Copy + num_traits::Zero>(by_col: &[T], m: usize, n: usize) -> Vec<T> {
     let mut dst = vec![T::zero(); m * n];
     for j in 0..n {
         for i in 0..m {
@@ -134,20 +139,7 @@ fn decode_rows<T: Real>(w: &Weight, j0: usize, j1: usize, k: usize, out: &mut [T
     let per = (j1 - j0).div_ceil(num_threads()).max(1);
     out.par_chunks_mut(per * k).enumerate().try_for_each(|(c, o)| {
         let a = j0 + c * per;
-        let b = a + o.len() / k;
-        if T::DTYPE == DType::F32 {
-            // SAFETY: `Real` is implemented for f32 and f64 only, and T's dtype is F32, so T is
-            // f32: the same size, alignment and bit validity; the slice is borrowed exclusively.
-            let o32 = unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr() as *mut f32, o.len()) };
-            w.rows_f32(a, b, o32)
-        } else {
-            let mut tmp = vec![0f32; o.len()];
-            w.rows_f32(a, b, &mut tmp)?;
-            for (d, v) in o.iter_mut().zip(tmp) {
-                *d = T::from_f64(v as f64);
-            }
-            Ok(())
-        }
+        decode_one(w, a, a + o.len() / k, o)
     })
 }
 
@@ -157,7 +149,6 @@ fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, 
     if x.len() < m * k || b.is_some_and(|b| b.len() < n) {
         bail!("linear: input of {} elements does not fit [{m}, {k}]", x.len())
     }
-    let mut dst = vec![T::zero(); m * n];
     if m <= 4
         && w.tensor().is_some_and(|t| t.dtype() == DType::BF16)
         && let Some(x32) = as_f32(x)
@@ -184,13 +175,9 @@ fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, 
             }
             Ok::<_, candle_core::Error>(())
         })?;
-        for j in 0..n {
-            for i in 0..m {
-                dst[i * n + j] = by_col[j * m + i];
-            }
-        }
-        return Ok(dst);
+        return Ok(by_row(&by_col, m, n));
     }
+    let mut dst = vec![T::zero(); m * n];
     if let Some(b) = b {
         for row in dst.chunks_mut(n) {
             row.copy_from_slice(&b[..n]);
@@ -256,13 +243,7 @@ fn few_rows_bf16(w: &Weight, x: &[f32], b: Option<&[f32]>, m: usize, k: usize, n
             }
         }
     });
-    let mut dst = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            dst[i * n + j] = by_col[j * m + i];
-        }
-    }
-    Ok(dst)
+    Ok(by_row(&by_col, m, n))
 }
 
 /// `dot(x, w)` with eight independent partial sums (as `super::dot`), widening bf16 in place.
@@ -287,7 +268,8 @@ fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 {
 /// Rows `j0..j1` decoded on the calling thread (inside a parallel loop).
 fn decode_one<T: Real>(w: &Weight, j0: usize, j1: usize, out: &mut [T]) -> Result<()> {
     if T::DTYPE == DType::F32 {
-        // SAFETY: as in decode_rows: T is f32 when its dtype is F32.
+        // SAFETY: `Real` is implemented for f32 and f64 only, and T's dtype is F32, so T is
+        // f32: the same size, alignment and bit validity; the slice is borrowed exclusively.
         let o32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
         return w.rows_f32(j0, j1, o32);
     }
