@@ -133,6 +133,26 @@ fn a_stopped_comparison_continues_where_it_was() {
 }
 
 #[test]
+fn a_run_killed_before_its_first_checkpoint_is_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 1);
+    let out = dir.path().join("cmp");
+    // What SIGKILL during the first segment leaves: the run's log, no checkpoint.
+    let run = out.join("runs/memvp");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("metrics.jsonl"), "{\"step\":1,\"loss\":2.0}\n").unwrap();
+    let o = compare(&spec, &out);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("[memvp] no checkpoint from the earlier attempt: starting it again"), "{e}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let steps: Vec<u64> =
+        r["runs"][0]["curve"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![4, 6]);
+    assert_eq!(r["runs"][0]["samples"], 24, "the killed attempt's steps are not counted");
+}
+
+#[test]
 fn a_bad_spec_is_refused_naming_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

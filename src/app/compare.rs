@@ -286,6 +286,11 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
         ];
         if step > 0 {
             a.push("--resume".into());
+        } else if !crate::train::rundir::trained_state(&dir).is_empty() {
+            // A first segment killed before its first checkpoint (SIGKILL, power loss): nothing
+            // it did can be resumed, so it is started again rather than refused.
+            eprintln!("[{}] no checkpoint from the earlier attempt: starting it again", r.name);
+            a.push("--overwrite".into());
         }
         memvp(&a)?;
         if let Ok(sum) = read_json(&dir.join("train_summary.json")) {
