@@ -83,7 +83,36 @@ fn mlp(c: &mut Criterion) {
     });
 }
 
+/// Decoding steps: a few rows (the requests of a serving batch) against a frozen weight.
+fn decode_linear(c: &mut Criterion) {
+    let w = (randn(&[1536, 576], 12) * 0.02).unwrap();
+    let lin = Linear::new(w.clone(), None);
+    let wt = w.t().unwrap();
+    for m in [1, 4, 8, 16, 32] {
+        let x = randn(&[m, 576], 13);
+        c.bench_function(&format!("decode_linear/memvp/rows={m}"), |b| b.iter(|| black_box(lin.forward(&x).unwrap())));
+        c.bench_function(&format!("decode_linear/candle-matmul/rows={m}"), |b| {
+            b.iter(|| black_box(x.matmul(&wt).unwrap()))
+        });
+    }
+}
+
 fn memory_branch(c: &mut Criterion) {
+    // A decoding step of 16 requests, each with its own memory of 320 slots.
+    let (b, m, d) = (16, 320, 576);
+    let u = randn(&[b, 1, d], 14);
+    let k = (randn(&[b, m, d], 15) * 0.02).unwrap();
+    let v = (randn(&[b, m, d], 16) * 0.02).unwrap();
+    c.bench_function("memory_branch/decode-16/memvp-fused", |bch| {
+        bch.iter(|| black_box(ops::memory_branch(&u, &k, &v, Activation::Silu, 0.1, None).unwrap()))
+    });
+    c.bench_function("memory_branch/decode-16/candle-ops", |bch| {
+        bch.iter(|| {
+            black_box(
+                (u.matmul(&k.transpose(1, 2).unwrap()).unwrap().silu().unwrap().matmul(&v).unwrap() * 0.1).unwrap(),
+            )
+        })
+    });
     let (b, t, m, d) = (4, 64, 320, 576);
     let u = randn(&[b, t, d], 9);
     let k = (randn(&[b, m, d], 10) * 0.02).unwrap();
@@ -99,6 +128,6 @@ fn memory_branch(c: &mut Criterion) {
 criterion_group! {
     name = kernels;
     config = Criterion::default().without_plots().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = softmax, rms_norm, rope, mlp, memory_branch
+    targets = softmax, rms_norm, rope, mlp, decode_linear, memory_branch
 }
 criterion_main!(kernels);

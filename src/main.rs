@@ -64,8 +64,8 @@ enum Cmd {
     },
 }
 
-fn run() -> Result<()> {
-    match Cli::parse().cmd {
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
         Cmd::Generate(a) => cli::generate(a),
         Cmd::Train(a) => {
             memvp::dist::init()?;
@@ -127,8 +127,7 @@ fn run() -> Result<()> {
 }
 
 fn main() {
-    // Run on a worker of the compute pool: parallel kernels called from a pool worker start
-    // inline instead of handing every small job to another thread and sleeping until it ends.
+    let cli = Cli::parse();
     let mut threads = candle_core::utils::get_num_threads();
     // Ranks of an MPI job on one machine share its cores (unless the user set the count).
     if std::env::var_os("RAYON_NUM_THREADS").is_none()
@@ -142,7 +141,7 @@ fn main() {
         // /proc/cpuinfo each time. Set before any thread exists.
         // SAFETY: set_var is unsound only while another thread may read or write the
         // environment. This is the start of main: no thread has been spawned yet (Rust runs no
-        // code before main, get_num_threads above only reads the environment and CPU counts,
+        // code before main; argument parsing and get_num_threads above spawn no thread,
         // and the rayon pool is built below), so the process is single-threaded here.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     }
@@ -155,7 +154,17 @@ fn main() {
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
-    let result = rayon::join(run, || ()).0;
+    let result = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Loadtest(_)) {
+        // An HTTP runtime blocks the thread it runs on for the server's whole life: on a pool
+        // worker it would take one of the compute threads (measured: the server decoded on
+        // one of the two cores). The server's scheduler enters the pool itself.
+        run(cli.cmd)
+    } else {
+        // Run on a worker of the compute pool: parallel kernels called from a pool worker
+        // start inline instead of handing every small job to another thread and sleeping
+        // until it ends.
+        rayon::join(|| run(cli.cmd), || ()).0
+    };
     let world = memvp::dist::world();
     if let Err(e) = result {
         if let Some(i) = e.downcast_ref::<memvp::train::Interrupted>() {

@@ -28,28 +28,57 @@ pub(crate) fn storage_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Resu
     }
 }
 
-/// Decoding's few rows (`m <= 4`, as `gemm_strided` routes to its dot-product loop): each
-/// output is the same `dot(x_i, w_j)` (+ bias) as there, but computed for all rows while `w_j`
-/// is in cache and spread over the threads by output chunks, so a batch of rows reads the
-/// weight once and one row uses every core. The results are bit-identical to the plain loop.
-fn linear_few_rows<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
-    use rayon::prelude::*;
+/// Rows up to which a product against a frozen weight is taken as dot products of each input
+/// row with each weight row, reading the weight once in its stored layout, rather than by a
+/// matrix product that packs (and, for other formats, decodes) the weight first: decoding
+/// steps of a batch of up to this many requests. Every output is then `dot(x_i, w_j)` in one
+/// fixed order, so a row's result is the same whatever else is in the batch.
+pub(crate) const SKINNY_ROWS: usize = 32;
+
+/// Decodes rows `j0..j1` of a weight into the buffer.
+type DecodeRows<'a, W> = &'a (dyn Fn(usize, usize, &mut [W]) -> Result<()> + Sync);
+
+/// The weight of a skinny product: its rows as stored, or decoded on demand.
+enum Rows<'a, W> {
+    Stored(&'a [W]),
+    Decoded(DecodeRows<'a, W>),
+}
+
+/// Skinny products `x Wᵀ (+ b)` (`m <= SKINNY_ROWS`): the weight rows are split over the threads
+/// by chunks of 64, and each chunk (as stored, or decoded by the task into its own scratch) is
+/// multiplied by every input row while it is in cache (`skinny::dots_block`).
+fn skinny<T: Real, W: super::skinny::Stored>(
+    x: &[T],
+    b: Option<&[T]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    w: Rows<'_, W>,
+) -> Result<Vec<T>> {
     const CHUNK: usize = 64;
     let mut by_col = vec![T::zero(); n * m];
-    by_col.par_chunks_mut(m * CHUNK).enumerate().for_each(|(c, out)| {
-        for (jj, o) in out.chunks_mut(m).enumerate() {
-            let j = c * CHUNK + jj;
-            let col = &w[j * k..(j + 1) * k];
-            for (i, oi) in o.iter_mut().enumerate() {
-                let acc = super::dot(&x[i * k..(i + 1) * k], col);
-                *oi = match b {
-                    Some(b) => b[j] + acc,
-                    None => acc,
-                };
+    by_col.par_chunks_mut(m * CHUNK).enumerate().try_for_each_init(Vec::new, |scratch, (c, out)| {
+        let j0 = c * CHUNK;
+        let j1 = j0 + out.len() / m;
+        let rows: &[W] = match &w {
+            Rows::Stored(w) => &w[j0 * k..j1 * k],
+            Rows::Decoded(decode) => {
+                scratch.resize((j1 - j0) * k, W::default());
+                decode(j0, j1, scratch)?;
+                scratch
+            }
+        };
+        super::skinny::dots_block(x, m, rows, k, out);
+        if let Some(b) = b {
+            for (jj, o) in out.chunks_mut(m).enumerate() {
+                for v in o {
+                    *v = b[j0 + jj] + *v;
+                }
             }
         }
-    });
-    by_row(&by_col, m, n)
+        Ok::<_, candle_core::Error>(())
+    })?;
+    Ok(by_row(&by_col, m, n))
 }
 
 /// `[m, n]` row-major from the `[n, m]` column-major results of the few-rows loops.
@@ -64,8 +93,8 @@ fn by_row<T: Copy + num_traits::Zero>(by_col: &[T], m: usize, n: usize) -> Vec<T
 }
 
 pub(crate) fn linear_fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Vec<T> {
-    if m > 0 && m <= 4 && m * n * k <= 1 << 20 && k > 0 && x.len() >= m * k && w.len() >= n * k {
-        return linear_few_rows(x, w, b, m, k, n);
+    if m > 0 && m <= SKINNY_ROWS && k > 0 && x.len() >= m * k && w.len() >= n * k && b.is_none_or(|b| b.len() >= n) {
+        return skinny(x, b, m, k, n, Rows::Stored(w)).expect("a stored weight is never decoded");
     }
     let mut dst = match b {
         Some(b) => {
@@ -149,7 +178,7 @@ fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, 
     if x.len() < m * k || b.is_some_and(|b| b.len() < n) {
         bail!("linear: input of {} elements does not fit [{m}, {k}]", x.len())
     }
-    if m <= 4
+    if m <= SKINNY_ROWS
         && w.tensor().is_some_and(|t| t.dtype() == DType::BF16)
         && let Some(x32) = as_f32(x)
     {
@@ -157,25 +186,9 @@ fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, 
         // f32 -> f64 -> f32 is exact.
         return Ok(y.into_iter().map(|v| T::from_f64(v as f64)).collect());
     }
-    if m <= 4 {
+    if m <= SKINNY_ROWS {
         // Decoding: each task decodes its own chunk of rows and takes dot products.
-        const CHUNK: usize = 64;
-        let mut by_col = vec![T::zero(); n * m];
-        by_col.par_chunks_mut(m * CHUNK).enumerate().try_for_each(|(c, out)| {
-            let j0 = c * CHUNK;
-            let j1 = j0 + out.len() / m;
-            let mut rows = vec![T::zero(); (j1 - j0) * k];
-            decode_one(w, j0, j1, &mut rows)?;
-            for (jj, o) in out.chunks_mut(m).enumerate() {
-                let col = &rows[jj * k..(jj + 1) * k];
-                for (i, oi) in o.iter_mut().enumerate() {
-                    let acc = super::dot(&x[i * k..(i + 1) * k], col);
-                    *oi = b.map_or(acc, |b| b[j0 + jj] + acc);
-                }
-            }
-            Ok::<_, candle_core::Error>(())
-        })?;
-        return Ok(by_row(&by_col, m, n));
+        return skinny(x, b, m, k, n, Rows::Decoded(&|j0, j1, out: &mut [T]| decode_one(w, j0, j1, out)));
     }
     let mut dst = vec![T::zero(); m * n];
     if let Some(b) = b {
@@ -215,7 +228,7 @@ fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, 
 }
 
 /// `s` as f32 values when `T` is f32.
-fn as_f32<T: Real>(s: &[T]) -> Option<&[f32]> {
+pub(crate) fn as_f32<T: Real>(s: &[T]) -> Option<&[f32]> {
     // SAFETY: `Real` is implemented for f32 and f64 only, so T is f32 when its dtype is F32:
     // the same size, alignment and bit validity; the borrow is shared and keeps its length.
     (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
@@ -231,38 +244,7 @@ fn few_rows_bf16(w: &Weight, x: &[f32], b: Option<&[f32]>, m: usize, k: usize, n
     if wd.len() < n * k || x.len() < m * k {
         bail!("linear: buffers do not fit [{m}, {k}] · [{n}, {k}]ᵀ")
     }
-    const CHUNK: usize = 64;
-    let mut by_col = vec![0f32; n * m];
-    by_col.par_chunks_mut(m * CHUNK).enumerate().for_each(|(c, out)| {
-        for (jj, o) in out.chunks_mut(m).enumerate() {
-            let j = c * CHUNK + jj;
-            let row = &wd[j * k..(j + 1) * k];
-            for (i, oi) in o.iter_mut().enumerate() {
-                let acc = dot_bf16(&x[i * k..(i + 1) * k], row);
-                *oi = b.map_or(acc, |b| b[j] + acc);
-            }
-        }
-    });
-    Ok(by_row(&by_col, m, n))
-}
-
-/// `dot(x, w)` with eight independent partial sums (as `super::dot`), widening bf16 in place.
-#[inline]
-fn dot_bf16(x: &[f32], w: &[half::bf16]) -> f32 {
-    let widen = |v: half::bf16| f32::from_bits((v.to_bits() as u32) << 16);
-    let mut acc = [0f32; 8];
-    let (cx, cw) = (x.chunks_exact(8), w.chunks_exact(8));
-    let (rx, rw) = (cx.remainder(), cw.remainder());
-    for (a, v) in cx.zip(cw) {
-        for l in 0..8 {
-            acc[l] += a[l] * widen(v[l]);
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (a, v) in rx.iter().zip(rw) {
-        s += *a * widen(*v);
-    }
-    s
+    skinny(x, b, m, k, n, Rows::Stored(wd))
 }
 
 /// Rows `j0..j1` decoded on the calling thread (inside a parallel loop).

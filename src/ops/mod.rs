@@ -16,6 +16,7 @@ mod mlp;
 pub mod nn;
 mod norm;
 mod rope;
+mod skinny;
 mod softmax;
 mod weight;
 
@@ -36,7 +37,7 @@ use candle_core::{
 };
 
 /// Floating types the CPU kernels are written for: f32 for work, f64 for gradient checks.
-pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync + 'static {
+pub(crate) trait Real: WithDType + num_traits::Float + skinny::Stored {
     fn erf(self) -> Self;
 }
 impl Real for f32 {

@@ -1,0 +1,256 @@
+//! Skinny products `out[j·m + i] = x_i · w_j` for a few input rows (a decoding batch) against
+//! the rows of a frozen weight as stored (f32, or bf16 widened in registers): the weight is read
+//! once, in its own layout, with no packing. Every output is one dot product in a fixed order
+//! whatever `m` is, so a row's result does not depend on the other rows of the batch.
+//!
+//! On x86-64 CPUs with AVX2 and FMA (chosen at run time, no build flag) the f32 work runs in
+//! hand-written kernels: blocks of four input rows by two weight rows, eight fused
+//! multiply-adds per instruction. Elsewhere (and for f64, used by the gradient checks) it runs
+//! portable loops with eight partial sums, which the compiler vectorises to the baseline ISA.
+
+use super::Real;
+
+/// Weight element types the kernels read.
+pub(crate) trait Stored: Copy + Default + Send + Sync + 'static {
+    fn widen<T: Real>(self) -> T;
+    /// Whether the element is a bf16 (read by the x86 kernel as 16-bit lanes).
+    const IS_BF16: bool;
+}
+
+impl Stored for f32 {
+    #[inline(always)]
+    fn widen<T: Real>(self) -> T {
+        T::from(self).expect("f32 fits")
+    }
+    const IS_BF16: bool = false;
+}
+
+impl Stored for f64 {
+    #[inline(always)]
+    fn widen<T: Real>(self) -> T {
+        T::from(self).expect("f64 fits")
+    }
+    const IS_BF16: bool = false;
+}
+
+impl Stored for half::bf16 {
+    #[inline(always)]
+    fn widen<T: Real>(self) -> T {
+        // A bf16 is the top half of an f32.
+        T::from(f32::from_bits((self.to_bits() as u32) << 16)).expect("f32 fits")
+    }
+    const IS_BF16: bool = true;
+}
+
+/// `out[jj·m + i] = x_i · w_jj` for the `m` rows of `x` (each `k` long) and the rows of `w` (as
+/// many as `out` holds).
+pub(crate) fn dots_block<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], k: usize, out: &mut [T]) {
+    let nw = out.len() / m.max(1);
+    assert!(x.len() >= m * k && w.len() >= nw * k, "skinny product: buffers do not fit");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(x32) = super::linear::as_f32(x)
+        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && (std::any::TypeId::of::<W>() == std::any::TypeId::of::<f32>() || W::IS_BF16)
+        && x86::available()
+    {
+        // SAFETY: T is f32 (checked), so out's elements are f32 with the same layout.
+        let out32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
+        // SAFETY: the CPU has AVX2 and FMA (checked just above); W is f32 or bf16, both read
+        // as their own bits; the lengths were checked by the assert above.
+        unsafe {
+            if W::IS_BF16 {
+                x86::dots_block::<true>(x32, m, w.as_ptr() as *const u8, nw, k, out32)
+            } else {
+                x86::dots_block::<false>(x32, m, w.as_ptr() as *const u8, nw, k, out32)
+            }
+        };
+        return;
+    }
+    portable(x, m, w, nw, k, out);
+}
+
+/// Eight partial sums per product, reduced as `ops::dot` reduces them.
+fn portable<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], nw: usize, k: usize, out: &mut [T]) {
+    let full = k - k % 8;
+    for j in 0..nw {
+        let wj = &w[j * k..(j + 1) * k];
+        for i in 0..m {
+            let xi = &x[i * k..(i + 1) * k];
+            let mut acc = [T::zero(); 8];
+            for (a, b) in xi[..full].chunks_exact(8).zip(wj[..full].chunks_exact(8)) {
+                for l in 0..8 {
+                    acc[l] += a[l] * b[l].widen::<T>();
+                }
+            }
+            let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            for q in full..k {
+                s += xi[q] * wj[q].widen::<T>();
+            }
+            out[j * m + i] = s;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+
+    /// Eight weights from `p` (f32, or bf16 widened: shifted into the top half of an f32).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load8<const BF16: bool>(p: *const u8) -> __m256 {
+        // SAFETY: the caller gives 8 readable elements at p (32 bytes of f32 or 16 of bf16).
+        unsafe {
+            if BF16 {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+            } else {
+                _mm256_loadu_ps(p as *const f32)
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn widen1<const BF16: bool>(p: *const u8) -> f32 {
+        // SAFETY: the caller gives one readable element at p.
+        unsafe {
+            if BF16 {
+                f32::from_bits((std::ptr::read_unaligned(p as *const u16) as u32) << 16)
+            } else {
+                std::ptr::read_unaligned(p as *const f32)
+            }
+        }
+    }
+
+    /// The `R x C` products of input rows `i0..i0+R` with weight rows `j0..j0+C`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots<const R: usize, const C: usize, const BF16: bool>(
+        x: &[f32],
+        i0: usize,
+        w: *const u8,
+        j0: usize,
+        k: usize,
+        out: &mut [f32],
+        m: usize,
+    ) {
+        let es = if BF16 { 2 } else { 4 };
+        let xr: [*const f32; R] = std::array::from_fn(|r| x[(i0 + r) * k..].as_ptr());
+        // SAFETY (for every pointer formed and read below): the caller guarantees rows
+        // j0..j0+C of w (k elements of es bytes each) and rows i0..i0+R of x are in bounds;
+        // p + 8 <= full <= k, and the tail reads q < k.
+        unsafe {
+            let wr: [*const u8; C] = std::array::from_fn(|c| w.add((j0 + c) * k * es));
+            let full = k - k % 8;
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let mut p = 0;
+            while p < full {
+                let wv: [__m256; C] = std::array::from_fn(|c| load8::<BF16>(wr[c].add(p * es)));
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(xr[r].add(p));
+                    for c in 0..C {
+                        acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+                    }
+                }
+                p += 8;
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    let mut a = [0f32; 8];
+                    _mm256_storeu_ps(a.as_mut_ptr(), acc[r][c]);
+                    let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+                    for q in full..k {
+                        s += *xr[r].add(q) * widen1::<BF16>(wr[c].add(q * es));
+                    }
+                    out[(j0 + c) * m + i0 + r] = s;
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `x` holds `m·k` f32, `w` holds `nw·k` elements (f32, or bf16
+    /// when `bf16`), `out` holds `nw·m`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_block<const BF16: bool>(
+        x: &[f32],
+        m: usize,
+        w: *const u8,
+        nw: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let mut j = 0;
+        while j < nw {
+            let two = j + 2 <= nw;
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(4);
+                // SAFETY: i + r <= m and j + (1 or 2) <= nw: the rows read are in bounds.
+                unsafe {
+                    match (r, two) {
+                        (4, true) => dots::<4, 2, BF16>(x, i, w, j, k, out, m),
+                        (3, true) => dots::<3, 2, BF16>(x, i, w, j, k, out, m),
+                        (2, true) => dots::<2, 2, BF16>(x, i, w, j, k, out, m),
+                        (1, true) => dots::<1, 2, BF16>(x, i, w, j, k, out, m),
+                        (4, false) => dots::<4, 1, BF16>(x, i, w, j, k, out, m),
+                        (3, false) => dots::<3, 1, BF16>(x, i, w, j, k, out, m),
+                        (2, false) => dots::<2, 1, BF16>(x, i, w, j, k, out, m),
+                        _ => dots::<1, 1, BF16>(x, i, w, j, k, out, m),
+                    }
+                }
+                i += r;
+            }
+            j += if two { 2 } else { 1 };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::Rng::new(seed);
+        (0..n).map(|_| r.normal() as f32).collect()
+    }
+
+    /// Every block shape and tail against a plain f64 product (f32 and bf16 weights), and the
+    /// same row computed alone and among others gives the same bits.
+    #[test]
+    fn skinny_products_match_a_plain_product_and_do_not_depend_on_the_batch() {
+        for &k in &[1usize, 7, 8, 9, 64, 70] {
+            for m in 1..=9 {
+                for nw in 1..=5 {
+                    let (x, w) = (vals(m * k, 1 + k as u64), vals(nw * k, 2 + m as u64));
+                    let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                    let mut out = vec![0f32; nw * m];
+                    let mut outb = vec![0f32; nw * m];
+                    dots_block(&x, m, &w, k, &mut out);
+                    dots_block(&x, m, &wb, k, &mut outb);
+                    for j in 0..nw {
+                        for i in 0..m {
+                            let (mut e, mut eb) = (0f64, 0f64);
+                            for q in 0..k {
+                                e += x[i * k + q] as f64 * w[j * k + q] as f64;
+                                eb += x[i * k + q] as f64 * wb[j * k + q].to_f64();
+                            }
+                            let tol = 1e-5 * (1.0 + k as f64);
+                            assert!((out[j * m + i] as f64 - e).abs() < tol, "k {k} m {m} nw {nw} ({i}, {j})");
+                            assert!((outb[j * m + i] as f64 - eb).abs() < tol, "bf16 k {k} m {m} nw {nw} ({i}, {j})");
+                            let mut alone = vec![0f32; nw];
+                            dots_block(&x[i * k..(i + 1) * k], 1, &w, k, &mut alone);
+                            assert_eq!(alone[j].to_bits(), out[j * m + i].to_bits(), "k {k} m {m} row {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
