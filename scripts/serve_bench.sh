@@ -2,7 +2,8 @@
 # The serving figures of BENCHMARKS.md, side by side in one run on one machine:
 #   1. continuous batching (--max-batch 64) vs one request at a time (--max-batch 1), tokens/s
 #      at concurrency 1, 4, 16, 64 (answers of exactly 32 tokens: --ignore-eos);
-#   2. time to first token of a follow-up question about a cached image vs a new image;
+#   2. time to first token of a follow-up question about a cached image vs a new image (with
+#      random:small and with a ViT-L/14-shaped tower);
 #   3. MemVP vs the input-space baseline served the same way: tokens/s and KV-cache bytes per
 #      running request;
 #   4. a soak (SOAK seconds, default 600) at concurrency 32 with 5% malformed requests: errors,
@@ -27,6 +28,11 @@ train() { # method out
 }
 train memvp "$OUT/memvp"
 train input-space "$OUT/input-space"
+# The cache at the paper's tower: a ViT-L/14-shaped random tower at 224 px (3 steps only: its
+# vision side costs the same whatever the weights).
+[ -f "$OUT/memvp-l14/adapter_config.json" ] || "$M" train --vision random:vit-l14 --lm "$GGUF" \
+  --data "easyvqa:$EASYVQA" --out "$OUT/memvp-l14" --method memvp --max-train-samples 16 --batch-size 2 \
+  --max-steps 3 --lr 1e-3 --warmup-epochs 0 --log-every 1
 mkdir -p "$OUT/images"
 find "$EASYVQA/test/images" -name '*.png' | sort | sed -n '1,64p' | xargs -I{} cp {} "$OUT/images/"
 
@@ -57,6 +63,9 @@ done
 # 2. The cache: two questions per image, one request at a time (misses then hits alternate).
 serve "$OUT/memvp" 64
 load --requests 64 --concurrency 1 --questions-per-image 2 --max-tokens 8 > "$OUT/cache.json"
+stop
+serve "$OUT/memvp-l14" 64
+load --requests 32 --concurrency 1 --questions-per-image 2 --max-tokens 8 > "$OUT/cache_l14.json"
 stop
 
 # 3. MemVP vs input-space, the same load.
