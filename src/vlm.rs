@@ -283,7 +283,7 @@ impl Vlm {
         let pixels = if self.uses_images() { pixels } else { None };
         let indicator: Vec<f32> = if self.uses_images() { indicator.to_vec() } else { vec![0.0; prompts.len()] };
         let visual = Visual { pixels, indicator: &indicator };
-        let inst = self.adapter.install(&self.vision().model, visual, false, &rng)?;
+        let inst = self.adapter.install_inference(&self.vision().model, visual, &rng)?;
         let prefix = inst.prefix.as_ref().map(|p| (p, indicator.as_slice()));
         let (mut st, first) = self.lm().model.prefill(inst.hooks.as_ref(), prompts, prefix)?;
         f(st.as_mut(), &first)

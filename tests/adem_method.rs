@@ -111,6 +111,7 @@ fn adem_matches_the_pytorch_reference() {
     let e1 = max_rel_err(&logits.i((1, ..lens[1])).unwrap(), &r["logits_1"]);
     // The prefill (left padding shifts row 1's slot-free prompt; row 0's slot moves with it).
     let first = vlm.with_stepper(&rows, Some(&px), &ind, &mut |_, first| Ok(first.clone())).unwrap();
+    assert!(!first.track_op(), "generation recorded a graph (it would keep every activation alive)");
     let p0 = max_rel_err(&first.i(0).unwrap(), &r["logits_0"].i(lens[0] - 1).unwrap());
     let p1 = max_rel_err(&first.i(1).unwrap(), &r["logits_1"].i(lens[1] - 1).unwrap());
     // The server's path: per-request rows, stacked, then a batch prefill.

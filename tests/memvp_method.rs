@@ -745,6 +745,21 @@ fn memvp_matches_pytorch_reference() {
         let d = max_abs_err(&logits.i(row).unwrap(), &plain.i(row).unwrap());
         assert!(d > 0.1, "row {row}: memory changes logits by only {d}");
     }
+    // Generation keeps no graph: `install` (training) returns K and V carrying the vision
+    // forward's graph (they have gradients); `install_inference` cuts them from it, so the
+    // LM's forward over a prompt records nothing. Same values either way.
+    use memvp::adapters::{Adapter, Visual};
+    let visual = Visual { pixels: Some(&r["pixel_values"]), indicator: &ind };
+    let trained = mv.install(&vis.model, visual, false, &cell).unwrap();
+    let inference = mv.install_inference(&vis.model, visual, &cell).unwrap();
+    let (kt, ki) = (trained.hooks.checkpoint_tensors().unwrap(), inference.hooks.checkpoint_tensors().unwrap());
+    assert!(kt.iter().all(|t| t.track_op()) && ki.iter().all(|t| !t.track_op()));
+    for (a, b) in kt.iter().zip(&ki) {
+        assert_eq!(max_abs_err(a, b), 0.0);
+    }
+    let h =
+        llama.forward_embeds(&llama.embed(&ids).unwrap(), &Positions::From(0), None, None, inference.hooks.as_ref());
+    assert!(!h.unwrap().track_op(), "the LM's forward recorded a graph during generation");
     // A tensor of the wrong shape is refused with its name.
     let mut small = mv.cfg.clone();
     small.slots = 20;

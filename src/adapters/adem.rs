@@ -350,6 +350,16 @@ impl Adapter for Adem {
         let f = self.fusion(vision, visual.pixels, visual.indicator, train, rng)?;
         Ok(Installed { hooks: Box::new(f), prefix: None })
     }
+    fn install_inference<'a>(
+        &'a self,
+        vision: &'a ClipVision,
+        visual: Visual<'_>,
+        rng: &'a RefCell<Rng>,
+    ) -> Result<Installed<'a>> {
+        let f = self.fusion(vision, visual.pixels, visual.indicator, false, rng)?;
+        let (k, v, cls) = (f.k.detach(), f.v.detach(), f.cls.as_ref().map(Tensor::detach));
+        Ok(Installed { hooks: Box::new(Fusion::new(self, k, v, cls, f.has_cls)?), prefix: None })
+    }
     fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
         let rng = RefCell::new(Rng::new(0));
         let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];

@@ -348,6 +348,16 @@ impl Adapter for Memvp {
         let memory = self.memory(vision, visual.pixels, visual.indicator, train, rng)?;
         Ok(Installed { hooks: Box::new(memory), prefix: None })
     }
+    fn install_inference<'a>(
+        &'a self,
+        vision: &'a ClipVision,
+        visual: Visual<'_>,
+        rng: &'a RefCell<Rng>,
+    ) -> Result<Installed<'a>> {
+        let m = self.memory(vision, visual.pixels, visual.indicator, false, rng)?;
+        let memory = Memory { k: m.k.detach(), v: m.v.detach(), ..m };
+        Ok(Installed { hooks: Box::new(memory), prefix: None })
+    }
     fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
         let rng = RefCell::new(Rng::new(0));
         let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];

@@ -89,6 +89,19 @@ pub trait Adapter: Send + Sync {
         train: bool,
         rng: &'a RefCell<Rng>,
     ) -> Result<Installed<'a>>;
+    /// [`Adapter::install`] for generation (no dropout, no backward): what the hooks read is cut
+    /// from the graph of the vision forward, so that neither that graph nor the LM's forward
+    /// over the prompt is kept alive while tokens are generated (at LLaMA-7B with a ViT-L/14
+    /// tower that graph was the largest thing in memory).
+    fn install_inference<'a>(
+        &'a self,
+        vision: &'a ClipVision,
+        visual: Visual<'_>,
+        rng: &'a RefCell<Rng>,
+    ) -> Result<Installed<'a>> {
+        let inst = self.install(vision, visual, false, rng)?;
+        Ok(Installed { hooks: inst.hooks, prefix: inst.prefix.map(|p| p.detach()) })
+    }
     /// Serving: the visual part of one request (`pixels` `[1, 3, s, s]`, or none for a
     /// text-only question), in inference mode.
     fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual>;
