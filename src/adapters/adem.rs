@@ -357,8 +357,8 @@ impl Adapter for Adem {
         rng: &'a RefCell<Rng>,
     ) -> Result<Installed<'a>> {
         let f = self.fusion(vision, visual.pixels, visual.indicator, false, rng)?;
-        let (k, v, cls) = (f.k.detach(), f.v.detach(), f.cls.as_ref().map(Tensor::detach));
-        Ok(Installed { hooks: Box::new(Fusion::new(self, k, v, cls, f.has_cls)?), prefix: None })
+        let (k, v, sk_t, cls) = (f.k.detach(), f.v.detach(), f.sk_t.detach(), f.cls.as_ref().map(Tensor::detach));
+        Ok(Installed { hooks: Box::new(Fusion { k, v, sk_t, cls, ..f }), prefix: None })
     }
     fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
         let rng = RefCell::new(Rng::new(0));

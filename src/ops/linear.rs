@@ -178,13 +178,8 @@ fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, 
     if x.len() < m * k || b.is_some_and(|b| b.len() < n) {
         bail!("linear: input of {} elements does not fit [{m}, {k}]", x.len())
     }
-    if m <= SKINNY_ROWS
-        && w.tensor().is_some_and(|t| t.dtype() == DType::BF16)
-        && let Some(x32) = as_f32(x)
-    {
-        let y = few_rows_bf16(w, x32, b.and_then(as_f32), m, k, n)?;
-        // f32 -> f64 -> f32 is exact.
-        return Ok(y.into_iter().map(|v| T::from_f64(v as f64)).collect());
+    if m <= SKINNY_ROWS && w.tensor().is_some_and(|t| t.dtype() == DType::BF16) {
+        return few_rows_bf16(w, x, b, m, k, n);
     }
     if m <= SKINNY_ROWS {
         // Decoding: each task decodes its own chunk of rows and takes dot products.
@@ -227,16 +222,9 @@ fn tiled_fwd<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, 
     Ok(dst)
 }
 
-/// `s` as f32 values when `T` is f32.
-pub(crate) fn as_f32<T: Real>(s: &[T]) -> Option<&[f32]> {
-    // SAFETY: `Real` is implemented for f32 and f64 only, so T is f32 when its dtype is F32:
-    // the same size, alignment and bit validity; the borrow is shared and keeps its length.
-    (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
-}
-
 /// Decoding against bf16 weights: each weight is widened in registers inside the dot product
 /// (a bf16 is the top half of an f32), so a token reads 2 bytes per weight and nothing else.
-fn few_rows_bf16(w: &Weight, x: &[f32], b: Option<&[f32]>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+fn few_rows_bf16<T: Real>(w: &Weight, x: &[T], b: Option<&[T]>, m: usize, k: usize, n: usize) -> Result<Vec<T>> {
     let t = w.tensor().expect("a dense weight");
     let (st, l) = t.storage_and_layout();
     let Storage::Cpu(c) = &*st else { bail!("linear: weight is not on the CPU") };

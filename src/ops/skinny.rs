@@ -48,12 +48,11 @@ pub(crate) fn dots_block<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], k: usiz
     let nw = out.len() / m.max(1);
     assert!(x.len() >= m * k && w.len() >= nw * k, "skinny product: buffers do not fit");
     #[cfg(target_arch = "x86_64")]
-    if let Some(x32) = super::linear::as_f32(x)
-        && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+    if let Some(x32) = as_f32(x)
         && (std::any::TypeId::of::<W>() == std::any::TypeId::of::<f32>() || W::IS_BF16)
         && x86::available()
     {
-        // SAFETY: T is f32 (checked), so out's elements are f32 with the same layout.
+        // SAFETY: T is f32 (as_f32 checked its dtype), so out's elements are f32 with the same layout.
         let out32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
         // SAFETY: the CPU has AVX2 and FMA (checked just above); W is f32 or bf16, both read
         // as their own bits; the lengths were checked by the assert above.
@@ -67,6 +66,14 @@ pub(crate) fn dots_block<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], k: usiz
         return;
     }
     portable(x, m, w, nw, k, out);
+}
+
+/// `s` as f32 values when `T` is f32.
+fn as_f32<T: Real>(s: &[T]) -> Option<&[f32]> {
+    // SAFETY: `Real` is implemented for f32 and f64 only, so T is f32 when its dtype is F32:
+    // the same size, alignment and bit validity; the borrow is shared and keeps its length.
+    (T::DTYPE == candle_core::DType::F32)
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
 }
 
 /// Eight partial sums per product, reduced as `ops::dot` reduces them.
