@@ -10,6 +10,10 @@ use std::path::PathBuf;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Where models run: cpu (memvp's kernels), cuda, cuda:N or metal (the device-generic path;
+    /// needs a binary built with that cargo feature). Default: $MEMVP_DEVICE, else cpu.
+    #[arg(long, global = true)]
+    device: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -47,6 +51,9 @@ enum Cmd {
     /// Turn the authors' released MemVP checkpoint (`checkpoint-19.pth`) into a run directory
     /// with the released settings, ready for `memvp eval --run`.
     ImportOfficial(Box<memvp::app::import_official::ImportArgs>),
+    /// The device path (--device) against memvp's CPU kernels on the committed tiny fixtures:
+    /// logits, gradients, a short training's losses, greedy generations, with tolerances.
+    DeviceCheck(Box<memvp::app::device_check::DeviceCheckArgs>),
     /// Write the patch features of an image as the vision tower produces them for MemVP.
     EncodeImage {
         /// CLIP checkpoint directory or random:<preset>[@seed].
@@ -120,6 +127,18 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::DeviceCheck(a) => {
+            let r = memvp::app::device_check::run(&a)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                memvp::app::device_check::print(&r);
+            }
+            if !r.pass {
+                anyhow::bail!("device-check: some checks are outside their tolerance");
+            }
+            Ok(())
+        }
         Cmd::Score(a) => cli::score(a.task, &a.gt, &a.preds, a.questions),
         Cmd::Quickstart { out, settings, json } => cli::quickstart(&out, &settings, json),
         Cmd::EncodeImage { vision, image, layer, norm, out } => cli::encode_image(&vision, &image, layer, norm, &out),
@@ -153,7 +172,18 @@ fn main() {
         // exists.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
+    let device = cli.device.clone().or_else(|| std::env::var("MEMVP_DEVICE").ok()).unwrap_or_else(|| "cpu".into());
+    if std::env::var("MEMVP_DEVICE").ok().as_deref() != Some(device.as_str()) {
+        // Processes this one starts (`memvp compare`'s training runs) use the same device.
+        // SAFETY: as above: still single-threaded, before the rayon pool or any other thread
+        // exists.
+        unsafe { std::env::set_var("MEMVP_DEVICE", &device) };
+    }
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    if let Err(e) = memvp::util::set_device(&device) {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
     let result = if matches!(cli.cmd, Cmd::Serve(_) | Cmd::Loadtest(_)) {
         // An HTTP runtime blocks the thread it runs on for the server's whole life: on a pool
         // worker it would take one of the compute threads (measured: the server decoded on

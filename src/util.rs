@@ -30,10 +30,58 @@ pub fn write_json_atomic(path: &Path, v: &impl serde::Serialize) -> Result<()> {
     write_atomic(path, s.as_bytes())
 }
 
-/// The device models run on: the CPU (the GPU back-ends are opt-in cargo features; memvp's
-/// kernels are CPU kernels, see the README).
+static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+
+/// Chooses the device models run on, from `--device` (`cpu`, `cuda`, `cuda:N`, `metal`): once
+/// per process, before anything is loaded. GPU devices need the matching cargo feature.
+pub fn set_device(spec: &str) -> Result<()> {
+    let dev = parse_device(spec)?;
+    if DEVICE.set(dev.clone()).is_err() && !DEVICE.get().is_some_and(|d| d.same_device(&dev)) {
+        anyhow::bail!("--device {spec}: the device was already chosen ({:?})", DEVICE.get());
+    }
+    Ok(())
+}
+
+/// `cpu`, `cuda`, `cuda:N` or `metal` as a candle device.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let bad = || anyhow::anyhow!("--device {spec}: expected cpu, cuda, cuda:N or metal");
+    let (kind, ord) = match spec.split_once(':') {
+        Some((k, n)) => (k, n.parse::<usize>().map_err(|_| bad())?),
+        None => (spec, 0),
+    };
+    let dev = match kind {
+        "cpu" if ord == 0 => Device::Cpu,
+        "cuda" => {
+            // cudarc loads the CUDA libraries on first use and panics where they are missing:
+            // turn that into the error below.
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
+            let opened = std::panic::catch_unwind(|| Device::new_cuda(ord));
+            std::panic::set_hook(hook);
+            let why = match opened {
+                Ok(Ok(dev)) => return Ok(dev),
+                Ok(Err(e)) => e.to_string(),
+                Err(p) => p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the CUDA libraries could not be loaded".into()),
+            };
+            anyhow::bail!(
+                "--device {spec}: cannot open CUDA device {ord}: {why} (this binary {}; it needs the NVIDIA driver's libcuda.so and CUDA 13's libcublas, libcublasLt, libcurand and libnvrtc on the loader's path)",
+                if cfg!(feature = "cuda") { "has the `cuda` feature" } else { "was built without the `cuda` feature" }
+            )
+        }
+        "metal" => Device::new_metal(ord).with_context(|| format!("--device {spec}: cannot open the Metal device"))?,
+        _ => return Err(bad()),
+    };
+    Ok(dev)
+}
+
+/// The device models run on: `--device`, the CPU by default. On the CPU memvp's own kernels
+/// run; on a GPU the device-generic path (`ops/generic.rs`).
 pub fn device() -> Device {
-    Device::Cpu
+    DEVICE.get().cloned().unwrap_or(Device::Cpu)
 }
 
 /// The peak resident set (VmHWM) of this process in MB (since start, or since the bench reset

@@ -217,12 +217,17 @@ impl Vlm {
 
     fn loss_inner(&self, batch: &Batch, rng: &RefCell<Rng>, train: bool) -> Result<Tensor> {
         let (b, _) = batch.input_ids.dims2()?;
-        let visual = Visual { pixels: batch.pixels.as_ref(), indicator: &batch.indicator };
+        // Batches are built on the CPU; the models may live on a GPU.
+        let dev = self.lm().model.device().clone();
+        let on_dev = |t: &Tensor| t.to_device(&dev);
+        let pixels = batch.pixels.as_ref().map(on_dev).transpose()?;
+        let (input_ids, decoder_ids) = (on_dev(&batch.input_ids)?, batch.decoder_ids.as_ref().map(on_dev).transpose()?);
+        let visual = Visual { pixels: pixels.as_ref(), indicator: &batch.indicator };
         let inst = self.adapter.install(&self.vision().model, visual, train, rng)?;
         let tf = TeacherForcing {
-            input_ids: &batch.input_ids,
+            input_ids: &input_ids,
             input_lens: &batch.input_lens,
-            decoder_ids: batch.decoder_ids.as_ref(),
+            decoder_ids: decoder_ids.as_ref(),
             prefix: inst.prefix.as_ref().map(|p| (p, batch.indicator.as_slice())),
         };
         let lm = self.lm().model.as_ref();
@@ -280,9 +285,10 @@ impl Vlm {
         f: &mut dyn FnMut(&mut dyn BeamStepper, &Tensor) -> Result<R>,
     ) -> Result<R> {
         let rng = RefCell::new(Rng::new(0));
-        let pixels = if self.uses_images() { pixels } else { None };
+        let pixels =
+            if self.uses_images() { pixels.map(|p| p.to_device(self.lm().model.device())).transpose()? } else { None };
         let indicator: Vec<f32> = if self.uses_images() { indicator.to_vec() } else { vec![0.0; prompts.len()] };
-        let visual = Visual { pixels, indicator: &indicator };
+        let visual = Visual { pixels: pixels.as_ref(), indicator: &indicator };
         let inst = self.adapter.install_inference(&self.vision().model, visual, &rng)?;
         let prefix = inst.prefix.as_ref().map(|p| (p, indicator.as_slice()));
         let (mut st, first) = self.lm().model.prefill(inst.hooks.as_ref(), prompts, prefix)?;

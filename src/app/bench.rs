@@ -16,7 +16,7 @@ use crate::rng::Rng;
 use crate::train::{Batches, OptimSettings, Shard, Trainer};
 use crate::vlm::{AdapterSettings, Base, Vlm};
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::Serialize;
 use serde_json::json;
 use std::path::PathBuf;
@@ -184,7 +184,7 @@ pub fn random_lm(a: &BenchArgs) -> Result<LoadedLm> {
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
     };
-    let model = Llama::load(&Weights::random_frozen(&label, 0, 0.02, a.lm_dtype, &Device::Cpu), cfg)?;
+    let model = Llama::load(&Weights::random_frozen(&label, 0, 0.02, a.lm_dtype, &crate::util::device()), cfg)?;
     let tok = Tok::from_json(&json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
@@ -207,8 +207,16 @@ pub fn matmul_peak_gflops() -> Result<f64> {
     let mut rng = Rng::new(7);
     let mut best = 0f64;
     for n in [1024usize, 2048] {
-        let a = Tensor::from_vec((0..n * n).map(|_| rng.uniform_f32()).collect::<Vec<_>>(), (n, n), &Device::Cpu)?;
-        let b = Tensor::from_vec((0..n * n).map(|_| rng.uniform_f32()).collect::<Vec<_>>(), (n, n), &Device::Cpu)?;
+        let a = Tensor::from_vec(
+            (0..n * n).map(|_| rng.uniform_f32()).collect::<Vec<_>>(),
+            (n, n),
+            &crate::util::device(),
+        )?;
+        let b = Tensor::from_vec(
+            (0..n * n).map(|_| rng.uniform_f32()).collect::<Vec<_>>(),
+            (n, n),
+            &crate::util::device(),
+        )?;
         let _ = a.matmul(&b)?;
         for _ in 0..3 {
             let t = Instant::now();
@@ -324,12 +332,12 @@ pub fn synthetic_batch(vlm: &Vlm, a: &BenchArgs, rng: &mut Rng) -> Result<Batch>
     let s = vlm.vision().model.cfg.image_size;
     let px: Vec<f32> = (0..b * 3 * s * s).map(|_| rng.normal() as f32).collect();
     Ok(Batch {
-        input_ids: Tensor::from_vec(ids, (b, t), &Device::Cpu)?,
+        input_ids: Tensor::from_vec(ids, (b, t), &crate::util::device())?,
         input_lens: vec![t; b],
         decoder_ids: None,
         loss_positions: pos,
         loss_targets: tgt,
-        pixels: Some(Tensor::from_vec(px, (b, 3, s, s), &Device::Cpu)?),
+        pixels: Some(Tensor::from_vec(px, (b, 3, s, s), &crate::util::device())?),
         indicator: vec![1.0; b],
         skipped: 0,
         n: b,
@@ -429,9 +437,9 @@ fn fwd_bwd(m: &Llama, b: usize, t: usize, reps: usize, candle_matmul: bool) -> R
     let ids = Tensor::from_vec(
         (0..b * t).map(|_| 3 + rng.below(m.cfg.vocab_size - 3) as u32).collect::<Vec<_>>(),
         (b, t),
-        &Device::Cpu,
+        &crate::util::device(),
     )?;
-    let hooks = InnerBias { layer: 0, bias: Var::zeros(m.cfg.hidden_size, DType::F32, &Device::Cpu)? };
+    let hooks = InnerBias { layer: 0, bias: Var::zeros(m.cfg.hidden_size, DType::F32, &crate::util::device())? };
     let (mut f, mut bw) = (Vec::new(), Vec::new());
     for rep in 0..reps + 1 {
         let t0 = Instant::now();
@@ -489,7 +497,7 @@ impl BenchArgs {
 
 pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     a.validate()?;
-    let dev = Device::Cpu;
+    let dev = crate::util::device();
     let lm = match &a.lm {
         Some(p) => load_lm(p, DType::F32, a.lm_dtype, &dev)?,
         None => random_lm(a)?,
@@ -579,6 +587,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
     let lm_cfg = &base.lm.llama().context("the bench's LM is not a LLaMA-family model")?.cfg;
     Ok(json!({
         "machine": machine(),
+        "device": format!("{:?}", crate::util::device()),
         "settings": a,
         "lm": {
             "layers": lm_cfg.num_hidden_layers, "hidden": lm_cfg.hidden_size,

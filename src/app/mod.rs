@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cli;
 pub mod compare;
+pub mod device_check;
 pub mod import_official;
 pub mod loadtest;
 pub mod quickstart;

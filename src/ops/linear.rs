@@ -427,11 +427,14 @@ impl Linear {
             Tensor::contiguous,
             || Ok((LinearOp { weight: self.weight.clone(), bias: self.bias.clone() }, x.track_op())),
             || {
-                let y = x.broadcast_matmul(&self.weight.to_dense(x.dtype())?.t()?)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
+                if self.weight.is_variable() || candle_matmul_on() {
+                    let y = x.broadcast_matmul(&self.weight.to_dense(x.dtype())?.t()?)?;
+                    return match &self.bias {
+                        Some(b) => y.broadcast_add(b),
+                        None => Ok(y),
+                    };
                 }
+                super::generic::linear(x, &self.weight.native()?, self.bias.as_ref())
             },
         )
     }

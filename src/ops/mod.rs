@@ -4,11 +4,13 @@
 //! and its `matmul` backward always computes the gradient of both operands, so a frozen weight
 //! costs a full extra matrix product per layer. Every op here is a candle custom op whose
 //! backward computes exactly the gradients that can reach a trained tensor. On a non-CPU device
-//! the ops fall back to candle's composite (differentiable) ops.
+//! the ops take the device-generic path (`generic.rs`: candle tensor ops, fused forwards where
+//! candle has them, the same input-gradient-only backward) or candle's composite ops.
 
 mod act;
 mod attention;
 mod attn_block;
+mod generic;
 mod linear;
 mod loss;
 mod memory;
@@ -23,6 +25,7 @@ mod weight;
 pub use act::{Activation, activation, gated};
 pub use attention::{AttentionOpts, attention, attention_reference};
 pub use attn_block::{BlockNorm, FrozenAttnBlock};
+pub use generic::force_generic;
 pub use linear::{Linear, use_candle_matmul};
 pub use loss::cross_entropy;
 pub use memory::memory_branch;
@@ -74,9 +77,10 @@ pub(crate) fn tensor_from_vec<T: WithDType>(v: Vec<T>, shape: &[usize], like: &T
     Tensor::from_vec(v, shape, like.device())
 }
 
-/// Whether the fast kernels apply: CPU tensors of a floating type they are written for.
+/// Whether the fast kernels apply: CPU tensors of a floating type they are written for (and the
+/// device-generic path not forced for a comparison).
 pub(crate) fn fast_path(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64) && !generic::forced()
 }
 
 /// How a kernel's inputs are laid out before its custom op runs: `Tensor::contiguous` for the

@@ -98,6 +98,9 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         Tensor::contiguous,
         || Ok((RmsNorm { eps }, true)),
         || {
+            if super::generic::fused_dtype(x) && !w.track_op() {
+                return super::generic::rms_norm(x, w, eps);
+            }
             let ms = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
             x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
         },
@@ -233,6 +236,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         Tensor::contiguous,
         || Ok((LayerNorm { eps }, true)),
         || {
+            if super::generic::fused_dtype(x) && !w.track_op() && !b.track_op() {
+                return super::generic::layer_norm(x, w, b, eps);
+            }
             let mean = x.mean_keepdim(candle_core::D::Minus1)?;
             let xc = x.broadcast_sub(&mean)?;
             let var = xc.sqr()?.mean_keepdim(candle_core::D::Minus1)?;

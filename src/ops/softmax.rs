@@ -79,6 +79,11 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         [x],
         Tensor::contiguous,
         || Ok((Softmax, true)),
-        || candle_nn::ops::softmax(x, candle_core::D::Minus1),
+        || {
+            if super::generic::fused_dtype(x) {
+                return super::generic::softmax_last_dim(x);
+            }
+            candle_nn::ops::softmax(x, candle_core::D::Minus1)
+        },
     )
 }

@@ -200,7 +200,16 @@ impl Weight {
         match self {
             Weight::Dense(t) if t.dtype() == dtype => Ok(t.clone()),
             Weight::Dense(t) => t.to_dtype(dtype),
-            Weight::Quant(q) => q.dequantize(&Device::Cpu)?.to_dtype(dtype),
+            Weight::Quant(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+        }
+    }
+
+    /// The matrix as the device-generic path multiplies by it: a dense weight as stored (bf16 on
+    /// a GPU: the product runs in bf16 with f32 accumulation), llama.cpp blocks decoded to f32.
+    pub fn native(&self) -> Result<Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t.clone()),
+            Weight::Quant(q) => q.dequantize(&q.device()),
         }
     }
 
