@@ -95,13 +95,24 @@ pub(crate) fn attach(x: &Tensor, y: Tensor, grad: InputGrad) -> Result<Tensor> {
 /// tensor-core products with f32 accumulation) and returned in `x`'s.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (xdt, wdt) = (x.dtype(), w.dtype());
-    let y = x.detach().to_dtype(wdt)?.broadcast_matmul(&w.t()?)?.to_dtype(xdt)?;
+    // One [rows, in] x [in, out] product (a single GEMM, not a batch of them).
+    let rows2d = |t: &Tensor| -> Result<Tensor> {
+        let k = t.dim(D::Minus1)?;
+        t.reshape((t.elem_count() / k, k))
+    };
+    let back = |y: Tensor, like: &Tensor, n: usize| -> Result<Tensor> {
+        let mut dims = like.dims().to_vec();
+        *dims.last_mut().unwrap() = n;
+        y.reshape(dims)
+    };
+    let (n, k) = w.dims2()?;
+    let y = back(rows2d(&x.detach())?.to_dtype(wdt)?.matmul(&w.t()?)?.to_dtype(xdt)?, x, n)?;
     let y = match b {
         Some(b) => y.broadcast_add(&b.to_dtype(xdt)?)?,
         None => y,
     };
     let w = w.clone();
-    attach(x, y, Box::new(move |dy, _| dy.to_dtype(w.dtype())?.broadcast_matmul(&w)?.to_dtype(xdt)))
+    attach(x, y, Box::new(move |dy, _| back(rows2d(dy)?.to_dtype(w.dtype())?.matmul(&w)?.to_dtype(xdt)?, dy, k)))
 }
 
 /// `x / sqrt(mean(x²) + eps) · w` (last dimension): candle's fused forward; backward

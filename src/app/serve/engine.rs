@@ -299,7 +299,8 @@ impl Scheduler {
                 let rgb = decode_rgb(&img.bytes).map_err(|e| format!("the image cannot be decoded: {e:#}"))?;
                 let s = served.preprocess.size;
                 let px = served.preprocess.pixels(&rgb);
-                Some(Tensor::from_vec(px, (1, 3, s, s), &Device::Cpu).map_err(|e| e.to_string())?)
+                let dev = vlm.lm().model.device();
+                Some(Tensor::from_vec(px, (1, 3, s, s), dev).map_err(|e| e.to_string())?)
             }
             _ => None,
         };
@@ -493,6 +494,7 @@ fn concat_rows(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
 }
 
 fn select_rows(v: &[Tensor], keep: &[usize]) -> Result<Vec<Tensor>> {
-    let idx = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), &Device::Cpu)?;
+    let Some(first) = v.first() else { return Ok(vec![]) };
+    let idx = Tensor::from_vec(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), keep.len(), first.device())?;
     v.iter().map(|t| Ok(t.index_select(&idx, 0)?)).collect()
 }
