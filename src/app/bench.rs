@@ -64,11 +64,12 @@ pub struct BenchArgs {
     /// smollm2-135m, llama-7b, llama-13b.
     #[arg(long, value_parser = ["smollm2-135m", "llama-7b", "llama-13b"])]
     pub lm_shape: Option<String>,
-    /// Format of the LM's frozen matrices (random weights are made directly in it).
-    #[arg(long, default_value = "f32")]
+    /// Format of the LM's frozen matrices (random weights are made directly in it); auto: f32
+    /// on the CPU, bf16 on a GPU.
+    #[arg(long, default_value = "auto")]
     pub lm_dtype: crate::ops::WeightFormat,
     /// Format of the vision tower's frozen matrices.
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = "auto")]
     pub vision_dtype: crate::ops::WeightFormat,
     /// Measure the memory-space method alone (no input-space baseline): for large shapes.
     #[arg(long)]
@@ -592,7 +593,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
         "lm": {
             "layers": lm_cfg.num_hidden_layers, "hidden": lm_cfg.hidden_size,
             "intermediate": lm_cfg.intermediate_size, "vocab": lm_cfg.vocab_size,
-            "dtype": a.lm_dtype, "vision_dtype": a.vision_dtype,
+            "dtype": a.lm_dtype.resolve(&crate::util::device()), "vision_dtype": a.vision_dtype.resolve(&crate::util::device()),
         },
         "visual_tokens": n_vis,
         "matmul_peak_gflops": peak,

@@ -23,12 +23,12 @@ pub fn serde_enum<T: serde::de::DeserializeOwned>(s: &str) -> std::result::Resul
 /// `--lm-dtype` / `--vision-dtype` for the commands that load a trained run's base models.
 #[derive(clap::Args, Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct PrecisionArgs {
-    /// Format of the LM's frozen matrices: f32, bf16, f16, keep (as stored; GGUF blocks stay
-    /// quantized), q8_0, q4_0, q4_1, q4_k, q6_k.
-    #[arg(long, default_value = "f32")]
+    /// Format of the LM's frozen matrices: auto (f32 on the CPU, bf16 on a GPU), f32, bf16, f16,
+    /// keep (as stored; GGUF blocks stay quantized), q8_0, q4_0, q4_1, q4_k, q6_k.
+    #[arg(long, default_value = "auto")]
     pub lm_dtype: crate::ops::WeightFormat,
     /// Format of the vision tower's frozen matrices (as --lm-dtype).
-    #[arg(long, default_value = "f32")]
+    #[arg(long, default_value = "auto")]
     pub vision_dtype: crate::ops::WeightFormat,
 }
 

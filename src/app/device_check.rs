@@ -21,7 +21,8 @@ pub struct DeviceCheckArgs {
     /// The committed test fixtures (`tests/fixtures` of the repository).
     #[arg(long, default_value = "tests/fixtures")]
     pub fixtures: PathBuf,
-    /// Format of the frozen matrices on the device (the CPU reference keeps f32).
+    /// Format of the frozen matrices on the device (the CPU reference keeps f32); auto: f32 on
+    /// the CPU, bf16 on a GPU.
     #[arg(long, default_value = "f32")]
     pub lm_dtype: WeightFormat,
     /// Training steps whose losses are compared.
@@ -169,7 +170,8 @@ fn measure(vlm: &Vlm, init: &[(String, Tensor)], a: &DeviceCheckArgs, x: &Inputs
 
 pub fn run(a: &DeviceCheckArgs) -> Result<Report> {
     let dev = crate::util::device();
-    let low = !matches!(a.lm_dtype, WeightFormat::F32 | WeightFormat::Keep);
+    let fmt = a.lm_dtype.resolve(&dev);
+    let low = !matches!(fmt, WeightFormat::F32 | WeightFormat::Keep);
     // Reference: memvp's CPU kernels, f32.
     ops::force_generic(false);
     let reference = load(a, &Device::Cpu, WeightFormat::F32)?;
@@ -181,7 +183,7 @@ pub fn run(a: &DeviceCheckArgs) -> Result<Report> {
     drop(reference);
     // The device path: on the CPU, the generic path forced.
     ops::force_generic(dev.is_cpu());
-    let target = load(a, &dev, a.lm_dtype)?;
+    let target = load(a, &dev, fmt)?;
     let d = measure(&target, &init, a, &x);
     ops::force_generic(false);
     let d = d?;
@@ -230,7 +232,7 @@ pub fn run(a: &DeviceCheckArgs) -> Result<Report> {
     Ok(Report {
         device: format!("{dev:?}"),
         reference: "cpu, memvp's kernels, f32".into(),
-        lm_dtype: a.lm_dtype.to_string(),
+        lm_dtype: fmt.to_string(),
         checks,
         losses_reference: r.losses,
         losses_device: d.losses,

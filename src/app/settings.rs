@@ -29,13 +29,13 @@ pub const COMMON_FLAGS: &[Flag] = &[
         name: "lm-dtype",
         keys: &["model.lm_dtype"],
         kind: Kind::Str,
-        help: "Format of the LM's frozen matrices: f32, bf16, f16, keep (as stored; GGUF blocks stay quantized), q8_0, q4_0, q4_1, q4_k, q6_k [default: f32]",
+        help: "Format of the LM's frozen matrices: auto (f32 on the CPU, bf16 on a GPU), f32, bf16, f16, keep (as stored; GGUF blocks stay quantized), q8_0, q4_0, q4_1, q4_k, q6_k [default: auto]",
     },
     Flag {
         name: "vision-dtype",
         keys: &["model.vision_dtype"],
         kind: Kind::Str,
-        help: "Format of the vision tower's frozen matrices (as --lm-dtype) [default: f32]",
+        help: "Format of the vision tower's frozen matrices (as --lm-dtype) [default: auto]",
     },
     Flag {
         name: "grad-checkpoint",
@@ -256,10 +256,10 @@ pub struct ModelSettings {
     /// LM directory or `.gguf` file.
     pub lm: String,
     /// The format the LM's frozen matrices are kept in.
-    #[serde(skip_serializing_if = "is_f32")]
+    #[serde(skip_serializing_if = "is_auto")]
     pub lm_dtype: WeightFormat,
     /// The format the vision tower's frozen matrices are kept in.
-    #[serde(skip_serializing_if = "is_f32")]
+    #[serde(skip_serializing_if = "is_auto")]
     pub vision_dtype: WeightFormat,
     /// Keep only each LM block's input during a training step and recompute the blocks in the
     /// backward (LLaMA-family LMs; MemVP, ADEM-VL and the image-blind control).
@@ -267,9 +267,10 @@ pub struct ModelSettings {
     pub grad_checkpoint: bool,
 }
 
-/// Runs in f32 (the default) write no dtype keys, so their files stay as earlier versions wrote them.
-fn is_f32(f: &WeightFormat) -> bool {
-    *f == WeightFormat::F32
+/// Runs on the default format (f32 on the CPU, bf16 on a GPU) write no dtype keys, so their files
+/// stay as earlier versions wrote them (which meant f32, what `auto` is on the CPU).
+fn is_auto(f: &WeightFormat) -> bool {
+    *f == WeightFormat::Auto
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -214,7 +214,7 @@ impl Weights {
     pub fn matrix(&self, shape: impl Into<Shape>, n: &str) -> Result<Weight> {
         let shape = shape.into();
         let full = self.full_name(n);
-        let fmt = self.format;
+        let fmt = self.format.resolve(&self.device);
         if fmt == WeightFormat::F32 || matches!(&*self.src, Source::Random { .. }) {
             return Ok(Weight::Dense(self.get(shape, n)?));
         }

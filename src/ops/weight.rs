@@ -15,7 +15,10 @@ use std::sync::Arc;
 /// `--vision-dtype`). Norms, biases and position tables stay in the working dtype.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum WeightFormat {
+    /// f32 on the CPU (memvp's kernels), bf16 on a GPU (tensor-core products).
     #[default]
+    #[serde(rename = "auto")]
+    Auto,
     #[serde(rename = "f32")]
     F32,
     #[serde(rename = "bf16")]
@@ -39,6 +42,7 @@ pub enum WeightFormat {
 
 impl WeightFormat {
     pub const ALL: &'static [(&'static str, WeightFormat)] = &[
+        ("auto", Self::Auto),
         ("f32", Self::F32),
         ("bf16", Self::Bf16),
         ("f16", Self::F16),
@@ -52,6 +56,15 @@ impl WeightFormat {
 
     pub fn name(self) -> &'static str {
         Self::ALL.iter().find(|(_, f)| *f == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+
+    /// `Auto` made concrete for a device; other formats as they are.
+    pub fn resolve(self, dev: &candle_core::Device) -> Self {
+        match self {
+            Self::Auto if dev.is_cpu() => Self::F32,
+            Self::Auto => Self::Bf16,
+            f => f,
+        }
     }
 
     /// The llama.cpp block type a quantizing format converts to.
@@ -105,8 +118,8 @@ impl Weight {
     /// `t` (any float dtype, `[rows, cols]`) converted to `format`. `Keep` and `F32` leave it
     /// as it is (the caller has already chosen the working dtype or the stored one).
     pub fn convert(t: Tensor, format: WeightFormat) -> Result<Self> {
-        match format {
-            WeightFormat::F32 | WeightFormat::Keep => Ok(Weight::Dense(t)),
+        match format.resolve(t.device()) {
+            WeightFormat::F32 | WeightFormat::Keep | WeightFormat::Auto => Ok(Weight::Dense(t)),
             WeightFormat::Bf16 => Ok(Weight::Dense(t.to_dtype(DType::BF16)?)),
             WeightFormat::F16 => Ok(Weight::Dense(t.to_dtype(DType::F16)?)),
             q => {
@@ -321,6 +334,17 @@ fn blocks_to_f32<B: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn auto_is_f32_on_the_cpu_and_others_stay() {
+        let cpu = Device::Cpu;
+        assert_eq!(WeightFormat::Auto.resolve(&cpu), WeightFormat::F32);
+        for (_, f) in WeightFormat::ALL.iter().filter(|(n, _)| *n != "auto") {
+            assert_eq!(f.resolve(&cpu), *f);
+        }
+        assert_eq!(WeightFormat::default(), WeightFormat::Auto);
+        assert_eq!("auto".parse::<WeightFormat>().unwrap(), WeightFormat::Auto);
+    }
+
     use super::*;
 
     #[test]
