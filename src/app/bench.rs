@@ -219,9 +219,12 @@ pub fn matmul_peak_gflops() -> Result<f64> {
             &crate::util::device(),
         )?;
         let _ = a.matmul(&b)?;
+        a.device().synchronize()?;
         for _ in 0..3 {
             let t = Instant::now();
             let c = a.matmul(&b)?;
+            // A GPU queues the product: wait for it.
+            c.device().synchronize()?;
             let dt = t.elapsed().as_secs_f64();
             drop(c);
             best = best.max(2.0 * (n as f64).powi(3) / dt / 1e9);
@@ -393,6 +396,8 @@ fn one_round(tr: &mut Trainer<'_, VlmTask<'_>>, batch: &Batch, a: &BenchArgs, ph
     // Training step: forward, backward, optimizer.
     let t0 = Instant::now();
     tr.step()?;
+    // On a GPU the optimizer's updates are still queued when the step returns.
+    crate::util::device().synchronize()?;
     ph.train.push(t0.elapsed().as_secs_f64() * 1e3);
     let vlm = tr.task.vlm;
     // Prefill (vision tower, visual memory or visual tokens, LM over the prompt), then each
@@ -446,9 +451,11 @@ fn fwd_bwd(m: &Llama, b: usize, t: usize, reps: usize, candle_matmul: bool) -> R
         let t0 = Instant::now();
         let h = m.forward_embeds(&m.embed(&ids)?, &Positions::From(0), None, None, &hooks)?;
         let loss = h.sqr()?.mean_all()?;
+        loss.device().synchronize()?;
         let tf = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         let g = loss.backward()?;
+        loss.device().synchronize()?;
         let tb = t1.elapsed().as_secs_f64() * 1e3;
         drop(g);
         if rep > 0 {
