@@ -11,7 +11,8 @@
 //! tests and `memvp device-check --device cpu` compare it with the CPU kernels.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static FORCE: AtomicBool = AtomicBool::new(false);
@@ -28,55 +29,59 @@ pub(crate) fn forced() -> bool {
 /// The input gradient from the output gradient and the output.
 type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
+/// Joins a value computed off the graph to an input's graph. The value is handed over in the op
+/// and taken out by the forward, so the graph keeps only the result (and the input), not a
+/// second copy of every output until the backward.
 struct Attach {
+    value: Mutex<Option<Tensor>>,
     grad: InputGrad,
 }
 
-/// The value as it is: `y` is a fresh result (contiguous, from offset 0), so cloning its
-/// storage is the whole forward.
-fn check(l: &Layout) -> Result<()> {
-    if !l.is_contiguous() || l.start_offset() != 0 {
-        bail!("attach: the value must be contiguous from offset 0 (strides {:?})", l.stride());
+impl Attach {
+    /// The value's storage, cloned (the value is a fresh result, contiguous from offset 0, so
+    /// cloning its storage is the whole forward), by `pick` for the device's storage type.
+    fn take<S>(
+        &self,
+        pick: impl FnOnce(&Storage) -> Option<&S>,
+        clone: impl FnOnce(&S, &Layout) -> Result<S>,
+    ) -> Result<(S, Shape)> {
+        let y = self
+            .value
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("attach: forward ran twice".into()))?;
+        let (st, l) = y.storage_and_layout();
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            bail!("attach: the value must be contiguous from offset 0 (strides {:?})", l.stride());
+        }
+        let s = pick(&st)
+            .ok_or_else(|| candle_core::Error::Msg("attach: the value is on another device than the input".into()))?;
+        Ok((clone(s, l)?, l.shape().clone()))
     }
-    Ok(())
 }
 
-impl CustomOp2 for Attach {
+impl CustomOp1 for Attach {
     fn name(&self) -> &'static str {
         "memvp-attach"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        check(l)?;
-        Ok((s.try_clone(l)?, l.shape().clone()))
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.take(|s| if let Storage::Cpu(c) = s { Some(c) } else { None }, |s, l| s.try_clone(l))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        check(l)?;
-        Ok((s.try_clone(l)?, l.shape().clone()))
+    fn cuda_fwd(&self, _: &candle_core::CudaStorage, _: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.take(|s| if let Storage::Cuda(c) = s { Some(c) } else { None }, |s, l| s.try_clone(l))
     }
 
     #[cfg(feature = "metal")]
-    fn metal_fwd(
-        &self,
-        _: &candle_core::MetalStorage,
-        _: &Layout,
-        s: &candle_core::MetalStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::MetalStorage, Shape)> {
-        check(l)?;
-        Ok((s.try_clone(l)?, l.shape().clone()))
+    fn metal_fwd(&self, _: &candle_core::MetalStorage, _: &Layout) -> Result<(candle_core::MetalStorage, Shape)> {
+        self.take(|s| if let Storage::Metal(c) = s { Some(c) } else { None }, |s, l| s.try_clone(l))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.grad)(dy, res)?), None))
+    fn bwd(&self, _x: &Tensor, res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.grad)(dy, res)?))
     }
 }
 
@@ -88,7 +93,7 @@ pub(crate) fn attach(x: &Tensor, y: Tensor, grad: InputGrad) -> Result<Tensor> {
     }
     let y = y.contiguous()?;
     let y = if y.layout().start_offset() == 0 { y } else { y.copy()? };
-    x.apply_op2(&y, Attach { grad })
+    x.apply_op1(Attach { value: Mutex::new(Some(y)), grad })
 }
 
 /// `x Wᵀ + b` with `W: [out, in]` frozen, computed in the weight's dtype (bf16 weights on a GPU:
