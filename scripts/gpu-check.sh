@@ -9,10 +9,8 @@
 #       tokens, M = 320);
 #   (c) the same MemVP step in PyTorch (scripts/torch_memvp_step.py: bf16 bases, autocast);
 #   (d) peak GPU memory of each (nvidia-smi sampled every 50 ms; PyTorch's own counter too).
-# Then gpu-check.json sums it up. Build the binary here with
-#   . <cuda env>; cargo build --release --features cuda --target-dir target/cuda
-#   strip -o dist/memvp-cuda target/cuda/release/memvp && gzip -9 dist/memvp-cuda
-# and run, on the GPU machine:  scripts/gpu-check.sh dist/memvp-cuda.gz "$OUT"
+# Then gpu-check.json sums it up. Build the binary on any machine with `scripts/build-cuda.sh
+# --dist` and run, on the GPU machine:  scripts/gpu-check.sh dist/memvp-cuda.gz "$OUT"
 # Dry run on a CPU machine: DEVICE=cpu SHAPES=smollm2-135m scripts/gpu-check.sh target/release/memvp /tmp/gc
 set -uo pipefail
 cd "$(dirname "$0")/.."
