@@ -1,7 +1,7 @@
 //! Small helpers shared by the commands.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use std::io::Write;
 use std::path::Path;
 
@@ -106,4 +106,20 @@ fn status_mb(key: &str) -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// `max |a - b| / max |b|` over all elements, on any device; a NaN on either side counts as
+/// an infinite error rather than vanishing in the max.
+pub fn max_rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if a.len() != b.len() {
+        anyhow::bail!("{} values against {}", a.len(), b.len());
+    }
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
+    let d = a
+        .iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max(if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() }));
+    Ok(d / scale)
 }

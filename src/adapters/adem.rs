@@ -24,7 +24,7 @@ use crate::ops::nn::{Projector, var};
 use crate::ops::{self, Activation};
 use crate::rng::Rng;
 use crate::settings::{Check, Flag, Kind, Rule};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -260,9 +260,11 @@ impl Adem {
 /// The fusion of a batch: the branch in every selected block and the CLS in the prompt.
 pub struct Fusion<'a> {
     m: &'a Adem,
-    pub k: Tensor,
+    /// K itself, for gradient checkpointing's rebind; absent when serving, which keeps only
+    /// `SiLU(K)ᵀ` per request so that a decoding step does not recompute it.
+    pub k: Option<Tensor>,
     pub v: Tensor,
-    /// `SiLU(K)`, shared by every block.
+    /// `SiLU(K)ᵀ` `[b, d, M]`, shared by every block.
     sk_t: Tensor,
     /// The projected CLS token per row `[b, d]`, and which rows have one.
     pub cls: Option<Tensor>,
@@ -272,13 +274,20 @@ pub struct Fusion<'a> {
 impl<'a> Fusion<'a> {
     fn new(m: &'a Adem, k: Tensor, v: Tensor, cls: Option<Tensor>, has_cls: Vec<bool>) -> Result<Self> {
         let sk_t = ops::activation(&k, Activation::Silu)?.transpose(1, 2)?.contiguous()?;
-        Ok(Self { m, k, v, sk_t, cls, has_cls })
+        Ok(Self { m, k: Some(k), v, sk_t, cls, has_cls })
+    }
+}
+
+impl Fusion<'_> {
+    /// K (the dense entries plus their projection) of the batch.
+    pub fn keys(&self) -> Result<&Tensor> {
+        self.k.as_ref().context("ADEM-VL: this fusion was made for serving and keeps SiLU(K)ᵀ, not K")
     }
 }
 
 impl LmHooks for Fusion<'_> {
     fn checkpoint_tensors(&self) -> Option<Vec<Tensor>> {
-        Some(vec![self.k.clone(), self.v.clone()])
+        Some(vec![self.k.clone()?, self.v.clone()])
     }
     fn rebind<'s>(&'s self, ts: &[Tensor]) -> Result<Box<dyn LmHooks + 's>> {
         let [k, v] = ts else { bail!("ADEM-VL hooks are rebound to K and V; got {} tensors", ts.len()) };
@@ -357,29 +366,31 @@ impl Adapter for Adem {
         rng: &'a RefCell<Rng>,
     ) -> Result<Installed<'a>> {
         let f = self.fusion(vision, visual.pixels, visual.indicator, false, rng)?;
-        let (k, v, sk_t, cls) = (f.k.detach(), f.v.detach(), f.sk_t.detach(), f.cls.as_ref().map(Tensor::detach));
+        let (k, v, sk_t, cls) =
+            (f.k.as_ref().map(Tensor::detach), f.v.detach(), f.sk_t.detach(), f.cls.as_ref().map(Tensor::detach));
         Ok(Installed { hooks: Box::new(Fusion { k, v, sk_t, cls, ..f }), prefix: None })
     }
     fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
         let rng = RefCell::new(Rng::new(0));
         let ind = [if pixels.is_some() { 1.0 } else { 0.0 }];
         let f = self.fusion(vision, pixels, &ind, false, &rng)?;
-        let d = f.k.dims()[2];
+        let d = f.v.dims()[2];
         let cls = match &f.cls {
             Some(c) => c.detach(),
-            None => Tensor::zeros((1, d), f.k.dtype(), f.k.device())?,
+            None => Tensor::zeros((1, d), f.v.dtype(), f.v.device())?,
         };
-        let has = Tensor::new(&[if f.has_cls[0] { 1f32 } else { 0.0 }], f.k.device())?;
+        let has = Tensor::new(&[if f.has_cls[0] { 1f32 } else { 0.0 }], f.v.device())?;
         // Detached: a kept tensor must not hold the graph of the vision forward that made it.
-        Ok(RequestVisual { rows: vec![f.k.detach(), f.v.detach(), cls, has], prefix: None })
+        // SiLU(K)ᵀ rather than K: the one form every decoding step reads.
+        Ok(RequestVisual { rows: vec![f.sk_t.detach(), f.v.detach(), cls, has], prefix: None })
     }
     fn batch_hooks<'a>(&'a self, rows: &[Tensor], _rng: &'a RefCell<Rng>) -> Result<Box<dyn LmHooks + 'a>> {
-        let [k, v, cls, has] = rows else {
-            bail!("ADEM-VL rows are K, V, CLS and its flag; got {} tensors", rows.len())
+        let [sk_t, v, cls, has] = rows else {
+            bail!("ADEM-VL rows are SiLU(K)ᵀ, V, CLS and its flag; got {} tensors", rows.len())
         };
-        let has: Vec<bool> = has.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| x != 0.0).collect();
+        let has_cls: Vec<bool> = has.flatten_all()?.to_vec1::<f32>()?.iter().map(|&x| x != 0.0).collect();
         let cls = self.projector_cls.as_ref().map(|_| cls.clone());
-        Ok(Box::new(Fusion::new(self, k.clone(), v.clone(), cls, has)?))
+        Ok(Box::new(Fusion { m: self, k: None, v: v.clone(), sk_t: sk_t.clone(), cls, has_cls }))
     }
     fn sections(&self) -> Result<Sections> {
         Ok([to_section("adem", &self.cfg)?].into())

@@ -9,6 +9,7 @@ use crate::models::{load_lm, load_vision};
 use crate::ops::{self, WeightFormat};
 use crate::rng::Rng;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::util::max_rel_err;
 use crate::vlm::{Base, Vlm};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -67,20 +68,6 @@ pub struct Report {
     pub pass: bool,
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    if a.len() != b.len() {
-        bail!("device-check: {} values against {}", a.len(), b.len());
-    }
-    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
-    let d = a
-        .iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max(if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() }));
-    Ok(d / scale)
-}
-
 /// The fixed inputs: two prompts of 12 tokens (the second row without an image), answers on
 /// the last 4 positions, seeded pixels.
 struct Inputs {
@@ -135,12 +122,13 @@ fn load(a: &DeviceCheckArgs, dev: &Device, fmt: WeightFormat) -> Result<Vlm> {
 
 fn measure(vlm: &Vlm, init: &[(String, Tensor)], a: &DeviceCheckArgs, x: &Inputs) -> Result<Side> {
     for ((n, v), (m, t)) in vlm.named().iter().zip(init) {
-        assert_eq!(n, m);
+        if n != m {
+            bail!("device-check: parameter {n} where the reference has {m}")
+        }
         v.set(&t.to_device(v.device())?)?;
     }
     let b = batch(x)?;
-    let px = b.pixels.clone();
-    let logits = vlm.with_stepper(&x.ids, px.as_ref(), &x.indicator, &mut |_, first| Ok(first.clone()))?;
+    let logits = vlm.with_stepper(&x.ids, b.pixels.as_ref(), &x.indicator, &mut |_, first| Ok(first.clone()))?;
     let mut rng = Rng::new(0);
     let named = vlm.named();
     let grads = {
@@ -164,7 +152,7 @@ fn measure(vlm: &Vlm, init: &[(String, Tensor)], a: &DeviceCheckArgs, x: &Inputs
         opt.step(&gs, 3e-3)?;
     }
     let s = Sampling { max_new_tokens: a.new_tokens, ..Default::default() };
-    let generations = vlm.generate(&x.ids, px.as_ref(), &x.indicator, &s)?;
+    let generations = vlm.generate(&x.ids, b.pixels.as_ref(), &x.indicator, &s)?;
     Ok(Side { logits, grads, losses, generations })
 }
 
@@ -192,13 +180,13 @@ pub fn run(a: &DeviceCheckArgs) -> Result<Report> {
     let (tl, tg, tloss) = if low { (3e-2, 1e-1, 5e-2) } else { (1e-4, 1e-3, 1e-4) };
     let mut checks = vec![Check {
         name: "logits (prefill, both rows)".into(),
-        error: rel_err(&d.logits, &r.logits)?,
+        error: max_rel_err(&d.logits, &r.logits)?,
         tolerance: tl,
         pass: false,
     }];
     for ((n, gd), (_, gr)) in d.grads.iter().zip(&r.grads) {
         let error = match (gd, gr) {
-            (Some(gd), Some(gr)) => rel_err(gd, gr)?,
+            (Some(gd), Some(gr)) => max_rel_err(gd, gr)?,
             (None, None) => continue,
             _ => f64::INFINITY,
         };

@@ -10,6 +10,7 @@
 //! backward of their own. On the CPU the same path is taken when [`force_generic`] is on: the
 //! tests and `memvp device-check --device cpu` compare it with the CPU kernels.
 
+use super::weight::Weight;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use std::sync::Mutex;
@@ -97,9 +98,11 @@ pub(crate) fn attach(x: &Tensor, y: Tensor, grad: InputGrad) -> Result<Tensor> {
 }
 
 /// `x Wᵀ + b` with `W: [out, in]` frozen, computed in the weight's dtype (bf16 weights on a GPU:
-/// tensor-core products with f32 accumulation) and returned in `x`'s.
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (xdt, wdt) = (x.dtype(), w.dtype());
+/// tensor-core products with f32 accumulation) and returned in `x`'s. llama.cpp blocks are
+/// decoded for the product and decoded again in backward, so that no f32 copy of a quantized
+/// matrix lives from the forward to the backward.
+pub(crate) fn linear(x: &Tensor, weight: &Weight, b: Option<&Tensor>) -> Result<Tensor> {
+    let xdt = x.dtype();
     // One [rows, in] x [in, out] product (a single GEMM, not a batch of them).
     let rows2d = |t: &Tensor| -> Result<Tensor> {
         let k = t.dim(D::Minus1)?;
@@ -110,14 +113,24 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
         *dims.last_mut().unwrap() = n;
         y.reshape(dims)
     };
+    let w = weight.native()?;
     let (n, k) = w.dims2()?;
+    let wdt = w.dtype();
     let y = back(rows2d(&x.detach())?.to_dtype(wdt)?.matmul(&w.t()?)?.to_dtype(xdt)?, x, n)?;
+    drop(w);
     let y = match b {
         Some(b) => y.broadcast_add(&b.to_dtype(xdt)?)?,
         None => y,
     };
-    let w = w.clone();
-    attach(x, y, Box::new(move |dy, _| back(rows2d(dy)?.to_dtype(w.dtype())?.matmul(&w)?.to_dtype(xdt)?, dy, k)))
+    let weight = weight.clone();
+    attach(
+        x,
+        y,
+        Box::new(move |dy, _| {
+            let w = weight.native()?;
+            back(rows2d(dy)?.to_dtype(w.dtype())?.matmul(&w)?.to_dtype(xdt)?, dy, k)
+        }),
+    )
 }
 
 /// `x / sqrt(mean(x²) + eps) · w` (last dimension): candle's fused forward; backward
@@ -211,12 +224,13 @@ mod tests {
         let w = ((randn(&[16], 2) * 0.1).unwrap() + 1.0).unwrap();
         let b = randn(&[16], 9);
         let lw = randn(&[24, 16], 3);
+        let lwd = Weight::Dense(lw.clone());
         let lb = randn(&[24], 4);
         type F<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
         let cases: Vec<(&str, F, F)> = vec![
             (
                 "linear",
-                Box::new(|x| linear(x, &lw, Some(&lb))),
+                Box::new(|x| linear(x, &lwd, Some(&lb))),
                 Box::new(|x| x.broadcast_matmul(&lw.t()?)?.broadcast_add(&lb)),
             ),
             (
@@ -243,18 +257,34 @@ mod tests {
         }
     }
 
+    /// llama.cpp blocks on the generic path: the product and the input gradient are those of
+    /// the decoded matrix (decoded once for forward and once again for backward).
+    #[test]
+    fn generic_linear_on_quantized_blocks_is_the_decoded_product() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let w = randn(&[24, 64], 11);
+        let q = Weight::Quant(std::sync::Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()));
+        let dense = q.to_dense(DType::F32).unwrap();
+        let x = randn(&[2, 3, 64], 12);
+        let (y, g) = value_and_grad(&x, |x| linear(x, &q, None));
+        let (yr, gr) = value_and_grad(&x, |x| x.broadcast_matmul(&dense.t()?));
+        let (dy, dg) = (max_diff(&y, &yr), max_diff(&g, &gr));
+        assert!(dy < 1e-4 && dg < 1e-4, "value off by {dy}, input gradient by {dg}");
+    }
+
     /// The point of the generic path: backward never forms a frozen weight's gradient, where
     /// candle's matmul backward does (and norms' weights get none either).
     #[test]
     fn generic_backward_forms_no_frozen_weight_gradient() {
         let x = Var::from_tensor(&randn(&[3, 16], 5)).unwrap();
         let w = randn(&[8, 16], 6);
+        let wd = Weight::Dense(w.clone());
         let nw = (randn(&[8], 7) + 1.0).unwrap();
         // Gradients shaped like W or Wᵀ (x is [3, 16], y [3, 8]): weight gradients.
         let weight_grads = |g: &candle_core::backprop::GradStore| {
             g.get_ids().filter(|id| matches!(g.get_id(**id).unwrap().dims(), [8, 16] | [16, 8])).count()
         };
-        let g = rms_norm(&linear(x.as_tensor(), &w, None).unwrap(), &nw, 1e-5)
+        let g = rms_norm(&linear(x.as_tensor(), &wd, None).unwrap(), &nw, 1e-5)
             .unwrap()
             .sum_all()
             .unwrap()
@@ -266,6 +296,6 @@ mod tests {
         let g = x.as_tensor().matmul(&w.t().unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
         assert!(weight_grads(&g) > 0, "candle's matmul backward no longer forms the weight gradient: update the docs");
         // Untracked input: the plain value, no graph node.
-        assert!(!linear(&randn(&[3, 16], 8), &w, None).unwrap().track_op());
+        assert!(!linear(&randn(&[3, 16], 8), &wd, None).unwrap().track_op());
     }
 }

@@ -434,7 +434,7 @@ impl Linear {
                         None => Ok(y),
                     };
                 }
-                super::generic::linear(x, &self.weight.native()?, self.bias.as_ref())
+                super::generic::linear(x, &self.weight, self.bias.as_ref())
             },
         )
     }

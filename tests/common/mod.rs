@@ -14,11 +14,7 @@ pub fn fixtures() -> std::path::PathBuf {
 
 /// max |a-b| / max(|b|) style relative error over all elements.
 pub fn max_rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+    memvp::util::max_rel_err(a, b).expect("comparable tensors")
 }
 
 pub fn max_abs_err(a: &Tensor, b: &Tensor) -> f64 {
