@@ -78,11 +78,18 @@ fn three_methods_are_compared_and_a_rerun_does_no_work() {
         assert!(run["final_eval"]["accuracy"].as_f64().is_some());
         assert_eq!(run["final_eval"]["n"], 6, "3 test images x 2 questions");
         assert!(run["peak_rss_mb"].as_f64().unwrap() > 1.0);
+        // Each segment records the machine's speed before it, so sittings can be compared.
+        let speeds: Vec<f64> =
+            run["curve"].as_array().unwrap().iter().map(|p| p["machine_gflops"].as_f64().unwrap()).collect();
+        assert!(speeds.iter().all(|&g| g > 0.1), "{speeds:?}");
+        let (lo, hi) = (run["machine_gflops"][0].as_f64().unwrap(), run["machine_gflops"][1].as_f64().unwrap());
+        assert!(lo <= hi && speeds.contains(&lo) && speeds.contains(&hi));
     }
     assert_eq!(runs[1]["method"], "input-space");
     assert_eq!(runs[2]["image_blind"], true);
     let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
     assert!(md.contains("| input-space+lora | input-space |") && md.contains("(image-blind)"), "{md}");
+    assert!(md.contains("matrix-product peak measured before the training segments"), "{md}");
     let png = image::open(out.join("compare.png")).unwrap();
     assert_eq!((png.width(), png.height()), (1000, 800));
     // Nothing left to do: no training, the same report.

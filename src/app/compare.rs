@@ -104,6 +104,10 @@ pub struct Point {
     /// The largest peak RSS of the training processes so far (MB).
     #[serde(default)]
     pub peak_rss_mb: f64,
+    /// The machine's matrix-product peak (GFLOP/s) measured just before the training segment
+    /// that ended here: a shared VM's speed drifts between sittings, and this says by how much.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_gflops: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -118,6 +122,8 @@ pub struct RunResult {
     pub train_seconds: f64,
     pub samples_per_s: f64,
     pub peak_rss_mb: f64,
+    /// The lowest and highest matrix-product peak (GFLOP/s) measured before its segments.
+    pub machine_gflops: Option<(f64, f64)>,
     pub curve: Vec<Point>,
     /// The final split's `eval.json` (accuracy, per type, n).
     pub final_eval: Value,
@@ -270,6 +276,7 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
     // Points beyond the newest checkpoint (a run redone with --overwrite elsewhere) are stale.
     curve.retain(|p| p.step <= step);
     let mut peak: f64 = curve.iter().map(|p| p.peak_rss_mb).fold(0.0, f64::max);
+    let mut segment_gflops = None;
     while !done_path.exists() {
         let target = (step / c.eval_every + 1) * c.eval_every;
         eprintln!("[{}] training to step {target}", r.name);
@@ -291,6 +298,9 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
             // it did can be resumed, so it is started again rather than refused.
             eprintln!("[{}] no checkpoint from the earlier attempt: starting it again", r.name);
             a.push("--overwrite".into());
+        }
+        if !stop_requested() {
+            segment_gflops = super::bench::matmul_peak_gflops().ok();
         }
         memvp(&a)?;
         if let Ok(sum) = read_json(&dir.join("train_summary.json")) {
@@ -316,6 +326,7 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
                 accuracy: ev["accuracy"].as_f64().unwrap_or(f64::NAN),
                 per_type: ev["per_type"].clone(),
                 peak_rss_mb: peak,
+                machine_gflops: segment_gflops.take(),
             };
             eprintln!("[{}] step {now}: held-out accuracy {:.2} after {secs:.0} s of training", r.name, p.accuracy);
             let mut line = serde_json::to_string(&p)?;
@@ -344,6 +355,9 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
         peak = summary["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
     }
     let (secs, samples) = trained_up_to(&dir, step)?;
+    let speeds: Vec<f64> = curve.iter().filter_map(|p| p.machine_gflops).collect();
+    let machine_gflops = (!speeds.is_empty())
+        .then(|| (speeds.iter().copied().fold(f64::INFINITY, f64::min), speeds.iter().copied().fold(0.0, f64::max)));
     Ok(RunResult {
         name: r.name.clone(),
         method: cfg.method.name.clone(),
@@ -355,6 +369,7 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
         train_seconds: secs,
         samples_per_s: samples as f64 / secs.max(1e-9),
         peak_rss_mb: peak,
+        machine_gflops,
         curve,
         final_eval,
     })
@@ -437,6 +452,17 @@ pub fn markdown(report: &CompareReport) -> String {
         let pts: Vec<String> =
             r.curve.iter().map(|p| format!("{}: {:.2} at {:.0} s", p.step, p.accuracy, p.train_seconds)).collect();
         m.push_str(&format!("- {}: {}\n", r.name, pts.join("; ")));
+    }
+    if report.runs.iter().any(|r| r.machine_gflops.is_some()) {
+        m.push_str(
+            "\nThe machine's matrix-product peak measured before the training segments (GFLOP/s; \
+             training times of runs made at different speeds compare only after scaling by it):\n\n",
+        );
+        for r in &report.runs {
+            if let Some((lo, hi)) = r.machine_gflops {
+                m.push_str(&format!("- {}: {lo:.0} to {hi:.0}\n", r.name));
+            }
+        }
     }
     m
 }
