@@ -366,9 +366,9 @@ impl Adapter for Adem {
         rng: &'a RefCell<Rng>,
     ) -> Result<Installed<'a>> {
         let f = self.fusion(vision, visual.pixels, visual.indicator, false, rng)?;
-        let (k, v, sk_t, cls) =
-            (f.k.as_ref().map(Tensor::detach), f.v.detach(), f.sk_t.detach(), f.cls.as_ref().map(Tensor::detach));
-        Ok(Installed { hooks: Box::new(Fusion { k, v, sk_t, cls, ..f }), prefix: None })
+        // Inference reads SiLU(K)ᵀ only (no checkpointing to rebind), so K is not kept.
+        let (v, sk_t, cls) = (f.v.detach(), f.sk_t.detach(), f.cls.as_ref().map(Tensor::detach));
+        Ok(Installed { hooks: Box::new(Fusion { k: None, v, sk_t, cls, ..f }), prefix: None })
     }
     fn request_visual(&self, vision: &ClipVision, pixels: Option<&Tensor>) -> Result<RequestVisual> {
         let rng = RefCell::new(Rng::new(0));
