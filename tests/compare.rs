@@ -98,6 +98,32 @@ fn three_methods_are_compared_and_a_rerun_does_no_work() {
     let r2: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(r2["runs"], r["runs"]);
     assert!(!String::from_utf8_lossy(&again.stderr).contains("training to step"));
+    // A finished run moves to another machine as its result.json and compare-config.toml alone.
+    let moved = dir.path().join("moved");
+    for run in runs {
+        let name = run["name"].as_str().unwrap();
+        let to = moved.join("runs").join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["result.json", "compare-config.toml"] {
+            std::fs::copy(out.join("runs").join(name).join(f), to.join(f)).unwrap();
+        }
+    }
+    let there = compare(&spec, &moved);
+    let e = String::from_utf8_lossy(&there.stderr);
+    assert!(there.status.success(), "{e}");
+    assert!(!e.contains("training to step") && !e.contains("final evaluation"), "{e}");
+    let r3: serde_json::Value = serde_json::from_slice(&there.stdout).unwrap();
+    assert_eq!(r3["runs"], r["runs"]);
+    assert!(moved.join("compare.png").exists());
+    // Other settings for a finished run are refused, not silently reported as the old ones.
+    let changed = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("\"memvp\" }, optim = { lr = 1e-3 }", "\"memvp\" }, optim = { lr = 3e-3 }");
+    std::fs::write(&spec, changed).unwrap();
+    let refused = compare(&spec, &moved);
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(e.contains("run `memvp` finished with other settings"), "{e}");
 }
 
 #[test]

@@ -6,7 +6,10 @@
 //! Each run is a normal run directory under `OUT/runs/NAME`, trained by `memvp train --resume`
 //! in segments of `eval_every` steps (a child process each, so every run's peak RSS is its
 //! own) and evaluated by `memvp eval` between segments. Stopping the comparison at any point
-//! and running the same command again continues where it was.
+//! and running the same command again continues where it was. A finished run keeps its result
+//! in `runs/NAME/result.json` beside its `compare-config.toml`: those two files alone (no
+//! checkpoints) carry a finished run to another machine's `OUT`, so a comparison longer than
+//! one machine's lease is finished over several.
 //!
 //! The spec (TOML):
 //! ```toml
@@ -30,6 +33,7 @@
 use super::settings::RunSettings;
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -110,7 +114,7 @@ pub struct Point {
     pub machine_gflops: Option<f64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunResult {
     pub name: String,
     pub method: String,
@@ -264,6 +268,23 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
     let cfg = RunSettings::from_value(tree, &format!("run `{}`", r.name))?;
     let toml = cfg.to_toml()?;
     let cfg_path = dir.join("compare-config.toml");
+    let result_path = dir.join("result.json");
+    if result_path.exists() {
+        let before = std::fs::read_to_string(&cfg_path).unwrap_or_default();
+        if before != toml {
+            bail!(
+                "run `{}` finished with other settings than the spec gives it now ({} holds the \
+                 ones it had); give the run a new name or move {} away",
+                r.name,
+                cfg_path.display(),
+                dir.display()
+            )
+        }
+        let done: RunResult = serde_json::from_value(read_json(&result_path)?)
+            .with_context(|| format!("{}: not a run result", result_path.display()))?;
+        eprintln!("[{}] finished earlier ({})", r.name, result_path.display());
+        return Ok(done);
+    }
     crate::util::write_atomic(&cfg_path, toml.as_bytes())?;
     let data = c.eval_data.clone().unwrap_or_else(|| cfg.data.source.clone());
     let curve_path = dir.join("curve.jsonl");
@@ -358,7 +379,7 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
     let speeds: Vec<f64> = curve.iter().filter_map(|p| p.machine_gflops).collect();
     let machine_gflops = (!speeds.is_empty())
         .then(|| (speeds.iter().copied().fold(f64::INFINITY, f64::min), speeds.iter().copied().fold(0.0, f64::max)));
-    Ok(RunResult {
+    let done = RunResult {
         name: r.name.clone(),
         method: cfg.method.name.clone(),
         image_blind: cfg.method.image_blind,
@@ -372,7 +393,9 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
         machine_gflops,
         curve,
         final_eval,
-    })
+    };
+    crate::util::write_json_atomic(&result_path, &done)?;
+    Ok(done)
 }
 
 pub fn run(a: &CompareArgs) -> Result<CompareReport> {
@@ -467,13 +490,21 @@ pub fn markdown(report: &CompareReport) -> String {
     m
 }
 
-const COLOURS: [RGBColor; 6] = [
+/// Twelve distinguishable colours (matplotlib's tab10 order, then two more): a sweep has a dozen
+/// runs, and a repeated colour would make two of them one curve to the eye.
+const COLOURS: [RGBColor; 12] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
     RGBColor(23, 190, 207),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(0, 0, 0),
+    RGBColor(255, 187, 120),
 ];
 
 fn plot(report: &CompareReport, path: &Path) -> Result<()> {
@@ -518,30 +549,24 @@ fn plot(report: &CompareReport, path: &Path) -> Result<()> {
         groups.extend(types_of(report));
         let n_runs = report.runs.len().max(1);
         let slots = groups.len() * (n_runs + 1);
+        // The y range leaves room above 100% for each group's name, written over its bars (axis
+        // tick labels fall wherever the tick positions do, not under the groups).
         let mut c2 = ChartBuilder::on(&bottom)
             .caption("final accuracy by question type", ("sans-serif", 20))
             .margin(10)
-            .x_label_area_size(35)
+            .x_label_area_size(10)
             .y_label_area_size(50)
-            .build_cartesian_2d(0f64..slots as f64, 0f64..100f64)
+            .build_cartesian_2d(0f64..slots as f64, 0f64..112f64)
             .map_err(|e| err(&e))?;
-        let names = groups.clone();
         let per = n_runs + 1;
-        c2.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(groups.len() * 2)
-            .x_label_formatter(&move |x| {
-                let g = (*x / per as f64 - 0.5 + 1e-9).round();
-                let centre = g * per as f64 + n_runs as f64 / 2.0;
-                if g >= 0.0 && (g as usize) < names.len() && (*x - centre).abs() < 0.6 {
-                    names[g as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
-            .y_desc("accuracy (%)")
-            .draw()
-            .map_err(|e| err(&e))?;
+        c2.configure_mesh().disable_x_mesh().x_labels(0).y_desc("accuracy (%)").draw().map_err(|e| err(&e))?;
+        let label = TextStyle::from(("sans-serif", 16).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+        c2.draw_series(
+            groups.iter().enumerate().map(|(g, name)| {
+                Text::new(name.clone(), ((g * per) as f64 + n_runs as f64 / 2.0, 110.0), label.clone())
+            }),
+        )
+        .map_err(|e| err(&e))?;
         for (i, r) in report.runs.iter().enumerate() {
             let col = COLOURS[i % COLOURS.len()];
             let bars = groups.iter().enumerate().filter_map(|(g, t)| {
