@@ -124,6 +124,12 @@ fn three_methods_are_compared_and_a_rerun_does_no_work() {
     let e = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(e.contains("run `memvp` finished with other settings"), "{e}");
+    // A result carried without its settings cannot be checked against the spec: refused, saying so.
+    std::fs::remove_file(moved.join("runs/memvp/compare-config.toml")).unwrap();
+    let refused = compare(&spec, &moved);
+    let e = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(e.contains("but not") && e.contains("compare-config.toml beside it"), "{e}");
 }
 
 #[test]

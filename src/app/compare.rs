@@ -270,7 +270,15 @@ fn one_run(spec: &Spec, r: &RunSpec, out: &Path) -> Result<RunResult> {
     let cfg_path = dir.join("compare-config.toml");
     let result_path = dir.join("result.json");
     if result_path.exists() {
-        let before = std::fs::read_to_string(&cfg_path).unwrap_or_default();
+        let Ok(before) = std::fs::read_to_string(&cfg_path) else {
+            bail!(
+                "run `{}`: {} is there but not {} beside it, so the settings it finished with are \
+                 unknown; carry the two files together",
+                r.name,
+                result_path.display(),
+                cfg_path.display()
+            )
+        };
         if before != toml {
             bail!(
                 "run `{}` finished with other settings than the spec gives it now ({} holds the \
