@@ -210,3 +210,85 @@ fn a_bad_spec_is_refused_naming_the_problem() {
         assert!(e.contains(needle) && e.contains("bad.toml"), "{text}: {e}");
     }
 }
+
+/// `scripts/compare/carry.sh`, the way a comparison longer than a machine's lease goes through
+/// the repository: a run stopped mid-way is saved, restored into another directory and finished
+/// there, with the same held-out points and final figures as a run that never moved.
+#[test]
+fn an_unfinished_run_carried_by_carry_sh_finishes_as_if_never_moved() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 2);
+    // MemVP alone: 12 steps, points at 4, 8 and 12.
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let one = text.split("\n[[runs]]\nname = \"input-space+lora\"").next().unwrap().to_string();
+    std::fs::write(&spec, one).unwrap();
+    let reference = compare(&spec, &dir.path().join("ref"));
+    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+    let reference: serde_json::Value = serde_json::from_slice(&reference.stdout).unwrap();
+
+    use std::os::unix::process::CommandExt;
+    let out = dir.path().join("first");
+    let child = Command::new(env!("CARGO_BIN_EXE_memvp"))
+        .args(["compare", "--spec", &spec.display().to_string(), "--out", &out.display().to_string()])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let curve = out.join("runs/memvp/curve.jsonl");
+    let t0 = std::time::Instant::now();
+    while !curve.exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no first point");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-s", "INT", "--", &format!("-{}", child.id())]).status().unwrap().success());
+    assert!(!child.wait_with_output().unwrap().status.success());
+
+    let carry = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/compare/carry.sh");
+    let sh = |args: &[&Path]| {
+        let o = Command::new("bash").arg(&carry).args(args).stdin(Stdio::null()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let res = dir.path().join("results");
+    let said = sh(&[Path::new("save"), &out, &res]);
+    assert!(said.contains("memvp: unfinished at step"), "{said}");
+    // The newest checkpoint only, and nothing of the machine (locks, the binary, logs of evaluations).
+    let carried = res.join("memvp/unfinished");
+    assert_eq!(std::fs::read_dir(carried.join("checkpoints")).unwrap().count(), 1);
+    assert!(carried.join("metrics.jsonl").exists() && carried.join("curve.jsonl").exists());
+    assert!(!carried.join(".lock").exists());
+
+    let there = dir.path().join("second");
+    let said = sh(&[Path::new("restore"), &res, &there]);
+    assert!(said.contains("memvp: restored at step"), "{said}");
+    let o = compare(&spec, &there);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("resuming from") && !e.contains("starting it again"), "{e}");
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (a, b) = (&r["runs"][0], &reference["runs"][0]);
+    let points = |run: &serde_json::Value| -> Vec<(u64, f64)> {
+        run["curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["step"].as_u64().unwrap(), p["accuracy"].as_f64().unwrap()))
+            .collect()
+    };
+    assert_eq!(points(a), points(b));
+    assert_eq!(a["samples"], 48, "every step counted once");
+    assert_eq!(a["final_eval"], b["final_eval"]);
+
+    // Finished, it is carried as its result: restored elsewhere, it is reported with no work.
+    let said = sh(&[Path::new("save"), &there, &res]);
+    assert!(said.contains("memvp: finished") && !res.join("memvp/unfinished").exists(), "{said}");
+    let third = dir.path().join("third");
+    sh(&[Path::new("restore"), &res, &third]);
+    let o = compare(&spec, &third);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && !e.contains("training to step"), "{e}");
+    let r3: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r3["runs"], r["runs"]);
+}
