@@ -17,6 +17,29 @@ fn compare(spec: &Path, out: &Path) -> Output {
         .unwrap()
 }
 
+/// `memvp compare` stopped as the first run's second segment starts, as Ctrl-C does: SIGINT to
+/// the whole process group (the comparison and the `memvp train` it runs).
+fn stopped_after_first_point(spec: &Path, out: &Path) -> Output {
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(env!("CARGO_BIN_EXE_memvp"))
+        .args(["compare", "--spec", &spec.display().to_string(), "--out", &out.display().to_string()])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let curve = out.join("runs/memvp/curve.jsonl");
+    let t0 = std::time::Instant::now();
+    while !curve.exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no first point");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = Command::new("kill").args(["-s", "INT", "--", &format!("-{}", child.id())]).status().unwrap();
+    assert!(killed.success());
+    child.wait_with_output().unwrap()
+}
+
 fn spec(dir: &Path, epochs: usize) -> PathBuf {
     let data = memvp::data::synthetic::write_shapes(&dir.join("data"), 12, 3, 32, 7).unwrap();
     let lm = fixtures().join("llama_gqa_tied");
@@ -138,26 +161,7 @@ fn a_stopped_comparison_continues_where_it_was() {
     // 60 steps per run: still training when the signal comes.
     let spec = spec(dir.path(), 10);
     let out = dir.path().join("cmp");
-    // Stop it as the first run's second segment starts, as Ctrl-C does: SIGINT to the whole
-    // process group (the comparison and the `memvp train` it runs).
-    use std::os::unix::process::CommandExt;
-    let child = Command::new(env!("CARGO_BIN_EXE_memvp"))
-        .args(["compare", "--spec", &spec.display().to_string(), "--out", &out.display().to_string()])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let curve = out.join("runs/memvp/curve.jsonl");
-    let t0 = std::time::Instant::now();
-    while !curve.exists() {
-        assert!(t0.elapsed().as_secs() < 120, "no first point");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let killed = Command::new("kill").args(["-s", "INT", "--", &format!("-{}", child.id())]).status().unwrap();
-    assert!(killed.success());
-    let stopped = child.wait_with_output().unwrap();
+    let stopped = stopped_after_first_point(&spec, &out);
     let e = String::from_utf8_lossy(&stopped.stderr);
     assert!(!stopped.status.success());
     assert!(e.contains("run the same `memvp compare` command again"), "{e}");
@@ -226,24 +230,8 @@ fn an_unfinished_run_carried_by_carry_sh_finishes_as_if_never_moved() {
     assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
     let reference: serde_json::Value = serde_json::from_slice(&reference.stdout).unwrap();
 
-    use std::os::unix::process::CommandExt;
     let out = dir.path().join("first");
-    let child = Command::new(env!("CARGO_BIN_EXE_memvp"))
-        .args(["compare", "--spec", &spec.display().to_string(), "--out", &out.display().to_string()])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let curve = out.join("runs/memvp/curve.jsonl");
-    let t0 = std::time::Instant::now();
-    while !curve.exists() {
-        assert!(t0.elapsed().as_secs() < 120, "no first point");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(Command::new("kill").args(["-s", "INT", "--", &format!("-{}", child.id())]).status().unwrap().success());
-    assert!(!child.wait_with_output().unwrap().status.success());
+    assert!(!stopped_after_first_point(&spec, &out).status.success());
 
     let carry = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/compare/carry.sh");
     let sh = |args: &[&Path]| {
