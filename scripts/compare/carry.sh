@@ -5,7 +5,7 @@
 # A finished run travels as result.json + compare-config.toml (what `memvp compare` reports it
 # from) with eval.json, curve.jsonl and train_summary.json for people to check. An unfinished
 # one travels as RESULTS/NAME/unfinished/: its settings, metrics.jsonl (the training time so
-# far), held-out curve and evaluations, and its newest checkpoint (adapter + AdamW state, ~7 MB
+# far), held-out curve and evaluations, and its newest checkpoint (adapter + AdamW state, 6.7 MB
 # for input-space+LoRA), which `memvp compare` resumes like any stopped run.
 set -euo pipefail
 usage() { echo "usage: $0 save OUT RESULTS | restore RESULTS OUT" >&2; exit 2; }
@@ -24,7 +24,6 @@ newest_checkpoint() {
     done
     echo "$best $name"
 }
-newest() { local c; c=$(newest_checkpoint "$1"); echo "${c%% *}"; }
 
 # A comparison still running would be carried mid-write: refused, as `memvp compare` refuses a
 # second writer (the same advisory lock on OUT/.lock).
@@ -67,7 +66,8 @@ save() {
         cp -r "$run/checkpoints/$ck" "$tmp/checkpoints/"
         for e in "$run"/evals/step-*/eval.json; do
             [ -f "$e" ] || continue
-            mkdir -p "$tmp/evals/$(basename "$(dirname "$e")")" && cp "$e" "$tmp/evals/$(basename "$(dirname "$e")")/"
+            e=${e%/eval.json}
+            mkdir -p "$tmp/evals/${e##*/}" && cp "$e/eval.json" "$tmp/evals/${e##*/}/"
         done
         rm -rf "$dest/unfinished" && mv "$tmp" "$dest/unfinished"
         echo "$name: unfinished at step $step, carried as $dest/unfinished ($(du -sh "$dest/unfinished" | cut -f1))"
@@ -75,7 +75,7 @@ save() {
 }
 
 restore() {
-    local res=$1 out=$2 d name target have step ck
+    local res=$1 out=$2 d name target have step ck _
     if [ -d "$out" ]; then not_running "$out"; fi
     for d in "$res"/*/; do
         d=${d%/} name=${d##*/} target=$out/runs/$name
@@ -87,8 +87,7 @@ restore() {
         elif [ -d "$d/unfinished" ]; then
             read -r step ck < <(newest_checkpoint "$d/unfinished")
             [ "$step" -gt 0 ] || { echo "$0: $d/unfinished has no complete checkpoint" >&2; exit 1; }
-            have=0
-            [ -d "$target" ] && have=$(newest "$target")
+            read -r have _ < <(newest_checkpoint "$target")
             if [ -f "$target/result.json" ] || [ "$have" -ge "$step" ]; then
                 echo "$name: $target is already at step $have (carried: $step), left as it is"
                 continue
@@ -105,5 +104,4 @@ restore() {
 case $mode in
     save) save "$from" "$to" ;;
     restore) restore "$from" "$to" ;;
-    *) usage ;;
 esac
