@@ -47,7 +47,9 @@ def main():
     print("| kind | negated | truth | predicted | count |")
     print("| --- | --- | --- | --- | ---: |")
     for (kind, neg, truth, pred), v in sorted(table.items()):
-        print(f"| {kind} | {'yes' if neg else 'no'} | {truth} | {pred} | {v} |")
+        # A generation that did not stop spans lines; keep it on one table row.
+        shown = pred.replace("\n", "\\n").replace("|", "\\|")
+        print(f"| {kind} | {'yes' if neg else 'no'} | {truth} | {shown} | {v} |")
     print(f"\n{n} yes/no questions: {100 * correct / n:.2f}% correct; "
           f"{100 * rule / n:.2f}% of the answers follow the wording rule "
           "(positive question -> no, negated -> yes)")
