@@ -45,7 +45,7 @@ enum Rows<'a, W> {
 }
 
 /// Skinny products `x Wᵀ (+ b)` (`m <= SKINNY_ROWS`): the weight rows are split over the threads
-/// by chunks of 64, and each chunk (as stored, or decoded by the task into its own scratch) is
+/// by chunks of 48 (whole blocks of both kernel families' 2 and 3 weight rows), and each chunk (as stored, or decoded by the task into its own scratch) is
 /// multiplied by every input row while it is in cache (`skinny::dots_block`).
 fn skinny<T: Real, W: super::skinny::Stored>(
     x: &[T],
@@ -55,7 +55,7 @@ fn skinny<T: Real, W: super::skinny::Stored>(
     n: usize,
     w: Rows<'_, W>,
 ) -> Result<Vec<T>> {
-    const CHUNK: usize = 64;
+    const CHUNK: usize = 48;
     let mut by_col = vec![T::zero(); n * m];
     by_col.par_chunks_mut(m * CHUNK).enumerate().try_for_each_init(Vec::new, |scratch, (c, out)| {
         let j0 = c * CHUNK;

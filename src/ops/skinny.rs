@@ -3,10 +3,13 @@
 //! once, in its own layout, with no packing. Every output is one dot product in a fixed order
 //! whatever `m` is, so a row's result does not depend on the other rows of the batch.
 //!
-//! On x86-64 CPUs with AVX2 and FMA (chosen at run time, no build flag) the f32 work runs in
-//! hand-written kernels: blocks of four input rows by two weight rows, eight fused
-//! multiply-adds per instruction. Elsewhere (and for f64, used by the gradient checks) it runs
-//! portable loops with eight partial sums, which the compiler vectorises to the baseline ISA.
+//! On x86-64 CPUs the f32 work runs in hand-written kernels chosen at run time (no build flag):
+//! with AVX-512, blocks of up to eight input rows by three weight rows, sixteen lanes per
+//! instruction and 24 of the 32 registers holding sums, so each weight vector loaded serves
+//! eight rows; with AVX2 and FMA, blocks of four rows by two weight rows, eight lanes. A machine
+//! always takes the same kernel family, whatever the batch, so results stay batch-independent.
+//! Elsewhere (and for f64, used by the gradient checks) it runs portable loops with eight
+//! partial sums, which the compiler vectorises to the baseline ISA.
 
 use super::Real;
 
@@ -50,17 +53,19 @@ pub(crate) fn dots_block<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], k: usiz
     #[cfg(target_arch = "x86_64")]
     if let Some(x32) = as_f32(x)
         && (std::any::TypeId::of::<W>() == std::any::TypeId::of::<f32>() || W::IS_BF16)
-        && x86::available()
+        && x86::level().is_some()
     {
         // SAFETY: T is f32 (as_f32 checked its dtype), so out's elements are f32 with the same layout.
         let out32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
-        // SAFETY: the CPU has AVX2 and FMA (checked just above); W is f32 or bf16, both read
-        // as their own bits; the lengths were checked by the assert above.
+        let wp = w.as_ptr() as *const u8;
+        // SAFETY: the CPU has the level's features (x86::level checked them); W is f32 or bf16,
+        // both read as their own bits; the lengths were checked by the assert above.
         unsafe {
-            if W::IS_BF16 {
-                x86::dots_block::<true>(x32, m, w.as_ptr() as *const u8, nw, k, out32)
-            } else {
-                x86::dots_block::<false>(x32, m, w.as_ptr() as *const u8, nw, k, out32)
+            match (x86::level(), W::IS_BF16) {
+                (Some(x86::Level::Avx512), true) => x86::dots_block_512::<true>(x32, m, wp, nw, k, out32),
+                (Some(x86::Level::Avx512), false) => x86::dots_block_512::<false>(x32, m, wp, nw, k, out32),
+                (_, true) => x86::dots_block::<true>(x32, m, wp, nw, k, out32),
+                (_, false) => x86::dots_block::<false>(x32, m, wp, nw, k, out32),
             }
         };
         return;
@@ -102,9 +107,126 @@ fn portable<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], nw: usize, k: usize,
 mod x86 {
     use std::arch::x86_64::*;
 
-    pub(super) fn available() -> bool {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub(super) enum Level {
+        Avx2,
+        Avx512,
+    }
+
+    /// The widest kernel family this CPU runs; `MEMVP_NO_AVX512=1` keeps AVX2 (to compare them).
+    pub(super) fn level() -> Option<Level> {
+        static LEVEL: std::sync::OnceLock<Option<Level>> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+            let no512 = std::env::var_os("MEMVP_NO_AVX512").is_some_and(|v| v == "1");
+            if avx512 && !no512 {
+                Some(Level::Avx512)
+            } else if avx2 {
+                Some(Level::Avx2)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Sixteen weights from `p` (f32, or bf16 widened into the top half of an f32).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn load16<const BF16: bool>(p: *const u8) -> __m512 {
+        // SAFETY: the caller gives 16 readable elements at p (64 bytes of f32 or 32 of bf16).
+        unsafe {
+            if BF16 {
+                let h = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+            } else {
+                _mm512_loadu_ps(p as *const f32)
+            }
+        }
+    }
+
+    /// `dots` with sixteen lanes: the `R x C` products of input rows `i0..i0+R` with weight
+    /// rows `j0..j0+C`; lanes are summed in one fixed tree, then the tail past a multiple of 16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn dots16<const R: usize, const C: usize, const BF16: bool>(
+        x: &[f32],
+        i0: usize,
+        w: *const u8,
+        j0: usize,
+        k: usize,
+        out: &mut [f32],
+        m: usize,
+    ) {
+        let es = if BF16 { 2 } else { 4 };
+        let xr: [*const f32; R] = std::array::from_fn(|r| x[(i0 + r) * k..].as_ptr());
+        // SAFETY (for every pointer formed and read below): the caller guarantees rows
+        // j0..j0+C of w (k elements of es bytes each) and rows i0..i0+R of x are in bounds;
+        // p + 16 <= full <= k, and the tail reads q < k.
+        unsafe {
+            let wr: [*const u8; C] = std::array::from_fn(|c| w.add((j0 + c) * k * es));
+            let full = k - k % 16;
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            let mut p = 0;
+            while p < full {
+                let wv: [__m512; C] = std::array::from_fn(|c| load16::<BF16>(wr[c].add(p * es)));
+                for r in 0..R {
+                    let xv = _mm512_loadu_ps(xr[r].add(p));
+                    for c in 0..C {
+                        acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+                    }
+                }
+                p += 16;
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    let mut a = [0f32; 16];
+                    _mm512_storeu_ps(a.as_mut_ptr(), acc[r][c]);
+                    let h: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
+                    let mut s = ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
+                    for q in full..k {
+                        s += *xr[r].add(q) * widen1::<BF16>(wr[c].add(q * es));
+                    }
+                    out[(j0 + c) * m + i0 + r] = s;
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F and BW; `x` holds `m·k` f32, `w` holds `nw·k` elements (f32, or
+    /// bf16 when `bf16`), `out` holds `nw·m`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn dots_block_512<const BF16: bool>(
+        x: &[f32],
+        m: usize,
+        w: *const u8,
+        nw: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        macro_rules! pick {
+            ($r:expr, $c:expr, $i:expr, $j:expr; $($rr:literal)*) => {
+                match ($r, $c) {
+                    $(($rr, 3) => dots16::<$rr, 3, BF16>(x, $i, w, $j, k, out, m),
+                      ($rr, 2) => dots16::<$rr, 2, BF16>(x, $i, w, $j, k, out, m),
+                      ($rr, _) => dots16::<$rr, 1, BF16>(x, $i, w, $j, k, out, m),)*
+                    _ => unreachable!("blocks are 1 to 8 rows"),
+                }
+            };
+        }
+        let mut j = 0;
+        while j < nw {
+            let c = (nw - j).min(3);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(8);
+                // SAFETY: i + r <= m and j + c <= nw: the rows read are in bounds.
+                unsafe { pick!(r, c, i, j; 1 2 3 4 5 6 7 8) }
+                i += r;
+            }
+            j += c;
+        }
     }
 
     /// Eight weights from `p` (f32, or bf16 widened: shifted into the top half of an f32).
@@ -228,19 +350,58 @@ mod tests {
         (0..n).map(|_| r.normal() as f32).collect()
     }
 
-    /// Every block shape and tail against a plain f64 product (f32 and bf16 weights), and the
-    /// same row computed alone and among others gives the same bits.
+    type Kernel = fn(&[f32], usize, &[f32], &[half::bf16], usize, &mut [f32], &mut [f32]);
+
+    /// The entry point, and on x86-64 each kernel family this CPU can run, called directly.
+    fn kernels() -> Vec<(&'static str, Kernel)> {
+        let mut ks: Vec<(&'static str, Kernel)> = vec![("dispatch", |x, m, w, wb, k, o, ob| {
+            dots_block(x, m, w, k, o);
+            dots_block(x, m, wb, k, ob);
+        })];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                ks.push(("avx2", |x, m, w, wb, k, o, ob| {
+                    let nw = o.len() / m;
+                    // SAFETY: AVX2 and FMA were detected; the buffers hold m·k, nw·k and nw·m.
+                    unsafe {
+                        x86::dots_block::<false>(x, m, w.as_ptr() as *const u8, nw, k, o);
+                        x86::dots_block::<true>(x, m, wb.as_ptr() as *const u8, nw, k, ob);
+                    }
+                }));
+            }
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                ks.push(("avx512", |x, m, w, wb, k, o, ob| {
+                    let nw = o.len() / m;
+                    // SAFETY: AVX-512F and BW were detected; the buffers hold m·k, nw·k and nw·m.
+                    unsafe {
+                        x86::dots_block_512::<false>(x, m, w.as_ptr() as *const u8, nw, k, o);
+                        x86::dots_block_512::<true>(x, m, wb.as_ptr() as *const u8, nw, k, ob);
+                    }
+                }));
+            }
+        }
+        ks
+    }
+
+    /// Every block shape and tail of every kernel against a plain f64 product (f32 and bf16
+    /// weights), and the same row computed alone and among others gives the same bits.
     #[test]
     fn skinny_products_match_a_plain_product_and_do_not_depend_on_the_batch() {
-        for &k in &[1usize, 7, 8, 9, 64, 70] {
-            for m in 1..=9 {
-                for nw in 1..=5 {
+        for (name, kernel) in kernels() {
+            check_kernel(name, kernel);
+        }
+    }
+
+    fn check_kernel(name: &str, kernel: Kernel) {
+        for &k in &[1usize, 7, 8, 9, 16, 17, 40, 64, 70] {
+            for m in 1..=17 {
+                for nw in 1..=7 {
                     let (x, w) = (vals(m * k, 1 + k as u64), vals(nw * k, 2 + m as u64));
                     let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
                     let mut out = vec![0f32; nw * m];
                     let mut outb = vec![0f32; nw * m];
-                    dots_block(&x, m, &w, k, &mut out);
-                    dots_block(&x, m, &wb, k, &mut outb);
+                    kernel(&x, m, &w, &wb, k, &mut out, &mut outb);
                     for j in 0..nw {
                         for i in 0..m {
                             let (mut e, mut eb) = (0f64, 0f64);
@@ -249,11 +410,13 @@ mod tests {
                                 eb += x[i * k + q] as f64 * wb[j * k + q].to_f64();
                             }
                             let tol = 1e-5 * (1.0 + k as f64);
-                            assert!((out[j * m + i] as f64 - e).abs() < tol, "k {k} m {m} nw {nw} ({i}, {j})");
-                            assert!((outb[j * m + i] as f64 - eb).abs() < tol, "bf16 k {k} m {m} nw {nw} ({i}, {j})");
-                            let mut alone = vec![0f32; nw];
-                            dots_block(&x[i * k..(i + 1) * k], 1, &w, k, &mut alone);
-                            assert_eq!(alone[j].to_bits(), out[j * m + i].to_bits(), "k {k} m {m} row {i}");
+                            let at = format!("{name} k {k} m {m} nw {nw} ({i}, {j})");
+                            assert!((out[j * m + i] as f64 - e).abs() < tol, "{at}");
+                            assert!((outb[j * m + i] as f64 - eb).abs() < tol, "bf16 {at}");
+                            let (mut alone, mut aloneb) = (vec![0f32; nw], vec![0f32; nw]);
+                            kernel(&x[i * k..(i + 1) * k], 1, &w, &wb, k, &mut alone, &mut aloneb);
+                            assert_eq!(alone[j].to_bits(), out[j * m + i].to_bits(), "alone {at}");
+                            assert_eq!(aloneb[j].to_bits(), outb[j * m + i].to_bits(), "alone bf16 {at}");
                         }
                     }
                 }
