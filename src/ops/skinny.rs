@@ -145,90 +145,6 @@ mod x86 {
         }
     }
 
-    /// `dots` with sixteen lanes: the `R x C` products of input rows `i0..i0+R` with weight
-    /// rows `j0..j0+C`; lanes are summed in one fixed tree, then the tail past a multiple of 16.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn dots16<const R: usize, const C: usize, const BF16: bool>(
-        x: &[f32],
-        i0: usize,
-        w: *const u8,
-        j0: usize,
-        k: usize,
-        out: &mut [f32],
-        m: usize,
-    ) {
-        let es = if BF16 { 2 } else { 4 };
-        let xr: [*const f32; R] = std::array::from_fn(|r| x[(i0 + r) * k..].as_ptr());
-        // SAFETY (for every pointer formed and read below): the caller guarantees rows
-        // j0..j0+C of w (k elements of es bytes each) and rows i0..i0+R of x are in bounds;
-        // p + 16 <= full <= k, and the tail reads q < k.
-        unsafe {
-            let wr: [*const u8; C] = std::array::from_fn(|c| w.add((j0 + c) * k * es));
-            let full = k - k % 16;
-            let mut acc = [[_mm512_setzero_ps(); C]; R];
-            let mut p = 0;
-            while p < full {
-                let wv: [__m512; C] = std::array::from_fn(|c| load16::<BF16>(wr[c].add(p * es)));
-                for r in 0..R {
-                    let xv = _mm512_loadu_ps(xr[r].add(p));
-                    for c in 0..C {
-                        acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
-                    }
-                }
-                p += 16;
-            }
-            for r in 0..R {
-                for c in 0..C {
-                    let mut a = [0f32; 16];
-                    _mm512_storeu_ps(a.as_mut_ptr(), acc[r][c]);
-                    let h: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
-                    let mut s = ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]));
-                    for q in full..k {
-                        s += *xr[r].add(q) * widen1::<BF16>(wr[c].add(q * es));
-                    }
-                    out[(j0 + c) * m + i0 + r] = s;
-                }
-            }
-        }
-    }
-
-    /// # Safety
-    /// The CPU has AVX-512F and BW; `x` holds `m·k` f32, `w` holds `nw·k` elements (f32, or
-    /// bf16 when `bf16`), `out` holds `nw·m`.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn dots_block_512<const BF16: bool>(
-        x: &[f32],
-        m: usize,
-        w: *const u8,
-        nw: usize,
-        k: usize,
-        out: &mut [f32],
-    ) {
-        macro_rules! pick {
-            ($r:expr, $c:expr, $i:expr, $j:expr; $($rr:literal)*) => {
-                match ($r, $c) {
-                    $(($rr, 3) => dots16::<$rr, 3, BF16>(x, $i, w, $j, k, out, m),
-                      ($rr, 2) => dots16::<$rr, 2, BF16>(x, $i, w, $j, k, out, m),
-                      ($rr, _) => dots16::<$rr, 1, BF16>(x, $i, w, $j, k, out, m),)*
-                    _ => unreachable!("blocks are 1 to 8 rows"),
-                }
-            };
-        }
-        let mut j = 0;
-        while j < nw {
-            let c = (nw - j).min(3);
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(8);
-                // SAFETY: i + r <= m and j + c <= nw: the rows read are in bounds.
-                unsafe { pick!(r, c, i, j; 1 2 3 4 5 6 7 8) }
-                i += r;
-            }
-            j += c;
-        }
-    }
-
     /// Eight weights from `p` (f32, or bf16 widened: shifted into the top half of an f32).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -244,8 +160,9 @@ mod x86 {
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    /// # Safety
+    /// One readable element (f32, or bf16 when `BF16`) at p.
+    #[inline(always)]
     unsafe fn widen1<const BF16: bool>(p: *const u8) -> f32 {
         // SAFETY: the caller gives one readable element at p.
         unsafe {
@@ -257,88 +174,142 @@ mod x86 {
         }
     }
 
-    /// The `R x C` products of input rows `i0..i0+R` with weight rows `j0..j0+C`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dots<const R: usize, const C: usize, const BF16: bool>(
-        x: &[f32],
-        i0: usize,
-        w: *const u8,
-        j0: usize,
-        k: usize,
-        out: &mut [f32],
-        m: usize,
-    ) {
-        let es = if BF16 { 2 } else { 4 };
-        let xr: [*const f32; R] = std::array::from_fn(|r| x[(i0 + r) * k..].as_ptr());
-        // SAFETY (for every pointer formed and read below): the caller guarantees rows
-        // j0..j0+C of w (k elements of es bytes each) and rows i0..i0+R of x are in bounds;
-        // p + 8 <= full <= k, and the tail reads q < k.
-        unsafe {
-            let wr: [*const u8; C] = std::array::from_fn(|c| w.add((j0 + c) * k * es));
-            let full = k - k % 8;
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let mut p = 0;
-            while p < full {
-                let wv: [__m256; C] = std::array::from_fn(|c| load8::<BF16>(wr[c].add(p * es)));
-                for r in 0..R {
-                    let xv = _mm256_loadu_ps(xr[r].add(p));
-                    for c in 0..C {
-                        acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    /// The lanes of one sum in a fixed tree: sixteen folded to eight, then pairs of pairs.
+    #[inline(always)]
+    fn sum_lanes<const L: usize>(a: [f32; L]) -> f32 {
+        debug_assert!(L == 8 || L == 16);
+        let h: [f32; 8] = std::array::from_fn(|l| if L == 16 { a[l] + a[l + 8] } else { a[l] });
+        ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
+    }
+
+    /// One kernel family: `$name::<R, C, BF16>` forms the `R x C` products of input rows
+    /// `i0..i0+R` with weight rows `j0..j0+C`, `$lanes` lanes per instruction, each sum's
+    /// lanes reduced by `sum_lanes`, then the tail past a multiple of `$lanes`.
+    macro_rules! kernel {
+        ($name:ident, $feat:literal, $lanes:literal, $v:ty, $zero:ident, $loadx:ident, $loadw:ident, $fma:ident, $store:ident) => {
+            #[inline]
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const R: usize, const C: usize, const BF16: bool>(
+                x: &[f32],
+                i0: usize,
+                w: *const u8,
+                j0: usize,
+                k: usize,
+                out: &mut [f32],
+                m: usize,
+            ) {
+                let es = if BF16 { 2 } else { 4 };
+                let xr: [*const f32; R] = std::array::from_fn(|r| x[(i0 + r) * k..].as_ptr());
+                // SAFETY (for every pointer formed and read below): the caller guarantees rows
+                // j0..j0+C of w (k elements of es bytes each) and rows i0..i0+R of x are in
+                // bounds; p + lanes <= full <= k, and the tail reads q < k.
+                unsafe {
+                    let wr: [*const u8; C] = std::array::from_fn(|c| w.add((j0 + c) * k * es));
+                    let full = k - k % $lanes;
+                    let mut acc: [[$v; C]; R] = [[$zero(); C]; R];
+                    let mut p = 0;
+                    while p < full {
+                        let wv: [$v; C] = std::array::from_fn(|c| $loadw::<BF16>(wr[c].add(p * es)));
+                        for r in 0..R {
+                            let xv = $loadx(xr[r].add(p));
+                            for c in 0..C {
+                                acc[r][c] = $fma(xv, wv[c], acc[r][c]);
+                            }
+                        }
+                        p += $lanes;
+                    }
+                    for r in 0..R {
+                        for c in 0..C {
+                            let mut a = [0f32; $lanes];
+                            $store(a.as_mut_ptr(), acc[r][c]);
+                            let mut s = sum_lanes(a);
+                            for q in full..k {
+                                s += *xr[r].add(q) * widen1::<BF16>(wr[c].add(q * es));
+                            }
+                            out[(j0 + c) * m + i0 + r] = s;
+                        }
                     }
                 }
-                p += 8;
             }
-            for r in 0..R {
-                for c in 0..C {
-                    let mut a = [0f32; 8];
-                    _mm256_storeu_ps(a.as_mut_ptr(), acc[r][c]);
-                    let mut s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-                    for q in full..k {
-                        s += *xr[r].add(q) * widen1::<BF16>(wr[c].add(q * es));
-                    }
-                    out[(j0 + c) * m + i0 + r] = s;
-                }
+        };
+    }
+    kernel!(dots8, "avx2,fma", 8, __m256, _mm256_setzero_ps, _mm256_loadu_ps, load8, _mm256_fmadd_ps, _mm256_storeu_ps);
+    kernel!(
+        dots16,
+        "avx512f,avx512bw",
+        16,
+        __m512,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        load16,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
+
+    /// Calls `f(r, c, i, j)` for the blocks of at most `rmax` input rows by `cmax` weight rows
+    /// that tile the `m x nw` products.
+    #[inline(always)]
+    fn blocks(m: usize, nw: usize, rmax: usize, cmax: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
+        let mut j = 0;
+        while j < nw {
+            let c = (nw - j).min(cmax);
+            let mut i = 0;
+            while i < m {
+                let r = (m - i).min(rmax);
+                f(r, c, i, j);
+                i += r;
             }
+            j += c;
         }
     }
 
-    /// # Safety
-    /// The CPU has AVX2 and FMA; `x` holds `m·k` f32, `w` holds `nw·k` elements (f32, or bf16
-    /// when `bf16`), `out` holds `nw·m`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots_block<const BF16: bool>(
-        x: &[f32],
-        m: usize,
-        w: *const u8,
-        nw: usize,
-        k: usize,
-        out: &mut [f32],
-    ) {
-        let mut j = 0;
-        while j < nw {
-            let two = j + 2 <= nw;
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(4);
-                // SAFETY: i + r <= m and j + (1 or 2) <= nw: the rows read are in bounds.
-                unsafe {
-                    match (r, two) {
-                        (4, true) => dots::<4, 2, BF16>(x, i, w, j, k, out, m),
-                        (3, true) => dots::<3, 2, BF16>(x, i, w, j, k, out, m),
-                        (2, true) => dots::<2, 2, BF16>(x, i, w, j, k, out, m),
-                        (1, true) => dots::<1, 2, BF16>(x, i, w, j, k, out, m),
-                        (4, false) => dots::<4, 1, BF16>(x, i, w, j, k, out, m),
-                        (3, false) => dots::<3, 1, BF16>(x, i, w, j, k, out, m),
-                        (2, false) => dots::<2, 1, BF16>(x, i, w, j, k, out, m),
-                        _ => dots::<1, 1, BF16>(x, i, w, j, k, out, m),
-                    }
-                }
-                i += r;
+    /// `$call!(R, C)` for the runtime `$r` and `$c`, over the listed block sizes.
+    macro_rules! pick {
+        ($call:ident; $r:expr, $c:expr; [$($rr:literal)*]; $cs:tt) => {
+            match $r {
+                $($rr => pick!(@cols $call; $rr, $c; $cs),)*
+                _ => unreachable!("no kernel for {} input rows", $r),
             }
-            j += if two { 2 } else { 1 };
-        }
+        };
+        (@cols $call:ident; $rr:literal, $c:expr; [$($cc:literal)*]) => {
+            match $c {
+                $($cc => $call!($rr, $cc),)*
+                _ => unreachable!("no kernel for {} weight rows", $c),
+            }
+        };
     }
+
+    /// A family's entry point `$name::<BF16>`: every block of the `m x nw` products, in blocks
+    /// of up to `$rows` input rows by `$cols` weight rows, each by `$kernel`.
+    ///
+    /// # Safety (of the generated function)
+    /// The CPU has `$feat`; `x` holds `m·k` f32, `w` holds `nw·k` elements (f32, or bf16 when
+    /// `BF16`), `out` holds `nw·m`.
+    macro_rules! entry {
+        ($name:ident, $kernel:ident, $feat:literal, $rows:tt, $cols:tt, $rmax:literal, $cmax:literal) => {
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name<const BF16: bool>(
+                x: &[f32],
+                m: usize,
+                w: *const u8,
+                nw: usize,
+                k: usize,
+                out: &mut [f32],
+            ) {
+                blocks(m, nw, $rmax, $cmax, |r, c, i, j| {
+                    macro_rules! call {
+                        ($rr:literal, $cc:literal) => {
+                            // SAFETY: i + r <= m and j + c <= nw: the rows read are in bounds.
+                            unsafe { $kernel::<$rr, $cc, BF16>(x, i, w, j, k, out, m) }
+                        };
+                    }
+                    pick!(call; r, c; $rows; $cols)
+                })
+            }
+        };
+    }
+    entry!(dots_block, dots8, "avx2,fma", [1 2 3 4], [1 2], 4, 2);
+    entry!(dots_block_512, dots16, "avx512f,avx512bw", [1 2 3 4 5 6 7 8], [1 2 3], 8, 3);
 }
 
 #[cfg(test)]
