@@ -45,8 +45,9 @@ enum Rows<'a, W> {
 }
 
 /// Skinny products `x Wᵀ (+ b)` (`m <= SKINNY_ROWS`): the weight rows are split over the threads
-/// by chunks of 48 (whole blocks of both kernel families' 2 and 3 weight rows), and each chunk (as stored, or decoded by the task into its own scratch) is
-/// multiplied by every input row while it is in cache (`skinny::dots_block`).
+/// by chunks of 48 (whole blocks of both kernel families' 2 and 3 weight rows), and each chunk
+/// (as stored, or decoded by the task into its own scratch) is multiplied by every input row
+/// while it is in cache (`skinny::dots_block`).
 fn skinny<T: Real, W: super::skinny::Stored>(
     x: &[T],
     b: Option<&[T]>,
