@@ -53,7 +53,7 @@ pub(crate) fn dots_block<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], k: usiz
     #[cfg(target_arch = "x86_64")]
     if let Some(x32) = as_f32(x)
         && (std::any::TypeId::of::<W>() == std::any::TypeId::of::<f32>() || W::IS_BF16)
-        && x86::level().is_some()
+        && let Some(level) = x86::level()
     {
         // SAFETY: T is f32 (as_f32 checked its dtype), so out's elements are f32 with the same layout.
         let out32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
@@ -61,9 +61,9 @@ pub(crate) fn dots_block<T: Real, W: Stored>(x: &[T], m: usize, w: &[W], k: usiz
         // SAFETY: the CPU has the level's features (x86::level checked them); W is f32 or bf16,
         // both read as their own bits; the lengths were checked by the assert above.
         unsafe {
-            match (x86::level(), W::IS_BF16) {
-                (Some(x86::Level::Avx512), true) => x86::dots_block_512::<true>(x32, m, wp, nw, k, out32),
-                (Some(x86::Level::Avx512), false) => x86::dots_block_512::<false>(x32, m, wp, nw, k, out32),
+            match (level, W::IS_BF16) {
+                (x86::Level::Avx512, true) => x86::dots_block_512::<true>(x32, m, wp, nw, k, out32),
+                (x86::Level::Avx512, false) => x86::dots_block_512::<false>(x32, m, wp, nw, k, out32),
                 (_, true) => x86::dots_block::<true>(x32, m, wp, nw, k, out32),
                 (_, false) => x86::dots_block::<false>(x32, m, wp, nw, k, out32),
             }
