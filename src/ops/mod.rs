@@ -344,6 +344,44 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
         unsafe { small_gemm(m, n, k, dst, dst_rs, dst_cs, read_dst, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs) };
         return;
     }
+    if threads > 1 && n >= 32 * threads && m * n * k >= 1 << 20 && split_columns() {
+        use rayon::prelude::*;
+        // Each thread runs its own block of columns single-threaded: in gemm's parallel mode the
+        // calling thread packs the left operand alone first, while the other threads wait.
+        let per = n.div_ceil(threads).next_multiple_of(16);
+        let (d, l, r) = (dst as usize, lhs as usize, rhs as usize);
+        (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
+            let j0 = c * per;
+            let nn = per.min(n - j0);
+            // SAFETY: columns j0..j0+nn of dst and of rhs are a part of the m×n and k×n regions
+            // the caller made valid; the blocks of dst are disjoint, so no two tasks write one
+            // element, and the single-threaded call below keeps within its own block.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nn,
+                    k,
+                    (d as *mut T).offset(j0 as isize * dst_cs),
+                    dst_cs,
+                    dst_rs,
+                    read_dst,
+                    l as *const T,
+                    lhs_cs,
+                    lhs_rs,
+                    (r as *const T).offset(j0 as isize * rhs_cs),
+                    rhs_cs,
+                    rhs_rs,
+                    T::one(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
+        return;
+    }
     let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: gemm::gemm reads and writes exactly the m×n, m×k and k×n strided elements this
     // function's contract makes valid (strides passed column-first, as gemm takes them), only
@@ -371,6 +409,12 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
             par,
         )
     }
+}
+
+/// `MEMVP_GEMM_SPLIT=0` leaves the threading to gemm (to compare the two).
+fn split_columns() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MEMVP_GEMM_SPLIT").map_or(true, |v| v != "0"))
 }
 
 #[inline]
