@@ -1,5 +1,5 @@
 //! Micro-benchmarks of memvp's kernels against candle's own ops, forward and backward:
-//! softmax, RMSNorm, RoPE, the frozen MLP, and MemVP's memory branch.
+//! softmax, RMSNorm, RoPE, the frozen MLP and linear layers, and MemVP's memory branch.
 //! Run with `cargo bench --bench kernels`.
 
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -83,6 +83,20 @@ fn mlp(c: &mut Criterion) {
     });
 }
 
+/// One frozen layer of the SmolLM2-135M shape over a training batch (4 × 64 tokens), forward and
+/// input gradient: the products of a training step. `MEMVP_GEMM_SPLIT=0` compares gemm's own
+/// threading with memvp's split of the columns.
+fn frozen_linear(c: &mut Criterion) {
+    setup();
+    for (name, out, inp) in
+        [("q_proj-576x576", 576, 576), ("gate_proj-1536x576", 1536, 576), ("down_proj-576x1536", 576, 1536)]
+    {
+        let lin = Linear::new((randn(&[out, inp], 14) * 0.02).unwrap(), None);
+        let x = randn(&[4 * 64, inp], 15);
+        fwd_bwd(c, &format!("frozen_linear/{name}"), &x, &|t| lin.forward(t).unwrap());
+    }
+}
+
 /// Decoding steps: a few rows (the requests of a serving batch) against a frozen weight.
 fn decode_linear(c: &mut Criterion) {
     let w = (randn(&[1536, 576], 12) * 0.02).unwrap();
@@ -128,6 +142,6 @@ fn memory_branch(c: &mut Criterion) {
 criterion_group! {
     name = kernels;
     config = Criterion::default().without_plots().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = softmax, rms_norm, rope, mlp, decode_linear, memory_branch
+    targets = softmax, rms_norm, rope, mlp, frozen_linear, decode_linear, memory_branch
 }
 criterion_main!(kernels);
