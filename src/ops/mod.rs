@@ -344,71 +344,49 @@ pub(crate) unsafe fn gemm_strided<T: Real>(
         unsafe { small_gemm(m, n, k, dst, dst_rs, dst_cs, read_dst, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs) };
         return;
     }
+    // The product of columns j0..j0+nn (pointers as addresses, so that threads can share it).
+    let (d, l, r) = (dst as usize, lhs as usize, rhs as usize);
+    let columns = move |j0: usize, nn: usize, par: gemm::Parallelism| {
+        // SAFETY: every call below passes j0 + nn <= n, so gemm::gemm reads and writes only
+        // strided elements of the m×n, m×k and k×n regions this function's contract makes
+        // valid (strides passed column-first, as gemm takes them); it reads dst only when
+        // read_dst, and T is f32 or f64 (the only Real types), which gemm supports.
+        unsafe {
+            gemm::gemm(
+                m,
+                nn,
+                k,
+                (d as *mut T).offset(j0 as isize * dst_cs),
+                dst_cs,
+                dst_rs,
+                read_dst,
+                l as *const T,
+                lhs_cs,
+                lhs_rs,
+                (r as *const T).offset(j0 as isize * rhs_cs),
+                rhs_cs,
+                rhs_rs,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                par,
+            )
+        }
+    };
     if threads > 1 && n >= 32 * threads && m * n * k >= 1 << 20 && split_columns() {
         use rayon::prelude::*;
         // Each thread runs its own block of columns single-threaded: in gemm's parallel mode the
-        // calling thread packs the left operand alone first, while the other threads wait.
+        // calling thread packs the left operand alone first, while the other threads wait. The
+        // blocks of dst are disjoint, so no two tasks write one element.
         let per = n.div_ceil(threads).next_multiple_of(16);
-        let (d, l, r) = (dst as usize, lhs as usize, rhs as usize);
-        (0..n.div_ceil(per)).into_par_iter().for_each(|c| {
-            let j0 = c * per;
-            let nn = per.min(n - j0);
-            // SAFETY: columns j0..j0+nn of dst and of rhs are a part of the m×n and k×n regions
-            // the caller made valid; the blocks of dst are disjoint, so no two tasks write one
-            // element, and the single-threaded call below keeps within its own block.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nn,
-                    k,
-                    (d as *mut T).offset(j0 as isize * dst_cs),
-                    dst_cs,
-                    dst_rs,
-                    read_dst,
-                    l as *const T,
-                    lhs_cs,
-                    lhs_rs,
-                    (r as *const T).offset(j0 as isize * rhs_cs),
-                    rhs_cs,
-                    rhs_rs,
-                    T::one(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
-        });
+        (0..n.div_ceil(per))
+            .into_par_iter()
+            .for_each(|c| columns(c * per, per.min(n - c * per), gemm::Parallelism::None));
         return;
     }
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: gemm::gemm reads and writes exactly the m×n, m×k and k×n strided elements this
-    // function's contract makes valid (strides passed column-first, as gemm takes them), only
-    // reads dst when read_dst, and T is f32 or f64 (the only Real types), which gemm supports.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            dst_cs,
-            dst_rs,
-            read_dst,
-            lhs,
-            lhs_cs,
-            lhs_rs,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    columns(0, n, if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None });
 }
 
 /// `MEMVP_GEMM_SPLIT=0` leaves the threading to gemm (to compare the two).
