@@ -198,18 +198,26 @@ fn frozen_mlp_grads_and_forward() {
     };
     let x = randn(&mut rng, &[2, 3, d], 1.0, F64);
     let r = randn(&mut rng, &[2, 3, d], 1.0, F64);
-    for (gated, act, bias) in [
-        (true, Activation::Silu, false),
-        (true, Activation::GeluTanh, false),
-        (false, Activation::Relu, true),
-        (false, Activation::QuickGelu, true),
+    // `shared`: gate and up as views of one buffer (as the models load them), one product each way.
+    for (gated, act, bias, shared) in [
+        (true, Activation::Silu, false, false),
+        (true, Activation::Silu, true, true),
+        (true, Activation::GeluTanh, false, true),
+        (false, Activation::Relu, true, false),
+        (false, Activation::QuickGelu, true, true),
     ] {
-        let mlp = FrozenMlp {
+        let mut mlp = FrozenMlp {
             w1: lin(&mut rng, i, d, bias),
             w2: gated.then(|| lin(&mut rng, i, d, bias)),
             down: lin(&mut rng, d, i, bias),
             act,
         };
+        if shared {
+            mlp = mlp.share_storage().unwrap();
+            if let Some(w2) = &mlp.w2 {
+                assert_eq!(w2.weight.tensor().unwrap().layout().start_offset(), i * d, "up follows gate");
+            }
+        }
         // Forward equals the op-by-op composition.
         let h1 = mlp.w1.forward(&x).unwrap();
         let a = match &mlp.w2 {
@@ -218,7 +226,7 @@ fn frozen_mlp_grads_and_forward() {
         };
         let want = mlp.down.forward(&a).unwrap();
         assert!(max_abs_err(&mlp.forward(&x).unwrap(), &want) < 1e-12);
-        check_grads(&format!("mlp {act:?} gated={gated}"), std::slice::from_ref(&x), &[true], &|t| {
+        check_grads(&format!("mlp {act:?} gated={gated} shared={shared}"), std::slice::from_ref(&x), &[true], &|t| {
             weighted_sum(&mlp.forward(&t[0]).unwrap(), &r)
         });
         // Nothing is formed for the frozen weights.
@@ -275,7 +283,10 @@ fn frozen_attention_block_grads_and_forward() {
     let r = randn(&mut rng, &[b, t, d], 1.0, F64);
     let table = ops::RopeTable::new(&[1.0, 0.3], t, F64, &Device::Cpu).unwrap();
     let (cos, sin) = table.range(0, t).unwrap();
-    for (rms, heads, kv, bias) in [(true, 2, 1, false), (false, 2, 2, true)] {
+    // `shared`: q, k and v as views of one buffer (as the models load them), one product each way.
+    for (rms, heads, kv, bias, shared) in
+        [(true, 2, 1, false, false), (true, 2, 1, false, true), (false, 2, 2, true, false), (false, 2, 2, true, true)]
+    {
         let hd = 4;
         let lin = |rng: &mut Rng, o: usize, i: usize| {
             Linear::new(randn(rng, &[o, i], 0.4, F64), bias.then(|| randn(rng, &[o], 0.2, F64)))
@@ -301,6 +312,11 @@ fn frozen_attention_block_grads_and_forward() {
             scale: 0.5,
             causal: rms,
         };
+        let blk = if shared { blk.share_storage().unwrap() } else { blk };
+        let offset = |l: &Linear| l.weight.tensor().unwrap().layout().start_offset();
+        let starts = [offset(&blk.q), offset(&blk.k), offset(&blk.v)];
+        let want = if shared { [0, heads * hd * d, (heads + kv) * hd * d] } else { [0, 0, 0] };
+        assert_eq!(starts, want, "rows of q, k and v in one buffer only when shared");
         let rope = rms.then_some((&cos, &sin));
         // Op-by-op reference.
         let reference = |x: &Tensor| -> Tensor {
@@ -325,7 +341,7 @@ fn frozen_attention_block_grads_and_forward() {
             (x + blk.o.forward(&o.reshape((b, t, heads * hd)).unwrap()).unwrap()).unwrap()
         };
         assert!(max_abs_err(&blk.forward(&x, rope).unwrap(), &reference(&x)) < 1e-12);
-        check_grads(&format!("attention block rms={rms}"), std::slice::from_ref(&x), &[true], &|t| {
+        check_grads(&format!("attention block rms={rms} shared={shared}"), std::slice::from_ref(&x), &[true], &|t| {
             weighted_sum(&blk.forward(&t[0], rope).unwrap(), &r)
         });
     }

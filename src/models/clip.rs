@@ -206,7 +206,8 @@ impl ClipVision {
                     head_dim: d / heads,
                     scale: 1.0 / ((d / heads) as f64).sqrt(),
                     causal: false,
-                },
+                }
+                .share_storage()?,
                 mlp: FrozenMlp {
                     w1: lin(&b.pp("mlp"), "fc1", i, d)?,
                     w2: None,

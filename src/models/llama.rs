@@ -262,14 +262,16 @@ impl Llama {
                     head_dim: hd,
                     scale: 1.0 / (hd as f64).sqrt(),
                     causal: true,
-                },
+                }
+                .share_storage()?,
                 post_attention_layernorm: b.get(d, "post_attention_layernorm.weight")?,
                 mlp: FrozenMlp {
                     w1: linear(&f, "gate_proj", i, d, cfg.mlp_bias)?,
                     w2: Some(linear(&f, "up_proj", i, d, cfg.mlp_bias)?),
                     down: linear(&f, "down_proj", d, i, cfg.mlp_bias)?,
                     act: cfg.hidden_act,
-                },
+                }
+                .share_storage()?,
             });
         }
         let norm = m.get(d, "norm.weight")?;

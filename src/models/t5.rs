@@ -291,6 +291,7 @@ impl Stack {
                     down: lin("wo", d, dff)?,
                     act: cfg.dense_act_fn,
                 }
+                .share_storage()?
             } else {
                 FrozenMlp { w1: lin("wi", dff, d)?, w2: None, down: lin("wo", d, dff)?, act: cfg.dense_act_fn }
             };

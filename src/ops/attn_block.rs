@@ -5,7 +5,7 @@
 //! backward) with no graph nodes, no intermediate gradient accumulation and no weight gradient.
 
 use super::attention::{AttnOp, View, attn_bwd, attn_fwd};
-use super::linear::{linear_input_grad, linear_rows, storage_slice};
+use super::linear::{linear_input_grad, linear_input_grad_cat, linear_rows, linear_rows_cat, storage_slice};
 use super::norm::{ln_bwd, ln_fwd, rms_bwd, rms_fwd};
 use super::rope::rope_kernel;
 use super::{Linear, Real, cpu_slice, dispatch, with_slice};
@@ -80,7 +80,15 @@ impl BlockOp {
         let p = &self.blk;
         let (h, kvh, hd) = (p.heads, p.kv_heads, p.head_dim);
         let n = norm_fwd(&p.norm, x)?;
-        let (mut q, mut k, v) = (linear_rows(&p.q, &n, m)?, linear_rows(&p.k, &n, m)?, linear_rows(&p.v, &n, m)?);
+        // [q k v] per row from one product, then each as its own contiguous [m, ·].
+        let qkv = linear_rows_cat(&[&p.q, &p.k, &p.v], &n, m)?;
+        let (nq, nkv) = (h * hd, kvh * hd);
+        let width = nq + 2 * nkv;
+        let columns = |from: usize, n: usize| -> Vec<T> {
+            qkv.chunks(width).flat_map(|r| r[from..from + n].iter().copied()).collect()
+        };
+        let (mut q, mut k, v) = (columns(0, nq), columns(nq, nkv), columns(nq + nkv, nkv));
+        drop(qkv);
         if let Some((c, s)) = &self.rope {
             (q, k) = with_slice::<T, _>(c, |c| {
                 with_slice::<T, _>(s, |s| {
@@ -135,11 +143,17 @@ impl BlockOp {
                 })
             })?;
         }
-        // dn = dq Wq + dk Wk + dv Wv, then through the norm; plus the residual.
+        // dn = [dq dk dv] [Wq; Wk; Wv], then through the norm; plus the residual.
+        let (nq, nkv) = (h * hd, kvh * hd);
+        let mut dqkv = Vec::with_capacity(m * (nq + 2 * nkv));
+        for i in 0..m {
+            dqkv.extend_from_slice(&dq[i * nq..(i + 1) * nq]);
+            dqkv.extend_from_slice(&dk[i * nkv..(i + 1) * nkv]);
+            dqkv.extend_from_slice(&dv[i * nkv..(i + 1) * nkv]);
+        }
+        drop((dq, dk, dv));
         let mut dn = vec![T::zero(); m * d];
-        linear_input_grad(&p.q, &dq, m, &mut dn, false)?;
-        linear_input_grad(&p.k, &dk, m, &mut dn, true)?;
-        linear_input_grad(&p.v, &dv, m, &mut dn, true)?;
+        linear_input_grad_cat(&[&p.q, &p.k, &p.v], &dqkv, m, &mut dn, false)?;
         let mut dx = norm_bwd(&p.norm, x, &dn)?;
         for (a, g) in dx.iter_mut().zip(dy) {
             *a += *g;
@@ -192,6 +206,12 @@ impl CustomOp1 for BlockOp {
 }
 
 impl FrozenAttnBlock {
+    /// q, k and v as views of one buffer, so that the fused op runs their products as one.
+    pub fn share_storage(mut self) -> Result<Self> {
+        super::linear::share_storage(&mut [&mut self.q, &mut self.k, &mut self.v])?;
+        Ok(self)
+    }
+
     /// Whether the fused op applies (CPU, plain frozen weights, shared positions).
     pub fn fusable(&self, x: &Tensor, rope: Option<(&Tensor, &Tensor)>) -> bool {
         let plain = |l: &Linear| l.kernel_ready();

@@ -273,29 +273,189 @@ pub(crate) fn linear_input_grad<T: Real>(
         return tiled_input_grad(&l.weight, dy, m, n, k, dst, accumulate);
     };
     storage_slice::<T, _>(wt, |w| {
-        // SAFETY: dst[i·k + j] < m·k and dy[i·n + kk] < m·n by the check above, and W[kk·k + j]
-        // < n·k = w.len() (storage_slice yields exactly the [n, k] weight). dst is an exclusive
-        // borrow of initialized data, so it overlaps neither dy nor W and nothing else touches it.
-        unsafe {
-            gemm_strided(
-                m,
-                k,
-                n,
-                dst.as_mut_ptr(),
-                k as isize,
-                1,
-                accumulate,
-                dy.as_ptr(),
-                n as isize,
-                1,
-                w.as_ptr(),
-                k as isize,
-                1,
-                num_threads(),
-            )
-        };
+        dense_input_grad(w, dy, m, n, k, dst, accumulate);
         Ok(())
     })
+}
+
+/// `dst[m, k] (+)= dy[m, n] · W[n, k]` for a weight the kernels read in place.
+fn dense_input_grad<T: Real>(w: &[T], dy: &[T], m: usize, n: usize, k: usize, dst: &mut [T], accumulate: bool) {
+    // The product below reads m·n elements of dy and n·k of W and writes m·k of dst through
+    // raw pointers; callers derive m, n and k from shapes that nothing here ties to the buffers.
+    assert!(
+        dy.len() >= m * n && w.len() >= n * k && dst.len() >= m * k,
+        "linear: input gradient buffers of {}, {} and {} elements do not fit [{m}, {n}] · [{n}, {k}]",
+        dy.len(),
+        w.len(),
+        dst.len()
+    );
+    // SAFETY: by the assert above, dst[i·k + j] < m·k, dy[i·n + kk] < m·n and W[kk·k + j] < n·k.
+    // dst is an exclusive borrow of initialized data, so it overlaps neither dy nor W and
+    // nothing else touches it.
+    unsafe {
+        gemm_strided(
+            m,
+            k,
+            n,
+            dst.as_mut_ptr(),
+            k as isize,
+            1,
+            accumulate,
+            dy.as_ptr(),
+            n as isize,
+            1,
+            w.as_ptr(),
+            k as isize,
+            1,
+            num_threads(),
+        )
+    };
+}
+
+/// Runs `f` on the rows `[Σ nᵢ, k]` (and the bias) that the layers' weights are consecutive
+/// views of, when they are: one buffer, laid out by [`share_storage`]. `None` otherwise.
+fn joint<T: Real, R>(ls: &[&Linear], f: impl FnOnce(&[T], Option<&[T]>) -> Result<R>) -> Result<Option<R>> {
+    /// The span of `ts` in their common storage, if they are consecutive views of one.
+    fn span<T: Real>(ts: &[&Tensor]) -> Option<(usize, usize)> {
+        let mut at: Option<(*const T, usize, usize)> = None;
+        for t in ts {
+            if t.dtype() != T::DTYPE {
+                return None;
+            }
+            let (st, l) = t.storage_and_layout();
+            let Storage::Cpu(c) = &*st else { return None };
+            let base = c.as_slice::<T>().ok()?.as_ptr();
+            let (a, b) = l.contiguous_offsets()?;
+            at = match at {
+                None => Some((base, a, b)),
+                // Two live buffers never share a base address, so an equal base is one storage.
+                Some((p, a0, end)) if p == base && a == end => Some((p, a0, b)),
+                Some(_) => return None,
+            };
+        }
+        at.map(|(_, a, b)| (a, b))
+    }
+    let Some(ws) = ls.iter().map(|l| l.weight.dense_as(T::DTYPE)).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    let Some((a, b)) = span::<T>(&ws) else { return Ok(None) };
+    let biases: Vec<&Tensor> = ls.iter().filter_map(|l| l.bias.as_ref()).collect();
+    let bias_span = match biases.len() {
+        0 => None,
+        n if n == ls.len() => match span::<T>(&biases) {
+            Some(s) => Some(s),
+            None => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let (st, _) = ws[0].storage_and_layout();
+    let Storage::Cpu(c) = &*st else { return Ok(None) };
+    let w = &c.as_slice::<T>()?[a..b];
+    match bias_span {
+        None => f(w, None).map(Some),
+        Some((ba, bb)) => {
+            let (bst, _) = biases[0].storage_and_layout();
+            let Storage::Cpu(bc) = &*bst else { return Ok(None) };
+            f(w, Some(&bc.as_slice::<T>()?[ba..bb])).map(Some)
+        }
+    }
+}
+
+/// Lays out the weights (and biases) of frozen layers that read the same input (q/k/v, gate/up)
+/// as consecutive rows of one buffer, each layer keeping a view of its own rows, so that their
+/// products run as one: the input is packed for the matrix product once instead of once per
+/// layer, and the input gradient is one product instead of a sum of several. Layers the
+/// kernels do not read in place (other formats, trained weights, another device) are left as
+/// they are.
+pub fn share_storage(ls: &mut [&mut Linear]) -> Result<()> {
+    let Some(first) = ls.first() else { return Ok(()) };
+    let Some(w0) = first.weight.tensor() else { return Ok(()) };
+    let (dtype, k) = (w0.dtype(), w0.dims2()?.1);
+    let plain = |t: &Tensor| t.device().is_cpu() && t.dtype() == dtype && t.is_contiguous() && !t.is_variable();
+    let dense = ls.iter().all(|l| {
+        l.weight.dense_as(dtype).is_some_and(|t| plain(t) && t.dims2().is_ok_and(|(_, c)| c == k))
+            && matches!(dtype, DType::F32 | DType::F64)
+    });
+    let with_bias = ls.iter().filter(|l| l.bias.is_some()).count();
+    let biases_fit = with_bias == 0
+        || (with_bias == ls.len() && ls.iter().all(|l| l.bias.as_ref().is_some_and(|b| plain(b) && b.rank() == 1)));
+    if !dense || !biases_fit || ls.len() < 2 {
+        return Ok(());
+    }
+    let ws: Vec<Tensor> = ls.iter().map(|l| l.weight.tensor().expect("dense").clone()).collect();
+    let joint_w = Tensor::cat(&ws, 0)?;
+    let joint_b = if with_bias > 0 {
+        let bs: Vec<Tensor> = ls.iter().map(|l| l.bias.clone().expect("every layer has a bias")).collect();
+        Some(Tensor::cat(&bs, 0)?)
+    } else {
+        None
+    };
+    let mut row = 0;
+    for l in ls.iter_mut() {
+        let n = l.out_features();
+        l.weight = Weight::Dense(joint_w.narrow(0, row, n)?);
+        if let Some(b) = &joint_b {
+            l.bias = Some(b.narrow(0, row, n)?);
+        }
+        row += n;
+    }
+    Ok(())
+}
+
+/// `x [W₁; W₂; …]ᵀ (+ [b₁; b₂; …])`: `[m, Σ nᵢ]` for layers reading the same input `x [m, k]`,
+/// as one product when their weights share storage, else layer by layer.
+pub(crate) fn linear_rows_cat<T: Real>(ls: &[&Linear], x: &[T], m: usize) -> Result<Vec<T>> {
+    let k = ls.first().map_or(0, |l| l.in_features());
+    let total: usize = ls.iter().map(|l| l.out_features()).sum();
+    if let Some(y) = joint::<T, _>(ls, |w, b| Ok(linear_fwd(x, w, b, m, k, total)))? {
+        return Ok(y);
+    }
+    let mut y = vec![T::zero(); m * total];
+    let mut col = 0;
+    for l in ls {
+        let n = l.out_features();
+        let part = linear_rows(l, x, m)?;
+        for (dst, src) in y.chunks_mut(total).zip(part.chunks(n)) {
+            dst[col..col + n].copy_from_slice(src);
+        }
+        col += n;
+    }
+    Ok(y)
+}
+
+/// `dst (+)= dy [W₁; W₂; …]` for `dy [m, Σ nᵢ]`: the input gradient of layers that read the
+/// same input, as one product when their weights share storage.
+pub(crate) fn linear_input_grad_cat<T: Real>(
+    ls: &[&Linear],
+    dy: &[T],
+    m: usize,
+    dst: &mut [T],
+    accumulate: bool,
+) -> Result<()> {
+    let k = ls.first().map_or(0, |l| l.in_features());
+    let total: usize = ls.iter().map(|l| l.out_features()).sum();
+    if dy.len() < m * total || dst.len() < m * k {
+        bail!(
+            "linear: input gradient buffers of {} and {} elements do not fit [{m}, {total}] · [{total}, {k}]",
+            dy.len(),
+            dst.len()
+        )
+    }
+    let one_product = |w: &[T], _: Option<&[T]>| {
+        dense_input_grad(w, dy, m, total, k, dst, accumulate);
+        Ok(())
+    };
+    if joint::<T, _>(ls, one_product)?.is_some() {
+        return Ok(());
+    }
+    let mut col = 0;
+    for (i, l) in ls.iter().enumerate() {
+        let n = l.out_features();
+        let part: Vec<T> = dy.chunks(total).take(m).flat_map(|r| r[col..col + n].iter().copied()).collect();
+        linear_input_grad(l, &part, m, dst, accumulate || i > 0)?;
+        col += n;
+    }
+    Ok(())
 }
 
 /// `dst (+)= dy · W` for a weight held in another format, a tile of rows of W at a time.
@@ -438,5 +598,81 @@ impl Linear {
                 super::generic::linear(x, &self.weight, self.bias.as_ref())
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn layers(fmt: super::super::WeightFormat, bias: bool) -> Vec<Linear> {
+        [(12, 1), (8, 2), (8, 3)]
+            .into_iter()
+            .map(|(n, seed)| {
+                let t = Tensor::randn(0f32, 1.0, (n, 64), &Device::Cpu).unwrap();
+                let b = bias.then(|| Tensor::full(seed as f32, n, &Device::Cpu).unwrap());
+                Linear::new(Weight::convert(t, fmt).unwrap(), b)
+            })
+            .collect()
+    }
+
+    /// `[m, Σn]` of the layers one by one.
+    fn one_by_one(ls: &[&Linear], x: &[f32], m: usize) -> Vec<Vec<f32>> {
+        ls.iter().map(|l| linear_rows(l, x, m).unwrap()).collect()
+    }
+
+    #[test]
+    fn shared_layers_run_as_one_product_with_the_same_results() {
+        use super::super::WeightFormat as F;
+        let m = 40;
+        let x: Vec<f32> = (0..m * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let dy: Vec<f32> = (0..m * 28).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+        for (fmt, bias, share, joint_expected) in [
+            (F::F32, false, true, true),
+            (F::F32, true, true, true),
+            (F::F32, true, false, false),
+            (F::Bf16, false, true, false),
+            (F::Q8_0, true, true, false),
+        ] {
+            let mut ls = layers(fmt, bias);
+            let want = {
+                let refs: Vec<&Linear> = ls.iter().collect();
+                one_by_one(&refs, &x, m)
+            };
+            if share {
+                let mut muts: Vec<&mut Linear> = ls.iter_mut().collect();
+                share_storage(&mut muts).unwrap();
+            }
+            let refs: Vec<&Linear> = ls.iter().collect();
+            let is_joint = joint::<f32, _>(&refs, |_, _| Ok(())).unwrap().is_some();
+            assert_eq!(is_joint, joint_expected, "{fmt} bias={bias} share={share}");
+            let got = linear_rows_cat(&refs, &x, m).unwrap();
+            let mut col = 0;
+            for w in &want {
+                let n = w.len() / m;
+                for i in 0..m {
+                    for j in 0..n {
+                        let (g, e) = (got[i * 28 + col + j], w[i * n + j]);
+                        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{fmt}: y[{i}, {}] {g} vs {e}", col + j);
+                    }
+                }
+                col += n;
+            }
+            // The input gradient: one product, or the sum of the layers' own.
+            let mut dx = vec![0f32; m * 64];
+            linear_input_grad_cat(&refs, &dy, m, &mut dx, false).unwrap();
+            let mut want_dx = vec![0f32; m * 64];
+            let mut col = 0;
+            for (i, l) in refs.iter().enumerate() {
+                let n = l.out_features();
+                let part: Vec<f32> = dy.chunks(28).flat_map(|r| r[col..col + n].to_vec()).collect();
+                linear_input_grad(l, &part, m, &mut want_dx, i > 0).unwrap();
+                col += n;
+            }
+            for (g, e) in dx.iter().zip(&want_dx) {
+                assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{fmt}: dx {g} vs {e}");
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! matrix products and one elementwise sweep, with no graph nodes in between: the backward
 //! forms the input gradient only, and no intermediate gradient is accumulated through candle.
 
-use super::linear::{linear_input_grad, linear_rows};
+use super::linear::{linear_input_grad, linear_input_grad_cat, linear_rows, linear_rows_cat};
 use super::{Activation, Linear, Real, cpu_slice, dispatch, fast_path, with_slice};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, bail};
@@ -22,8 +22,8 @@ pub struct FrozenMlp {
 }
 
 enum Saved {
-    F32(Vec<f32>, Vec<f32>),
-    F64(Vec<f64>, Vec<f64>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
 }
 
 struct MlpOp {
@@ -32,73 +32,72 @@ struct MlpOp {
     saved: Mutex<Option<Saved>>,
 }
 
-/// (h1, h2, y) for rows `x [m, d]`.
-fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+impl FrozenMlp {
+    /// The layers that read the block's input: w1, and w2 when gated.
+    fn inputs(&self) -> Vec<&Linear> {
+        std::iter::once(&self.w1).chain(&self.w2).collect()
+    }
+}
+
+/// (h, y) for rows `x [m, d]`: `h [m, inter]` is x W1ᵀ, or `[m, 2·inter]` with x W2ᵀ beside it
+/// when gated (one product when the two weights share storage).
+fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>)> {
     let p = &op.mlp;
     let inter = p.w1.out_features();
-    let h1 = linear_rows(&p.w1, x, m)?;
-    let h2 = match &p.w2 {
-        Some(l) => linear_rows(l, x, m)?,
-        None => Vec::new(),
-    };
+    let h = linear_rows_cat(&p.inputs(), x, m)?;
+    let gated = p.w2.is_some();
+    let width = if gated { 2 * inter } else { inter };
     let mut a = vec![T::zero(); m * inter];
     let act = p.act;
-    let gated = !h2.is_empty();
-    a.par_chunks_mut(inter).enumerate().with_min_len(super::min_rows(inter)).for_each(|(r, ar)| {
-        let g = &h1[r * inter..(r + 1) * inter];
+    a.par_chunks_mut(inter).zip(h.par_chunks(width)).with_min_len(super::min_rows(inter)).for_each(|(ar, hr)| {
         if gated {
-            let u = &h2[r * inter..(r + 1) * inter];
+            let (g, u) = hr.split_at(inter);
             for j in 0..inter {
                 ar[j] = act.f(g[j]) * u[j];
             }
         } else {
             for j in 0..inter {
-                ar[j] = act.f(g[j]);
+                ar[j] = act.f(hr[j]);
             }
         }
     });
     let y = linear_rows(&p.down, &a, m)?;
-    Ok((h1, h2, y))
+    Ok((h, y))
 }
 
-/// dx from dy, given the saved pre-activations.
-fn bwd<T: Real>(op: &MlpOp, h1: &[T], h2: &[T], dy: &[T], m: usize) -> Result<Vec<T>> {
+/// dx from dy, given the saved pre-activations `h`.
+fn bwd<T: Real>(op: &MlpOp, h: &[T], dy: &[T], m: usize) -> Result<Vec<T>> {
     let p = &op.mlp;
     let (inter, d) = p.w1.weight.dims2()?;
     // da = dy · Wd   ([m, d] · [d, inter])
     let mut da = vec![T::zero(); m * inter];
     linear_input_grad(&p.down, dy, m, &mut da, false)?;
-    let gated = !h2.is_empty();
     let act = p.act;
-    let mut dh2 = if gated { vec![T::zero(); m * inter] } else { Vec::new() };
-    // da becomes dh1 in place.
-    if gated {
-        da.par_chunks_mut(inter)
-            .zip(dh2.par_chunks_mut(inter))
-            .enumerate()
-            .with_min_len(super::min_rows(inter))
-            .for_each(|(r, (a, b))| {
-                let (g, u) = (&h1[r * inter..(r + 1) * inter], &h2[r * inter..(r + 1) * inter]);
+    let width = if p.w2.is_some() { 2 * inter } else { inter };
+    // dh = [dh1 dh2] per row (dh1 alone when not gated), laid out like h.
+    let mut dh = vec![T::zero(); m * width];
+    dh.par_chunks_mut(width)
+        .zip(h.par_chunks(width))
+        .zip(da.par_chunks(inter))
+        .with_min_len(super::min_rows(inter))
+        .for_each(|((dr, hr), a)| {
+            if width > inter {
+                let (g, u) = hr.split_at(inter);
+                let (d1, d2) = dr.split_at_mut(inter);
                 for j in 0..inter {
-                    let dv = a[j];
-                    b[j] = dv * act.f(g[j]);
-                    a[j] = dv * u[j] * act.df(g[j]);
+                    d2[j] = a[j] * act.f(g[j]);
+                    d1[j] = a[j] * u[j] * act.df(g[j]);
                 }
-            });
-    } else {
-        da.par_chunks_mut(inter).enumerate().with_min_len(super::min_rows(inter)).for_each(|(r, a)| {
-            let g = &h1[r * inter..(r + 1) * inter];
-            for j in 0..inter {
-                a[j] *= act.df(g[j]);
+            } else {
+                for j in 0..inter {
+                    dr[j] = a[j] * act.df(hr[j]);
+                }
             }
         });
-    }
-    // dx = dh1 · W1 (+ dh2 · W2)   ([m, inter] · [inter, d])
+    drop(da);
+    // dx = [dh1 dh2] [W1; W2]   ([m, width] · [width, d])
     let mut dx = vec![T::zero(); m * d];
-    linear_input_grad(&p.w1, &da, m, &mut dx, false)?;
-    if let Some(l) = &p.w2 {
-        linear_input_grad(l, &dh2, m, &mut dx, true)?;
-    }
+    linear_input_grad_cat(&p.inputs(), &dh, m, &mut dx, false)?;
     Ok(dx)
 }
 
@@ -111,16 +110,16 @@ impl CustomOp1 for MlpOp {
         let m = l.shape().elem_count() / d;
         let out = match s.dtype() {
             DType::F32 => {
-                let (h1, h2, y) = fwd::<f32>(self, cpu_slice(s, l)?, m)?;
+                let (h, y) = fwd::<f32>(self, cpu_slice(s, l)?, m)?;
                 if self.keep {
-                    *self.saved.lock().unwrap() = Some(Saved::F32(h1, h2));
+                    *self.saved.lock().unwrap() = Some(Saved::F32(h));
                 }
                 f32::to_cpu_storage_owned(y)
             }
             DType::F64 => {
-                let (h1, h2, y) = fwd::<f64>(self, cpu_slice(s, l)?, m)?;
+                let (h, y) = fwd::<f64>(self, cpu_slice(s, l)?, m)?;
                 if self.keep {
-                    *self.saved.lock().unwrap() = Some(Saved::F64(h1, h2));
+                    *self.saved.lock().unwrap() = Some(Saved::F64(h));
                 }
                 f64::to_cpu_storage_owned(y)
             }
@@ -134,12 +133,12 @@ impl CustomOp1 for MlpOp {
         // Kept (not taken) so that a graph can be differentiated more than once.
         let saved = self.saved.lock().unwrap();
         let dx = match (x.dtype(), saved.as_ref()) {
-            (DType::F32, Some(Saved::F32(h1, h2))) => {
-                let v = with_slice::<f32, _>(dy, |g| bwd(self, h1, h2, g, m))?;
+            (DType::F32, Some(Saved::F32(h))) => {
+                let v = with_slice::<f32, _>(dy, |g| bwd(self, h, g, m))?;
                 Tensor::from_vec(v, x.dims(), x.device())?
             }
-            (DType::F64, Some(Saved::F64(h1, h2))) => {
-                let v = with_slice::<f64, _>(dy, |g| bwd(self, h1, h2, g, m))?;
+            (DType::F64, Some(Saved::F64(h))) => {
+                let v = with_slice::<f64, _>(dy, |g| bwd(self, h, g, m))?;
                 Tensor::from_vec(v, x.dims(), x.device())?
             }
             (dt, _) => bail!("mlp backward: no saved activations for dtype {dt:?}"),
@@ -149,6 +148,15 @@ impl CustomOp1 for MlpOp {
 }
 
 impl FrozenMlp {
+    /// The gate and up weights as views of one buffer, so that the fused op runs their
+    /// products as one.
+    pub fn share_storage(mut self) -> Result<Self> {
+        if let Some(w2) = &mut self.w2 {
+            super::linear::share_storage(&mut [&mut self.w1, w2])?;
+        }
+        Ok(self)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let plain = |l: &Linear| l.kernel_ready();
         let fusable = fast_path(x)
