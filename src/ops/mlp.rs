@@ -52,9 +52,7 @@ fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>)> {
     a.par_chunks_mut(inter).zip(h.par_chunks(width)).with_min_len(super::min_rows(inter)).for_each(|(ar, hr)| {
         if gated {
             let (g, u) = hr.split_at(inter);
-            for j in 0..inter {
-                ar[j] = act.f(g[j]) * u[j];
-            }
+            act.gated_rows(g, u, ar);
         } else {
             for j in 0..inter {
                 ar[j] = act.f(hr[j]);
@@ -84,10 +82,7 @@ fn bwd<T: Real>(op: &MlpOp, h: &[T], dy: &[T], m: usize) -> Result<Vec<T>> {
             if width > inter {
                 let (g, u) = hr.split_at(inter);
                 let (d1, d2) = dr.split_at_mut(inter);
-                for j in 0..inter {
-                    d2[j] = a[j] * act.f(g[j]);
-                    d1[j] = a[j] * u[j] * act.df(g[j]);
-                }
+                act.gated_grad_rows(g, u, a, d1, d2);
             } else {
                 for j in 0..inter {
                     dr[j] = a[j] * act.df(hr[j]);
