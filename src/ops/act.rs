@@ -37,14 +37,14 @@ impl Activation {
         let one = T::one();
         let half = T::from(0.5).unwrap();
         match self {
-            Self::Silu => x / (one + (-x).exp_act()),
+            Self::Silu => x / (one + (-x).fast_exp()),
             Self::Gelu => half * x * (one + (x / T::from(std::f64::consts::SQRT_2).unwrap()).erf()),
             Self::GeluTanh => {
                 let c = T::from(0.7978845608028654).unwrap();
                 let k = T::from(0.044715).unwrap();
                 half * x * (one + (c * (x + k * x * x * x)).tanh())
             }
-            Self::QuickGelu => x / (one + (-(T::from(1.702).unwrap()) * x).exp_act()),
+            Self::QuickGelu => x / (one + (-(T::from(1.702).unwrap()) * x).fast_exp()),
             Self::Relu => super::fmax(x, T::zero()),
         }
     }
@@ -55,7 +55,7 @@ impl Activation {
         let half = T::from(0.5).unwrap();
         match self {
             Self::Silu => {
-                let s = one / (one + (-x).exp_act());
+                let s = one / (one + (-x).fast_exp());
                 s * (one + x * (one - s))
             }
             Self::Gelu => {
@@ -71,7 +71,7 @@ impl Activation {
             }
             Self::QuickGelu => {
                 let a = T::from(1.702).unwrap();
-                let s = one / (one + (-a * x).exp_act());
+                let s = one / (one + (-a * x).fast_exp());
                 s * (one + a * x * (one - s))
             }
             Self::Relu => {
@@ -91,7 +91,7 @@ impl Activation {
             Self::Silu => {
                 let one = T::one();
                 for ((o, &x), &v) in out.iter_mut().zip(g).zip(u) {
-                    *o = x / (one + (-x).exp_act()) * v;
+                    *o = x / (one + (-x).fast_exp()) * v;
                 }
             }
             a => {
@@ -112,7 +112,7 @@ impl Activation {
                 let one = T::one();
                 for i in 0..n {
                     let x = g[i];
-                    let s = one / (one + (-x).exp_act());
+                    let s = one / (one + (-x).fast_exp());
                     du[i] = d[i] * x * s;
                     dg[i] = d[i] * u[i] * s * (one + x * (one - s));
                 }
@@ -123,6 +123,43 @@ impl Activation {
                     dg[i] = d[i] * u[i] * a.df(g[i]);
                 }
             }
+        }
+    }
+
+    /// `s · act(a) ∘ mask` (the memory branch's weights), with the activation and the mask
+    /// chosen once outside the loop so that it vectorises.
+    pub(crate) fn scaled<T: Real>(self, a: &[T], mask: Option<&[T]>, s: T) -> Vec<T> {
+        fn go<T: Real>(a: &[T], mask: Option<&[T]>, s: T, f: impl Fn(T) -> T) -> Vec<T> {
+            match mask {
+                Some(mk) => a.iter().zip(mk).map(|(&x, &w)| s * f(x) * w).collect(),
+                None => a.iter().map(|&x| s * f(x)).collect(),
+            }
+        }
+        match self {
+            Self::Silu => go(a, mask, s, |x| Self::Silu.f(x)),
+            act => go(a, mask, s, move |x| act.f(x)),
+        }
+    }
+
+    /// `da ← da · s · mask ∘ act'(a)` (the memory branch's backward through its weights).
+    pub(crate) fn scale_grad<T: Real>(self, a: &[T], mask: Option<&[T]>, s: T, da: &mut [T]) {
+        fn go<T: Real>(a: &[T], mask: Option<&[T]>, s: T, da: &mut [T], df: impl Fn(T) -> T) {
+            match mask {
+                Some(mk) => {
+                    for ((d, &x), &w) in da.iter_mut().zip(a).zip(mk) {
+                        *d = *d * s * w * df(x);
+                    }
+                }
+                None => {
+                    for (d, &x) in da.iter_mut().zip(a) {
+                        *d = *d * s * df(x);
+                    }
+                }
+            }
+        }
+        match self {
+            Self::Silu => go(a, mask, s, da, |x| Self::Silu.df(x)),
+            act => go(a, mask, s, da, move |x| act.df(x)),
         }
     }
 
@@ -255,9 +292,10 @@ pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// e^x in f32 as inline arithmetic (Cephes' `expf`: x = n ln 2 + r with ln 2 in two parts, a
 /// degree-6 polynomial in r, 2^n put into the exponent bits), so that loops over activations
-/// vectorise instead of calling libm per element. Within 2 ulp of libm's `expf` on
-/// [-87.3, 88.3]; inputs are clamped to that range (e^x is then about 1e-38 below it and 2e38
-/// above it, which SiLU, GELU's sigmoid form and their derivatives turn into the same limits).
+/// and softmax rows vectorise instead of calling libm per element. Within 2 ulp of libm's
+/// `expf` on [-87.3, 88.3]; 0 below (where libm's result is subnormal or 0, and where a masked
+/// score of -inf must give exactly 0), about 2e38 above (SiLU and sigmoids then reach the same
+/// limits as with libm's inf); NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -265,6 +303,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer without a call.
     const ROUND: f32 = 12_582_912.0;
+    let below = x < -87.3;
     let x = x.clamp(-87.3, 88.3);
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
@@ -280,7 +319,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // the shifted sum's low mantissa bits (ROUND + n is exact: its ulp is 1), integer work that
     // vectorises where a float-to-int cast would not.
     let biased = shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
-    y * f32::from_bits(biased << 23)
+    let e = y * f32::from_bits(biased << 23);
+    if below { 0.0 } else { e }
 }
 
 #[cfg(test)]
@@ -299,7 +339,9 @@ mod tests {
         }
         assert!(worst <= 2.0, "worst {worst} ulp");
         assert_eq!(exp_f32(0.0), 1.0);
-        assert!(exp_f32(-1000.0) < 1e-37 && exp_f32(-1000.0) >= 0.0);
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
         assert!(exp_f32(1000.0) > 1e38 && exp_f32(1000.0).is_finite());
     }
 

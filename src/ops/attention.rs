@@ -214,7 +214,7 @@ pub(crate) fn attn_fwd<T: Real>(
                     continue;
                 }
                 for x in row.iter_mut() {
-                    *x = (*x - max).exp();
+                    *x = (*x - max).fast_exp();
                 }
                 let sum = super::row_sum(row);
                 let inv = T::one() / sum;

@@ -127,11 +127,7 @@ fn fwd<T: Real>(op: &MemoryOp, u: &[T], k: &[T], v: &[T], mask: Option<&[T]>, g:
 
 /// `Z = s · act(A) ∘ mask` for one sample: what multiplies V, in the forward and in dV.
 fn weights<T: Real>(op: &MemoryOp, a: &[T], mask: Option<&[T]>) -> Vec<T> {
-    let s = T::from(op.scale).unwrap();
-    match mask {
-        Some(mk) => a.iter().zip(mk).map(|(&x, &w)| s * op.act.f(x) * w).collect(),
-        None => a.iter().map(|&x| s * op.act.f(x)).collect(),
-    }
+    op.act.scaled(a, mask, T::from(op.scale).unwrap())
 }
 
 type Grads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
@@ -199,10 +195,7 @@ fn bwd<T: Real>(
         // dA = s · (dY Vᵀ) ∘ mask ∘ act'(A)
         let mut da = vec![T::zero(); t * m];
         gemm_strided(t, m, d, da.as_mut_ptr(), m as isize, 1, false, dyb, d as isize, 1, vb, 1, d as isize, th);
-        for j in 0..t * m {
-            let mk = mask.map(|mk| mk[bi * t * m + j]).unwrap_or(T::one());
-            da[j] = da[j] * s * mk * op.act.df(ar[j]);
-        }
+        op.act.scale_grad(ar, mask.map(|mk| &mk[bi * t * m..(bi + 1) * t * m]), s, &mut da);
         // du = dA K, dK = dAᵀ u
         if let Some(p) = dup {
             gemm_strided(

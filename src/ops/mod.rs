@@ -42,16 +42,16 @@ use candle_core::{
 /// Floating types the CPU kernels are written for: f32 for work, f64 for gradient checks.
 pub(crate) trait Real: WithDType + num_traits::Float + skinny::Stored {
     fn erf(self) -> Self;
-    /// e^x for the activations: inline arithmetic in f32 (loops over it vectorise), libm's
-    /// in f64 (the gradient checks).
-    fn exp_act(self) -> Self;
+    /// e^x in the element-wise loops (activations, softmax): inline arithmetic in f32 (loops
+    /// over it vectorise), libm's in f64 (the gradient checks).
+    fn fast_exp(self) -> Self;
 }
 impl Real for f32 {
     fn erf(self) -> Self {
         candle_core::cpu::erf::erf_f32(self)
     }
     #[inline(always)]
-    fn exp_act(self) -> Self {
+    fn fast_exp(self) -> Self {
         act::exp_f32(self)
     }
 }
@@ -60,7 +60,7 @@ impl Real for f64 {
         candle_core::cpu::erf::erf_f64(self)
     }
     #[inline(always)]
-    fn exp_act(self) -> Self {
+    fn fast_exp(self) -> Self {
         self.exp()
     }
 }

@@ -11,7 +11,7 @@ pub(crate) fn softmax_rows<T: Real>(x: &[T], y: &mut [T], n: usize) {
     y.par_chunks_mut(n).zip(x.par_chunks(n)).with_min_len(super::min_rows(n)).for_each(|(yr, xr)| {
         let max = super::row_max(xr);
         for (o, &v) in yr.iter_mut().zip(xr) {
-            *o = (v - max).exp();
+            *o = (v - max).fast_exp();
         }
         let sum = super::row_sum(yr);
         let inv = T::one() / sum;
