@@ -98,6 +98,15 @@ pub fn beam_search(
     opts: &BeamOptions,
     eos: &[u32],
 ) -> Result<BeamOutput> {
+    crate::ops::keep_warm(|| beam_search_cold(stepper, first, opts, eos))
+}
+
+fn beam_search_cold(
+    stepper: &mut dyn BeamStepper,
+    first: &Tensor,
+    opts: &BeamOptions,
+    eos: &[u32],
+) -> Result<BeamOutput> {
     let nb = opts.num_beams;
     if nb == 0 {
         bail!("beam search needs num_beams >= 1")

@@ -108,6 +108,10 @@ pub struct Finished {
 /// row's output does not depend on the other rows of the batch. A finished row keeps being fed
 /// its last token until the whole batch is done (its outputs are ignored).
 pub fn decode(stepper: &mut dyn Stepper, first: &Tensor, seqs: &[Sequence]) -> Result<Vec<Finished>> {
+    crate::ops::keep_warm(|| decode_cold(stepper, first, seqs))
+}
+
+fn decode_cold(stepper: &mut dyn Stepper, first: &Tensor, seqs: &[Sequence]) -> Result<Vec<Finished>> {
     let mut logits = rows(first)?;
     let n = logits.len();
     if n != seqs.len() {

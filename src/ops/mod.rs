@@ -175,6 +175,58 @@ pub(crate) fn num_threads() -> usize {
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
+/// Runs `f` with the pool's other workers spinning for work instead of sleeping.
+///
+/// A training step alternates parallel kernels with short serial stretches (candle's graph
+/// bookkeeping, small ops). In those stretches rayon puts idle workers to sleep after a few
+/// dozen yields, and waking one for the next kernel costs 50-140 µs on a 2-vCPU VM (measured
+/// per fork-join: 1,000 µs halves took 1,070-1,130 µs, 1,003-1,013 µs with the workers kept
+/// awake) -- a few hundred times per step. OpenMP, under PyTorch, spins the same way. Each
+/// other worker runs a job that takes the pool's pending work as it appears
+/// ([`rayon::yield_now`]) until `f` returns. Outside a pool worker, with one thread, inside
+/// another `keep_warm`, or with `MEMVP_KEEP_WARM=0`, it just runs `f`.
+/// Workers spinning in [`keep_warm`] now.
+static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+pub fn keep_warm<R>(f: impl FnOnce() -> R) -> R {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("MEMVP_KEEP_WARM").map_or(true, |v| v != "0"));
+    let Some(me) = rayon::current_thread_index() else { return f() };
+    if !on || rayon::current_num_threads() < 2 || ACTIVE.swap(true, Ordering::AcqRel) {
+        return f();
+    }
+    /// Ends the spinning however `f` leaves (a panic included).
+    struct Stop(Arc<AtomicBool>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+            ACTIVE.store(false, Ordering::Release);
+        }
+    }
+    let stop = Stop(Arc::new(AtomicBool::new(false)));
+    for _ in 1..rayon::current_num_threads() {
+        let stop = stop.0.clone();
+        rayon::spawn(move || {
+            // The calling thread may pop this job itself while it waits on a kernel: it must
+            // not spin there, or it would not return to its own work until `f` ended.
+            if rayon::current_thread_index() == Some(me) {
+                return;
+            }
+            SPINNING.fetch_add(1, Ordering::AcqRel);
+            while !stop.load(Ordering::Acquire) {
+                if let Some(rayon::Yield::Idle) | None = rayon::yield_now() {
+                    std::hint::spin_loop();
+                }
+            }
+            SPINNING.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+    f()
+}
+
 /// Largest element (NaNs ignored; -inf for an empty row). Eight independent lanes so the
 /// compiler can vectorise: a single running `max` is one long dependency chain.
 #[inline]
@@ -416,4 +468,53 @@ pub(crate) fn fmax<T: Real>(a: T, b: T) -> T {
 #[inline]
 pub(crate) fn min_rows(row_len: usize) -> usize {
     ((1usize << 14) / row_len.max(1)).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SPINNING, keep_warm};
+    use rayon::prelude::*;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    fn until(what: &str, cond: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < Duration::from_secs(10), "{what}: not within 10 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The other worker spins while `f` runs, takes part in its kernels, and stops when `f`
+    /// returns or panics; nested and repeated calls work.
+    #[test]
+    fn keep_warm_spins_only_while_its_closure_runs() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            for round in 0..3 {
+                let sum = keep_warm(|| {
+                    until("a worker spinning", || SPINNING.load(Ordering::Acquire) == 1);
+                    let inner = keep_warm(|| (0..10_000usize).into_par_iter().with_max_len(100).sum::<usize>());
+                    let threads: std::collections::HashSet<_> = (0..64)
+                        .into_par_iter()
+                        .with_max_len(1)
+                        .map(|_| {
+                            std::thread::sleep(Duration::from_millis(1));
+                            rayon::current_thread_index()
+                        })
+                        .collect();
+                    assert_eq!(threads.len(), 2, "round {round}: kernels ran on {threads:?}");
+                    inner + round
+                });
+                assert_eq!(sum, 49_995_000 + round);
+                until("the spinning to stop", || SPINNING.load(Ordering::Acquire) == 0);
+            }
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keep_warm(|| panic!("inside"))));
+            assert!(r.is_err());
+            until("the spinning to stop after a panic", || SPINNING.load(Ordering::Acquire) == 0);
+            keep_warm(|| until("a worker spinning again", || SPINNING.load(Ordering::Acquire) == 1));
+        });
+        // Outside a pool worker it only runs the closure.
+        assert_eq!(keep_warm(|| SPINNING.load(Ordering::Acquire)), 0);
+    }
 }

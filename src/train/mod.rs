@@ -341,6 +341,10 @@ impl<'a, T: Task> Trainer<'a, T> {
     /// One optimizer step over `accum_steps` micro-batches (fewer at the end of an epoch),
     /// spread over the job's ranks; `None` when the run is complete.
     pub fn step(&mut self) -> Result<Option<StepRecord>> {
+        crate::ops::keep_warm(|| self.step_cold())
+    }
+
+    fn step_cold(&mut self) -> Result<Option<StepRecord>> {
         let accum = self.s.accum_steps.max(1);
         loop {
             if self.is_done() {
