@@ -183,7 +183,7 @@ pub(crate) fn num_threads() -> usize {
 /// per fork-join: 1,000 µs halves took 1,070-1,130 µs, 1,003-1,013 µs with the workers kept
 /// awake) -- a few hundred times per step. OpenMP, under PyTorch, spins the same way. Each
 /// other worker runs a job that takes the pool's pending work as it appears
-/// ([`rayon::yield_now`]) until `f` returns. Outside a pool worker, with one thread, inside
+/// ([`rayon::yield_now`]), yielding its core to the OS between looks, until `f` returns. Outside a pool worker, with one thread, inside
 /// another `keep_warm`, or with `MEMVP_KEEP_WARM=0`, it just runs `f`.
 /// Workers spinning in [`keep_warm`] now.
 static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -218,7 +218,8 @@ pub fn keep_warm<R>(f: impl FnOnce() -> R) -> R {
             SPINNING.fetch_add(1, Ordering::AcqRel);
             while !stop.load(Ordering::Acquire) {
                 if let Some(rayon::Yield::Idle) | None = rayon::yield_now() {
-                    std::hint::spin_loop();
+                    // Lets any other runnable thread of the machine have the core meanwhile.
+                    std::thread::yield_now();
                 }
             }
             SPINNING.fetch_sub(1, Ordering::AcqRel);
