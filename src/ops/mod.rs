@@ -175,6 +175,9 @@ pub(crate) fn num_threads() -> usize {
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
+/// Workers spinning in [`keep_warm`] now.
+static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Runs `f` with the pool's other workers spinning for work instead of sleeping.
 ///
 /// A training step alternates parallel kernels with short serial stretches (candle's graph
@@ -183,11 +186,9 @@ pub(crate) fn num_threads() -> usize {
 /// per fork-join: 1,000 µs halves took 1,070-1,130 µs, 1,003-1,013 µs with the workers kept
 /// awake) -- a few hundred times per step. OpenMP, under PyTorch, spins the same way. Each
 /// other worker runs a job that takes the pool's pending work as it appears
-/// ([`rayon::yield_now`]), yielding its core to the OS between looks, until `f` returns. Outside a pool worker, with one thread, inside
-/// another `keep_warm`, or with `MEMVP_KEEP_WARM=0`, it just runs `f`.
-/// Workers spinning in [`keep_warm`] now.
-static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
+/// ([`rayon::yield_now`]), yielding its core to the OS between looks, until `f` returns.
+/// Outside a pool worker, with one thread, inside another `keep_warm`, or with
+/// `MEMVP_KEEP_WARM=0`, it just runs `f`.
 pub fn keep_warm<R>(f: impl FnOnce() -> R) -> R {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
