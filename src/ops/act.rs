@@ -126,8 +126,9 @@ impl Activation {
         }
     }
 
-    /// `s · act(a) ∘ mask` (the memory branch's weights), with the activation and the mask
-    /// chosen once outside the loop so that it vectorises.
+    /// `s · act(a) ∘ mask` (the memory branch's weights), with the mask chosen once outside
+    /// the loop, and SiLU (MemVP's activation) given a loop of its own that vectorises; the
+    /// others match per element, as in [`Activation::f`].
     pub(crate) fn scaled<T: Real>(self, a: &[T], mask: Option<&[T]>, s: T) -> Vec<T> {
         fn go<T: Real>(a: &[T], mask: Option<&[T]>, s: T, f: impl Fn(T) -> T) -> Vec<T> {
             match mask {

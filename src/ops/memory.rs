@@ -167,11 +167,12 @@ fn bwd<T: Real>(
     // per_sample and overlap no input.
     per_sample(b, |bi, th| unsafe {
         let ar = &a[bi * t * m..(bi + 1) * t * m];
+        let mkb = mask.map(|mk| &mk[bi * t * m..(bi + 1) * t * m]);
         let dyb = dy.as_ptr().add(bi * t * d);
         let (ub, kb, vb) = (u.as_ptr().add(bi * t * d), k.as_ptr().add(bi * m * d), v.as_ptr().add(bi * m * d));
         // dV = Zᵀ dY with Z = s · act(A) ∘ mask
         if let Some(p) = dvp {
-            let z = weights(op, ar, mask.map(|mk| &mk[bi * t * m..(bi + 1) * t * m]));
+            let z = weights(op, ar, mkb);
             gemm_strided(
                 m,
                 d,
@@ -195,7 +196,7 @@ fn bwd<T: Real>(
         // dA = s · (dY Vᵀ) ∘ mask ∘ act'(A)
         let mut da = vec![T::zero(); t * m];
         gemm_strided(t, m, d, da.as_mut_ptr(), m as isize, 1, false, dyb, d as isize, 1, vb, 1, d as isize, th);
-        op.act.scale_grad(ar, mask.map(|mk| &mk[bi * t * m..(bi + 1) * t * m]), s, &mut da);
+        op.act.scale_grad(ar, mkb, s, &mut da);
         // du = dA K, dK = dAᵀ u
         if let Some(p) = dup {
             gemm_strided(
