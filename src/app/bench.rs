@@ -84,6 +84,10 @@ pub struct BenchArgs {
     /// Skip the backward/forward-ratio measurement.
     #[arg(long)]
     pub skip_fwd_bwd: bool,
+    /// Also time each matrix product of the memory-space method's step alone, through memvp's
+    /// gemm: the efficiency a step doing nothing else would reach, the bound for the step's own.
+    #[arg(long)]
+    pub products: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -236,7 +240,7 @@ pub fn matmul_peak_gflops() -> Result<f64> {
 /// FLOPs of one training step and one prefill, counted from the shapes (multiply-add = 2).
 /// Backward counts what the implementation computes: input gradients through frozen layers
 /// from the first trained tensor on, both operand gradients for trained or activation products.
-fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
+pub(super) fn count_flops(vlm: &Vlm, b: usize, t: usize, answer: usize) -> (f64, f64) {
     let Some(m) = vlm.lm().llama() else { return (f64::NAN, f64::NAN) };
     let c = &m.cfg;
     let (d, i, h, kv, hd, l, v) = (
@@ -579,6 +583,23 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
             "candle_matmul_linears": {"forward_ms": fc, "backward_ms": bc, "backward_over_forward": bc / fc},
         })
     };
+    let products = if a.products {
+        let ps = super::products::memory_space_products(&vlms[0], a.batch_size, a.text_tokens, a.answer_tokens)
+            .context("--products: the step's products are listed for MemVP and ADEM-VL on a LLaMA-family LM")?;
+        let timed = super::products::time_products(&ps, 5);
+        let flop: f64 = ps.iter().map(|p| p.flop()).sum();
+        let ms: f64 = timed.iter().map(|t| t.ms * t.product.count as f64).sum();
+        json!({
+            "gflop": flop / 1e9,
+            "ms": ms,
+            "gflops": flop / ms / 1e6,
+            "bound_efficiency": flop / ms / 1e6 / peak,
+            "step_over_products": results[0].train_step_ms / ms,
+            "shapes": timed,
+        })
+    } else {
+        serde_json::Value::Null
+    };
     let mv = &results[0];
     let (is, ratios) = match results.get(1) {
         Some(is) => (
@@ -610,6 +631,7 @@ pub fn run(a: &BenchArgs) -> Result<serde_json::Value> {
         "ratios": ratios,
         "memvp_train_efficiency": mv.train_gflops / peak,
         "backward_forward": fb,
+        "products": products,
     }))
 }
 
@@ -663,6 +685,15 @@ pub fn print_table(v: &serde_json::Value) {
         "{label} training step at {:.0}% of the matrix-product peak",
         100.0 * v["memvp_train_efficiency"].as_f64().unwrap_or(0.0)
     );
+    if let Some(p) = v.get("products").filter(|x| !x.is_null()) {
+        println!(
+            "its matrix products alone, each at memvp's best rate for its shape: {:.0} ms, {:.0}% of the peak \
+             (the most the step could reach); the step takes {:.2}x that",
+            p["ms"].as_f64().unwrap_or(f64::NAN),
+            100.0 * p["bound_efficiency"].as_f64().unwrap_or(f64::NAN),
+            p["step_over_products"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     if let Some(fb) = v.get("backward_forward").filter(|x| !x.is_null()) {
         println!(
             "backward/forward with one small trained tensor ({} tokens): {:.2} with memvp's kernels, {:.2} with candle's matmul linears",

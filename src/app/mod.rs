@@ -8,6 +8,7 @@ pub mod compare;
 pub mod device_check;
 pub mod import_official;
 pub mod loadtest;
+pub mod products;
 pub mod quickstart;
 pub mod run;
 pub mod serve;
