@@ -73,3 +73,25 @@ fn gguf_loads_like_the_hf_checkpoint() {
     let lb = b.forward(&x, 0, None, &NoHooks).unwrap();
     assert!(max_abs_err(&la, &lb) < 1e-5);
 }
+
+/// A GGUF whose FFN width is 0 is refused naming the metadata field, not met by a panic.
+#[test]
+fn gguf_with_a_zero_width_is_refused_by_name() {
+    use candle_core::quantized::gguf_file::{self, Value};
+    let src = fixtures().join("gguf/tiny_gpt2tok.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let tensors: Vec<_> =
+        content.tensor_infos.keys().map(|n| (n.clone(), content.tensor(&mut f, n, &Device::Cpu).unwrap())).collect();
+    let mut meta = content.metadata.clone();
+    meta.insert("llama.feed_forward_length".into(), Value::U32(0));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zero_ffn.gguf");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let meta_refs: Vec<_> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<_> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    drop(out);
+    let e = load_lm(&path, DType::F32, Default::default(), &Device::Cpu).err().unwrap().to_string();
+    assert!(e.contains("llama.feed_forward_length") && e.contains("is 0") && e.contains("zero_ffn.gguf"), "{e}");
+}

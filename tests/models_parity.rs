@@ -217,3 +217,24 @@ fn smollm2_gguf_greedy_matches_transformers() {
         eprintln!("SmolLM2 {:?}: {} tokens match", g["prompt"], got.len());
     }
 }
+
+/// A zero width in a config is refused by name, not met by a panic inside a kernel.
+#[test]
+fn zero_widths_in_a_config_are_refused_by_name() {
+    use memvp::checkpoint::Cfg;
+    use memvp::models::clip::ClipVisionConfig;
+    use memvp::models::llama::LlamaConfig;
+    let load = |dir: &str| Cfg::load(&fixtures().join(dir).join("config.json")).unwrap();
+    for key in ["intermediate_size", "hidden_size", "vocab_size"] {
+        let mut c = load("llama_gqa_tied");
+        c.v[key] = 0.into();
+        let e = LlamaConfig::from_hf(&c).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("config.json") && e.contains("is 0"), "{e}");
+    }
+    for key in ["intermediate_size", "hidden_size"] {
+        let mut c = load("clip_vision_quickgelu");
+        c.v[key] = 0.into();
+        let e = ClipVisionConfig::from_hf(&c).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("is 0"), "{e}");
+    }
+}

@@ -236,6 +236,30 @@ fn frozen_mlp_grads_and_forward() {
     }
 }
 
+/// A zero-width FFN (a programmatic config; files with one are refused at load) gives its
+/// down projection's bias and a zero input gradient, without a panic in the row loops.
+#[test]
+fn frozen_mlp_of_zero_width() {
+    use memvp::ops::FrozenMlp;
+    let mut rng = Rng::new(14);
+    let d = 5;
+    let x = Var::from_tensor(&randn(&mut rng, &[2, 3, d], 1.0, F64)).unwrap();
+    let b = randn(&mut rng, &[d], 0.2, F64);
+    for gated in [true, false] {
+        let mlp = FrozenMlp {
+            w1: Linear::new(Tensor::zeros((0, d), F64, &Device::Cpu).unwrap(), None),
+            w2: gated.then(|| Linear::new(Tensor::zeros((0, d), F64, &Device::Cpu).unwrap(), None)),
+            down: Linear::new(Tensor::zeros((d, 0), F64, &Device::Cpu).unwrap(), Some(b.clone())),
+            act: Activation::Silu,
+        };
+        let y = mlp.forward(x.as_tensor()).unwrap();
+        assert!(max_abs_err(&y, &b.broadcast_as((2, 3, d)).unwrap()) == 0.0, "gated={gated}");
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let dx = g.get(x.as_tensor()).map(|t| t.abs().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap());
+        assert!(dx.is_none_or(|s| s == 0.0), "gated={gated}: {dx:?}");
+    }
+}
+
 #[test]
 fn memory_branch_grads_and_forward() {
     let mut rng = Rng::new(13);

@@ -15,7 +15,7 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
     file: Mutex<std::fs::File>,
-    arch: String,
+    pub(crate) arch: String,
 }
 
 impl GgufFile {

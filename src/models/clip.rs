@@ -53,6 +53,11 @@ impl ClipVisionConfig {
             hidden_act,
             layer_norm_eps: v.f64_or("layer_norm_eps", 1e-5)?,
         };
+        for (key, n) in [("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.intermediate_size)] {
+            if n == 0 {
+                return Err(v.err(key, "is 0; a vision tower needs at least 1"));
+            }
+        }
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(
                 v.err("patch_size", format!("{} does not divide image_size {}", cfg.patch_size, cfg.image_size))

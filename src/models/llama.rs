@@ -54,6 +54,11 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     pub fn from_hf(c: &Cfg) -> Result<Self> {
+        for key in ["hidden_size", "intermediate_size", "vocab_size"] {
+            if c.usize(key)? == 0 {
+                return Err(c.err(key, "is 0; a LLaMA-family model needs at least 1"));
+            }
+        }
         let hidden_size = c.usize("hidden_size")?;
         let num_attention_heads = c.usize("num_attention_heads")?;
         if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 && !c.has("head_dim") {
@@ -125,6 +130,15 @@ impl LlamaConfig {
     }
 
     pub fn from_gguf(g: &GgufFile, vocab_from_tokenizer: usize) -> Result<Self> {
+        for key in ["embedding_length", "feed_forward_length", "attention.head_count"] {
+            if g.require_usize(key)? == 0 {
+                bail!(
+                    "{}: metadata field `{}.{key}` is 0; a LLaMA-family model needs at least 1",
+                    g.path.display(),
+                    g.arch
+                )
+            }
+        }
         let hidden_size = g.require_usize("embedding_length")?;
         let heads = g.require_usize("attention.head_count")?;
         let kv = g.arch_usize("attention.head_count_kv")?.unwrap_or(heads);

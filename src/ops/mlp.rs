@@ -49,16 +49,19 @@ fn fwd<T: Real>(op: &MlpOp, x: &[T], m: usize) -> Result<(Vec<T>, Vec<T>)> {
     let width = if gated { 2 * inter } else { inter };
     let mut a = vec![T::zero(); m * inter];
     let act = p.act;
-    a.par_chunks_mut(inter).zip(h.par_chunks(width)).with_min_len(super::min_rows(inter)).for_each(|(ar, hr)| {
-        if gated {
-            let (g, u) = hr.split_at(inter);
-            act.gated_rows(g, u, ar);
-        } else {
-            for j in 0..inter {
-                ar[j] = act.f(hr[j]);
+    // A zero-width FFN (rayon's chunks cannot be empty) has nothing to activate.
+    a.par_chunks_mut(inter.max(1)).zip(h.par_chunks(width.max(1))).with_min_len(super::min_rows(inter)).for_each(
+        |(ar, hr)| {
+            if gated {
+                let (g, u) = hr.split_at(inter);
+                act.gated_rows(g, u, ar);
+            } else {
+                for j in 0..inter {
+                    ar[j] = act.f(hr[j]);
+                }
             }
-        }
-    });
+        },
+    );
     let y = linear_rows(&p.down, &a, m)?;
     Ok((h, y))
 }
@@ -74,9 +77,9 @@ fn bwd<T: Real>(op: &MlpOp, h: &[T], dy: &[T], m: usize) -> Result<Vec<T>> {
     let width = if p.w2.is_some() { 2 * inter } else { inter };
     // dh = [dh1 dh2] per row (dh1 alone when not gated), laid out like h.
     let mut dh = vec![T::zero(); m * width];
-    dh.par_chunks_mut(width)
-        .zip(h.par_chunks(width))
-        .zip(da.par_chunks(inter))
+    dh.par_chunks_mut(width.max(1))
+        .zip(h.par_chunks(width.max(1)))
+        .zip(da.par_chunks(inter.max(1)))
         .with_min_len(super::min_rows(inter))
         .for_each(|((dr, hr), a)| {
             if width > inter {
