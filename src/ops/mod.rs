@@ -213,7 +213,8 @@ pub fn keep_warm<R>(f: impl FnOnce() -> R) -> R {
         rayon::spawn(move || {
             // The calling thread may pop this job itself while it waits on a kernel: it must
             // not spin there, or it would not return to its own work until `f` ended.
-            if rayon::current_thread_index() == Some(me) {
+            // A job reached only after `f` has ended has nothing to keep warm.
+            if rayon::current_thread_index() == Some(me) || stop.load(Ordering::Acquire) {
                 return;
             }
             SPINNING.fetch_add(1, Ordering::AcqRel);
@@ -491,7 +492,15 @@ mod tests {
     /// returns or panics; nested and repeated calls work.
     #[test]
     fn keep_warm_spins_only_while_its_closure_runs() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        // Told when each worker has exited, i.e. after every job spawned on the pool has run: a
+        // spinner job may start after its `keep_warm` has returned, so only then is the count
+        // final.
+        let (exited, workers_gone) = std::sync::mpsc::channel();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .exit_handler(move |_| exited.send(()).unwrap())
+            .build()
+            .unwrap();
         pool.install(|| {
             for round in 0..3 {
                 let sum = keep_warm(|| {
@@ -516,6 +525,11 @@ mod tests {
             until("the spinning to stop after a panic", || SPINNING.load(Ordering::Acquire) == 0);
             keep_warm(|| until("a worker spinning again", || SPINNING.load(Ordering::Acquire) == 1));
         });
+        drop(pool);
+        for _ in 0..2 {
+            workers_gone.recv_timeout(Duration::from_secs(10)).expect("the pool's workers to exit");
+        }
+        assert_eq!(SPINNING.load(Ordering::Acquire), 0, "a spinner outlived its pool");
         // Outside a pool worker it only runs the closure.
         assert_eq!(keep_warm(|| SPINNING.load(Ordering::Acquire)), 0);
     }
