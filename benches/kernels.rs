@@ -1,5 +1,6 @@
 //! Micro-benchmarks of memvp's kernels against candle's own ops, forward and backward:
-//! softmax, RMSNorm, RoPE, the frozen MLP and linear layers, and MemVP's memory branch.
+//! softmax, RMSNorm, RoPE, the frozen MLP and linear layers, MemVP's memory branch, and the
+//! decoding of llama.cpp blocks.
 //! Run with `cargo bench --bench kernels`.
 
 use candle_core::{D, DType, Device, Tensor, Var};
@@ -136,9 +137,35 @@ fn memory_branch(c: &mut Criterion) {
     });
 }
 
+/// Decoding a tile of llama.cpp blocks to f32 into a buffer, as a frozen-linear product against
+/// a Q4_0 / Q4_1 / Q8_0 weight does per tile of 2^20 values: candle's decoder against memvp's.
+fn dequant(c: &mut Criterion) {
+    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    type Decoder = fn(&[u8], &mut [f32]) -> candle_core::Result<()>;
+    fn one<B: GgmlType>(c: &mut Criterion, name: &str, g: GgmlDType, ours: Decoder) {
+        let t = randn(&[256, 4096], 13);
+        let xs = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut blocks = vec![B::zeros(); xs.len() / B::BLCK_SIZE];
+        B::from_float(&xs, &mut blocks);
+        // The same blocks as bytes, as a QTensor holds them.
+        let bytes = QTensor::quantize(&t, g).unwrap().data().unwrap().into_owned();
+        let mut out = vec![0f32; xs.len()];
+        c.bench_function(&format!("dequant/{name}/candle"), |b| {
+            b.iter(|| B::to_float(black_box(&blocks), black_box(&mut out)))
+        });
+        c.bench_function(&format!("dequant/{name}/memvp"), |b| {
+            b.iter(|| ours(black_box(&bytes), black_box(&mut out)).unwrap())
+        });
+    }
+    one::<BlockQ4_0>(c, "q4_0", GgmlDType::Q4_0, ops::dequant::q4_0);
+    one::<BlockQ4_1>(c, "q4_1", GgmlDType::Q4_1, ops::dequant::q4_1);
+    one::<BlockQ8_0>(c, "q8_0", GgmlDType::Q8_0, ops::dequant::q8_0);
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default().without_plots().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = softmax, rms_norm, rope, mlp, frozen_linear, decode_linear, memory_branch
+    targets = softmax, rms_norm, rope, mlp, frozen_linear, decode_linear, memory_branch, dequant
 }
 criterion_main!(kernels);

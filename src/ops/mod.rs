@@ -10,6 +10,7 @@
 mod act;
 mod attention;
 mod attn_block;
+pub mod dequant;
 mod generic;
 mod linear;
 mod loss;

@@ -272,11 +272,11 @@ impl Weight {
                 let data = q.data()?;
                 let bytes = &data[j0 * row_bytes..j1 * row_bytes];
                 match g {
-                    GgmlDType::Q4_0 => blocks_to_f32::<k_quants::BlockQ4_0>(bytes, out)?,
-                    GgmlDType::Q4_1 => blocks_to_f32::<k_quants::BlockQ4_1>(bytes, out)?,
+                    GgmlDType::Q4_0 => super::dequant::q4_0(bytes, out)?,
+                    GgmlDType::Q4_1 => super::dequant::q4_1(bytes, out)?,
                     GgmlDType::Q5_0 => blocks_to_f32::<k_quants::BlockQ5_0>(bytes, out)?,
                     GgmlDType::Q5_1 => blocks_to_f32::<k_quants::BlockQ5_1>(bytes, out)?,
-                    GgmlDType::Q8_0 => blocks_to_f32::<k_quants::BlockQ8_0>(bytes, out)?,
+                    GgmlDType::Q8_0 => super::dequant::q8_0(bytes, out)?,
                     GgmlDType::Q8_1 => blocks_to_f32::<k_quants::BlockQ8_1>(bytes, out)?,
                     GgmlDType::Q2K => blocks_to_f32::<k_quants::BlockQ2K>(bytes, out)?,
                     GgmlDType::Q3K => blocks_to_f32::<k_quants::BlockQ3K>(bytes, out)?,
