@@ -140,7 +140,9 @@ fn memory_branch(c: &mut Criterion) {
 /// Decoding a tile of llama.cpp blocks to f32 into a buffer, as a frozen-linear product against
 /// a Q4_0 / Q4_1 / Q8_0 weight does per tile of 2^20 values: candle's decoder against memvp's.
 fn dequant(c: &mut Criterion) {
-    use candle_core::quantized::k_quants::{BlockQ4_0, BlockQ4_1, BlockQ8_0, GgmlType};
+    use candle_core::quantized::k_quants::{
+        BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+    };
     use candle_core::quantized::{GgmlDType, QTensor};
     type Decoder = fn(&[u8], &mut [f32]) -> candle_core::Result<()>;
     fn one<B: GgmlType>(c: &mut Criterion, name: &str, g: GgmlDType, ours: Decoder) {
@@ -160,7 +162,12 @@ fn dequant(c: &mut Criterion) {
     }
     one::<BlockQ4_0>(c, "q4_0", GgmlDType::Q4_0, ops::dequant::q4_0);
     one::<BlockQ4_1>(c, "q4_1", GgmlDType::Q4_1, ops::dequant::q4_1);
+    one::<BlockQ5_0>(c, "q5_0", GgmlDType::Q5_0, ops::dequant::q5_0);
+    one::<BlockQ5_1>(c, "q5_1", GgmlDType::Q5_1, ops::dequant::q5_1);
     one::<BlockQ8_0>(c, "q8_0", GgmlDType::Q8_0, ops::dequant::q8_0);
+    one::<BlockQ4K>(c, "q4_k", GgmlDType::Q4K, ops::dequant::q4_k);
+    one::<BlockQ5K>(c, "q5_k", GgmlDType::Q5K, ops::dequant::q5_k);
+    one::<BlockQ6K>(c, "q6_k", GgmlDType::Q6K, ops::dequant::q6_k);
 }
 
 criterion_group! {

@@ -1,7 +1,7 @@
-//! llama.cpp blocks decoded to f32: the tiles a frozen weight kept as Q4_0, Q4_1 or Q8_0
-//! (`--lm-dtype q4_0|q8_0|keep`) is multiplied through. candle's decoders are scalar loops that
-//! index the output per value, built for baseline x86-64; in a LLaMA-7B Q4_0 step they took a
-//! fifth of the time of the products they feed. These read the block bytes in fixed-size
+//! llama.cpp blocks decoded to f32: the tiles a frozen weight kept in blocks
+//! (`--lm-dtype q4_0|q4_k|q6_k|q8_0|keep`) is multiplied through. candle's decoders are scalar
+//! loops that index the output per value, built for baseline x86-64; in a LLaMA-7B Q4_0 step they
+//! took a fifth of the time of the products they feed. These read the block bytes in fixed-size
 //! chunks the compiler vectorises, compiled a second time for AVX2 + F16C and picked at run time
 //! where the CPU has them. The arithmetic is candle's, in candle's order, so every value equals
 //! candle's bit for bit (tests below).
@@ -9,10 +9,15 @@
 use candle_core::{Result, bail};
 use half::f16;
 
-/// `(bytes, values)` per block of each format.
+/// `(bytes, values)` per block of each format (llama.cpp's `block_*` structs).
 const Q4_0: (usize, usize) = (18, 32);
 const Q4_1: (usize, usize) = (20, 32);
+const Q5_0: (usize, usize) = (22, 32);
+const Q5_1: (usize, usize) = (24, 32);
 const Q8_0: (usize, usize) = (34, 32);
+const Q4K: (usize, usize) = (144, 256);
+const Q5K: (usize, usize) = (176, 256);
+const Q6K: (usize, usize) = (210, 256);
 
 #[inline(always)]
 fn scale(b: &[u8], at: usize) -> f32 {
@@ -21,7 +26,7 @@ fn scale(b: &[u8], at: usize) -> f32 {
 
 /// Q4_0: `d` (f16), then 16 bytes of 4-bit values `q`; value `(q - 8)·d`, low nibbles first.
 #[inline(always)]
-fn q4_0_block(b: &[u8; Q4_0.0], y: &mut [f32; 32]) {
+fn q4_0_block(b: &[u8; Q4_0.0], y: &mut [f32; Q4_0.1]) {
     let d = scale(b, 0);
     let (lo, hi) = y.split_at_mut(16);
     for j in 0..16 {
@@ -33,7 +38,7 @@ fn q4_0_block(b: &[u8; Q4_0.0], y: &mut [f32; 32]) {
 
 /// Q4_1: `d` and `m` (f16), then 16 bytes of 4-bit values `q`; value `q·d + m`.
 #[inline(always)]
-fn q4_1_block(b: &[u8; Q4_1.0], y: &mut [f32; 32]) {
+fn q4_1_block(b: &[u8; Q4_1.0], y: &mut [f32; Q4_1.1]) {
     let (d, m) = (scale(b, 0), scale(b, 2));
     let (lo, hi) = y.split_at_mut(16);
     for j in 0..16 {
@@ -43,35 +48,147 @@ fn q4_1_block(b: &[u8; Q4_1.0], y: &mut [f32; 32]) {
     }
 }
 
+/// The 5-bit values of Q5_0 / Q5_1: low nibbles in `qs`, fifth bits in the 32-bit word `qh`
+/// (bit `j` for value `j`).
+#[inline(always)]
+fn q5_values(qh: [u8; 4], qs: &[u8], lo: &mut [f32], hi: &mut [f32], f: impl Fn(u32) -> f32) {
+    let qh = u32::from_le_bytes(qh);
+    for j in 0..16 {
+        let q = qs[j] as u32;
+        lo[j] = f((q & 0x0F) | (((qh >> j) << 4) & 0x10));
+        hi[j] = f((q >> 4) | ((qh >> (j + 12)) & 0x10));
+    }
+}
+
+/// Q5_0: `d` (f16), `qh` (4 bytes), 16 bytes of low nibbles; value `(q - 16)·d`.
+#[inline(always)]
+fn q5_0_block(b: &[u8; Q5_0.0], y: &mut [f32; Q5_0.1]) {
+    let d = scale(b, 0);
+    let (lo, hi) = y.split_at_mut(16);
+    q5_values([b[2], b[3], b[4], b[5]], &b[6..22], lo, hi, |q| (q as i32 - 16) as f32 * d);
+}
+
+/// Q5_1: `d` and `m` (f16), `qh` (4 bytes), 16 bytes of low nibbles; value `q·d + m`.
+#[inline(always)]
+fn q5_1_block(b: &[u8; Q5_1.0], y: &mut [f32; Q5_1.1]) {
+    let (d, m) = (scale(b, 0), scale(b, 2));
+    let (lo, hi) = y.split_at_mut(16);
+    q5_values([b[4], b[5], b[6], b[7]], &b[8..24], lo, hi, |q| q as f32 * d + m);
+}
+
 /// Q8_0: `d` (f16), then 32 signed bytes `q`; value `q·d`.
 #[inline(always)]
-fn q8_0_block(b: &[u8; Q8_0.0], y: &mut [f32; 32]) {
+fn q8_0_block(b: &[u8; Q8_0.0], y: &mut [f32; Q8_0.1]) {
     let d = scale(b, 0);
     for j in 0..32 {
         y[j] = b[2 + j] as i8 as f32 * d;
     }
 }
 
-/// Each whole block of `bytes` with its 32 values in `out`.
+/// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K / Q5_K block, packed in 12 bytes
+/// (llama.cpp's `get_scale_min_k4`).
 #[inline(always)]
-fn blocks<'a, const B: usize>(
-    bytes: &'a [u8],
-    out: &'a mut [f32],
-) -> impl Iterator<Item = (&'a [u8; B], &'a mut [f32; 32])> {
-    bytes
-        .chunks_exact(B)
-        .zip(out.chunks_exact_mut(32))
-        .map(|(b, y)| (b.try_into().expect("B bytes"), y.try_into().expect("32 values")))
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
 }
 
-/// The portable loops, and the same loops compiled for AVX2 (eight lanes where baseline x86-64
-/// has four) and F16C. Each calls its block function directly, so that it is inlined and
-/// compiled with the loop's features.
+/// Q4_K: `d`, `dmin` (f16), 12 bytes of 6-bit sub-block scales and mins, 128 bytes of nibbles.
+/// Each 64 values share 32 bytes: low nibbles for the first 32 (sub-block `2i`), high nibbles for
+/// the next (`2i + 1`); value `d·sc·q - dmin·m`.
+#[inline(always)]
+fn q4_k_block(b: &[u8; Q4K.0], y: &mut [f32; Q4K.1]) {
+    let (d, min) = (scale(b, 0), scale(b, 2));
+    let scales = &b[4..16];
+    let (qs, _) = b[16..].as_chunks::<32>();
+    let (ys, _) = y.as_chunks_mut::<64>();
+    for (i, (y, q)) in ys.iter_mut().zip(qs).enumerate() {
+        let (sc, m) = scale_min_k4(2 * i, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        let (sc, m) = scale_min_k4(2 * i + 1, scales);
+        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let (lo, hi) = y.split_at_mut(32);
+        for j in 0..32 {
+            lo[j] = d1 * (q[j] & 0xF) as f32 - m1;
+            hi[j] = d2 * (q[j] >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Q5_K: as Q4_K with a fifth bit per value in 32 bytes `qh` (bit `2i` of byte `j` for the low
+/// nibbles of group `i`, bit `2i + 1` for its high ones).
+#[inline(always)]
+fn q5_k_block(b: &[u8; Q5K.0], y: &mut [f32; Q5K.1]) {
+    let (d, min) = (scale(b, 0), scale(b, 2));
+    let scales = &b[4..16];
+    let qh: &[u8; 32] = b[16..48].try_into().expect("32 bytes");
+    let (qs, _) = b[48..].as_chunks::<32>();
+    let (ys, _) = y.as_chunks_mut::<64>();
+    for (i, (y, q)) in ys.iter_mut().zip(qs).enumerate() {
+        let (sc, m) = scale_min_k4(2 * i, scales);
+        let (d1, m1) = (d * sc as f32, min * m as f32);
+        let (sc, m) = scale_min_k4(2 * i + 1, scales);
+        let (d2, m2) = (d * sc as f32, min * m as f32);
+        let (lo, hi) = y.split_at_mut(32);
+        let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
+        for j in 0..32 {
+            let (h1, h2) = (if qh[j] & u1 != 0 { 16 } else { 0 }, if qh[j] & u2 != 0 { 16 } else { 0 });
+            lo[j] = d1 * ((q[j] & 0xF) | h1) as f32 - m1;
+            hi[j] = d2 * ((q[j] >> 4) | h2) as f32 - m2;
+        }
+    }
+}
+
+/// Q6_K: 128 bytes of low nibbles `ql`, 64 bytes of high 2-bit pairs `qh`, 16 signed scales (one
+/// per 16 values), `d` (f16) last; value `d·sc·(q - 32)`. Each half of 128 values reads 64 bytes
+/// of `ql` and 32 of `qh`.
+#[inline(always)]
+fn q6_k_block(b: &[u8; Q6K.0], y: &mut [f32; Q6K.1]) {
+    let d = scale(b, 208);
+    let (ys, _) = y.as_chunks_mut::<128>();
+    for (n, y) in ys.iter_mut().enumerate() {
+        let ql: &[u8; 64] = b[64 * n..64 * n + 64].try_into().expect("64 bytes");
+        let qh: &[u8; 32] = b[128 + 32 * n..128 + 32 * n + 32].try_into().expect("32 bytes");
+        let sc: &[u8; 8] = b[192 + 8 * n..192 + 8 * n + 8].try_into().expect("8 bytes");
+        // Two runs of 16 values, each with its own four scales.
+        for half in 0..2 {
+            let s = |k: usize| d * sc[half + 2 * k] as i8 as f32;
+            let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+            for l in 16 * half..16 * half + 16 {
+                let (a, c, h) = (ql[l], ql[l + 32], qh[l]);
+                y[l] = s0 * (((a & 0xF) | ((h & 3) << 4)) as i8 - 32) as f32;
+                y[l + 32] = s1 * (((c & 0xF) | (((h >> 2) & 3) << 4)) as i8 - 32) as f32;
+                y[l + 64] = s2 * (((a >> 4) | (((h >> 4) & 3) << 4)) as i8 - 32) as f32;
+                y[l + 96] = s3 * (((c >> 4) | (((h >> 6) & 3) << 4)) as i8 - 32) as f32;
+            }
+        }
+    }
+}
+
+/// Each whole block of `bytes` with its `V` values in `out`.
+#[inline(always)]
+fn blocks<'a, const B: usize, const V: usize>(
+    bytes: &'a [u8],
+    out: &'a mut [f32],
+) -> impl Iterator<Item = (&'a [u8; B], &'a mut [f32; V])> {
+    bytes
+        .chunks_exact(B)
+        .zip(out.chunks_exact_mut(V))
+        .map(|(b, y)| (b.try_into().expect("B bytes"), y.try_into().expect("V values")))
+}
+
+/// For each format: the portable loop, the same loop compiled for AVX2 (eight lanes where
+/// baseline x86-64 has four) and F16C, and the public entry that checks the sizes and picks one.
+/// Each loop calls its block function directly, so that it is inlined and compiled with the
+/// loop's features.
 macro_rules! decoders {
-    ($($name:ident, $avx2:ident, $block:ident, $bytes:expr;)*) => {$(
+    ($($(#[$doc:meta])* $pub_name:ident, $name:ident, $avx2:ident, $block:ident, $fmt:ident;)*) => {$(
         #[inline(always)]
         fn $name(bytes: &[u8], out: &mut [f32]) {
-            for (b, y) in blocks::<{ $bytes }>(bytes, out) {
+            for (b, y) in blocks::<{ $fmt.0 }, { $fmt.1 }>(bytes, out) {
                 $block(b, y);
             }
         }
@@ -80,26 +197,52 @@ macro_rules! decoders {
         fn $avx2(bytes: &[u8], out: &mut [f32]) {
             $name(bytes, out)
         }
+        $(#[$doc])*
+        pub fn $pub_name(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+            decode(
+                stringify!($fmt),
+                $fmt,
+                bytes,
+                out,
+                $name,
+                #[cfg(target_arch = "x86_64")]
+                $avx2,
+            )
+        }
     )*};
 }
 
 decoders! {
-    q4_0_all, q4_0_avx2, q4_0_block, Q4_0.0;
-    q4_1_all, q4_1_avx2, q4_1_block, Q4_1.0;
-    q8_0_all, q8_0_avx2, q8_0_block, Q8_0.0;
+    /// Whole Q4_0 blocks (`bytes`) decoded into `out` (32 values per 18-byte block).
+    q4_0, q4_0_all, q4_0_avx2, q4_0_block, Q4_0;
+    /// Whole Q4_1 blocks (`bytes`) decoded into `out` (32 values per 20-byte block).
+    q4_1, q4_1_all, q4_1_avx2, q4_1_block, Q4_1;
+    /// Whole Q5_0 blocks (`bytes`) decoded into `out` (32 values per 22-byte block).
+    q5_0, q5_0_all, q5_0_avx2, q5_0_block, Q5_0;
+    /// Whole Q5_1 blocks (`bytes`) decoded into `out` (32 values per 24-byte block).
+    q5_1, q5_1_all, q5_1_avx2, q5_1_block, Q5_1;
+    /// Whole Q8_0 blocks (`bytes`) decoded into `out` (32 values per 34-byte block).
+    q8_0, q8_0_all, q8_0_avx2, q8_0_block, Q8_0;
+    /// Whole Q4_K blocks (`bytes`) decoded into `out` (256 values per 144-byte block).
+    q4_k, q4_k_all, q4_k_avx2, q4_k_block, Q4K;
+    /// Whole Q5_K blocks (`bytes`) decoded into `out` (256 values per 176-byte block).
+    q5_k, q5_k_all, q5_k_avx2, q5_k_block, Q5K;
+    /// Whole Q6_K blocks (`bytes`) decoded into `out` (256 values per 210-byte block).
+    q6_k, q6_k_all, q6_k_avx2, q6_k_block, Q6K;
 }
 
-/// Checks that `bytes` are whole blocks of `block_bytes` filling `out`, then decodes them with
-/// the AVX2 loop where the CPU has AVX2 and F16C, else the portable one.
+/// Checks that `bytes` are whole blocks of `format` filling `out`, then decodes them with the
+/// AVX2 loop where the CPU has AVX2 and F16C, else the portable one.
 fn decode(
     name: &str,
-    block_bytes: usize,
+    (block_bytes, block_values): (usize, usize),
     bytes: &[u8],
     out: &mut [f32],
     portable: fn(&[u8], &mut [f32]),
     #[cfg(target_arch = "x86_64")] avx2: unsafe fn(&[u8], &mut [f32]),
 ) -> Result<()> {
-    if !bytes.len().is_multiple_of(block_bytes) || out.len() != bytes.len() / block_bytes * 32 {
+    if !bytes.len().is_multiple_of(block_bytes) || out.len() != bytes.len() / block_bytes * block_values {
+        let name = name.replace('K', "_K");
         bail!("{name}: {} bytes are not whole blocks filling {} values", bytes.len(), out.len())
     }
     #[cfg(target_arch = "x86_64")]
@@ -113,81 +256,57 @@ fn decode(
     Ok(())
 }
 
-/// Whole Q4_0 blocks (`bytes`) decoded into `out` (32 values per 18-byte block).
-pub fn q4_0(bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    decode(
-        "Q4_0",
-        Q4_0.0,
-        bytes,
-        out,
-        q4_0_all,
-        #[cfg(target_arch = "x86_64")]
-        q4_0_avx2,
-    )
-}
-
-/// Whole Q4_1 blocks (`bytes`) decoded into `out` (32 values per 20-byte block).
-pub fn q4_1(bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    decode(
-        "Q4_1",
-        Q4_1.0,
-        bytes,
-        out,
-        q4_1_all,
-        #[cfg(target_arch = "x86_64")]
-        q4_1_avx2,
-    )
-}
-
-/// Whole Q8_0 blocks (`bytes`) decoded into `out` (32 values per 34-byte block).
-pub fn q8_0(bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    decode(
-        "Q8_0",
-        Q8_0.0,
-        bytes,
-        out,
-        q8_0_all,
-        #[cfg(target_arch = "x86_64")]
-        q8_0_avx2,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
     use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 
-    /// Random blocks whose scales are finite f16s of every kind (zero, subnormal, negative,
-    /// large) and whose quants take every value.
-    fn blocks(n: usize, bytes_per: usize, scales: usize, seed: u64) -> Vec<u8> {
+    /// Random blocks whose f16 scales (at byte offsets `scales`) are finite f16s of every kind
+    /// (zero, subnormal, negative, large of either sign) and whose other bytes, quants and packed
+    /// sub-block scales alike, take every value.
+    fn blocks(n: usize, bytes_per: usize, scales: &[usize], seed: u64) -> Vec<u8> {
         let mut rng = crate::rng::Rng::new(seed);
         let mut v = vec![0u8; n * bytes_per];
         for (i, b) in v.chunks_mut(bytes_per).enumerate() {
             for byte in b.iter_mut() {
                 *byte = (rng.uniform() * 256.0) as u8;
             }
-            for s in 0..scales {
+            for &at in scales {
                 let h = match i % 4 {
                     0 => f16::from_bits((rng.uniform() * 65536.0) as u16 & 0xFBFF), // finite, either sign
                     1 => f16::from_bits((rng.uniform() * 1024.0) as u16),           // subnormal
                     2 => f16::from_f32(-0.5 + rng.uniform() as f32),
                     _ => f16::ZERO,
                 };
-                b[2 * s..2 * s + 2].copy_from_slice(&h.to_le_bytes());
+                b[at..at + 2].copy_from_slice(&h.to_le_bytes());
             }
         }
         v
     }
 
+    type Decoder = fn(&[u8], &mut [f32]) -> Result<()>;
+
+    /// Every format memvp decodes itself: candle's type, `(bytes, values)` per block, where its
+    /// f16 scales sit, the public decoder and the portable loop.
+    #[allow(clippy::type_complexity)]
+    const FORMATS: [(GgmlDType, (usize, usize), &[usize], Decoder, fn(&[u8], &mut [f32])); 8] = [
+        (GgmlDType::Q4_0, Q4_0, &[0], q4_0, q4_0_all),
+        (GgmlDType::Q4_1, Q4_1, &[0, 2], q4_1, q4_1_all),
+        (GgmlDType::Q5_0, Q5_0, &[0], q5_0, q5_0_all),
+        (GgmlDType::Q5_1, Q5_1, &[0, 2], q5_1, q5_1_all),
+        (GgmlDType::Q8_0, Q8_0, &[0], q8_0, q8_0_all),
+        (GgmlDType::Q4K, Q4K, &[0, 2], q4_k, q4_k_all),
+        (GgmlDType::Q5K, Q5K, &[0, 2], q5_k, q5_k_all),
+        (GgmlDType::Q6K, Q6K, &[208], q6_k, q6_k_all),
+    ];
+
     #[test]
     fn blocks_decode_as_candle_does_bit_for_bit() {
-        type Decoder = fn(&[u8], &mut [f32]) -> Result<()>;
-        let cases: [(GgmlDType, usize, usize, Decoder); 3] =
-            [(GgmlDType::Q4_0, 18, 1, q4_0), (GgmlDType::Q4_1, 20, 2, q4_1), (GgmlDType::Q8_0, 34, 1, q8_0)];
-        for (g, bytes_per, scales, ours) in cases {
-            let (rows, cols) = (12, 256);
-            let data = blocks(rows * cols / 32, bytes_per, scales, 7);
+        for (g, (bytes_per, values_per), scales, ours, portable_loop) in FORMATS {
+            assert_eq!((g.type_size(), g.block_size()), (bytes_per, values_per), "{g:?}: block size");
+            let (rows, cols) = (12, 512);
+            let data = blocks(rows * cols / values_per, bytes_per, scales, 7);
             let q = QTensor::new(
                 QStorage::from_data(std::borrow::Cow::Owned(data.clone()), &Device::Cpu, g).unwrap(),
                 (rows, cols),
@@ -201,11 +320,7 @@ mod tests {
             }
             // The portable loop, which CPUs without AVX2 run, gives the same values.
             let mut portable = vec![f32::NAN; rows * cols];
-            match g {
-                GgmlDType::Q4_0 => q4_0_all(&data, &mut portable),
-                GgmlDType::Q4_1 => q4_1_all(&data, &mut portable),
-                _ => q8_0_all(&data, &mut portable),
-            }
+            portable_loop(&data, &mut portable);
             assert!(portable.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{g:?}: portable loop");
         }
     }
@@ -217,5 +332,7 @@ mod tests {
         assert!(e.contains("Q4_0") && e.contains("17 bytes"), "{e}");
         let e = q8_0(&[0u8; 34], &mut [0f32; 31]).unwrap_err().to_string();
         assert!(e.contains("31 values"), "{e}");
+        let e = q6_k(&[0u8; 211], &mut [0f32; 256]).unwrap_err().to_string();
+        assert!(e.contains("Q6_K") && e.contains("211 bytes"), "{e}");
     }
 }
