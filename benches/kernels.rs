@@ -107,6 +107,25 @@ fn decode_linear(c: &mut Criterion) {
             b.iter(|| black_box(x.matmul(&wt).unwrap()))
         });
     }
+    // One token through a LLaMA-7B FFN matrix kept in llama.cpp blocks: memvp decodes the rows to
+    // f32 and multiplies in f32; candle's QMatMul rounds the input to Q8 blocks and takes integer
+    // dot products (llama.cpp's way, approximate in the input).
+    use candle_core::Module;
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    let w = (randn(&[11008, 4096], 17) * 0.02).unwrap();
+    let x = randn(&[1, 4096], 18);
+    for (name, g, f) in
+        [("q4_0", GgmlDType::Q4_0, ops::WeightFormat::Q4_0), ("q4_k", GgmlDType::Q4K, ops::WeightFormat::Q4K)]
+    {
+        let lin = Linear::new(ops::Weight::convert(w.clone(), f).unwrap(), None);
+        let q = QMatMul::from_qtensor(QTensor::quantize(&w, g).unwrap()).unwrap();
+        c.bench_function(&format!("decode_linear/{name}-11008x4096/memvp"), |b| {
+            b.iter(|| black_box(lin.forward(&x).unwrap()))
+        });
+        c.bench_function(&format!("decode_linear/{name}-11008x4096/candle-qmatmul"), |b| {
+            b.iter(|| black_box(q.forward(&x).unwrap()))
+        });
+    }
 }
 
 fn memory_branch(c: &mut Criterion) {
