@@ -160,7 +160,8 @@ fn memory_branch(c: &mut Criterion) {
 /// a Q4_0 / Q4_1 / Q8_0 weight does per tile of 2^20 values: candle's decoder against memvp's.
 fn dequant(c: &mut Criterion) {
     use candle_core::quantized::k_quants::{
-        BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, GgmlType,
+        BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+        GgmlType,
     };
     use candle_core::quantized::{GgmlDType, QTensor};
     type Decoder = fn(&[u8], &mut [f32]) -> candle_core::Result<()>;
@@ -184,6 +185,8 @@ fn dequant(c: &mut Criterion) {
     one::<BlockQ5_0>(c, "q5_0", GgmlDType::Q5_0, ops::dequant::q5_0);
     one::<BlockQ5_1>(c, "q5_1", GgmlDType::Q5_1, ops::dequant::q5_1);
     one::<BlockQ8_0>(c, "q8_0", GgmlDType::Q8_0, ops::dequant::q8_0);
+    one::<BlockQ2K>(c, "q2_k", GgmlDType::Q2K, ops::dequant::q2_k);
+    one::<BlockQ3K>(c, "q3_k", GgmlDType::Q3K, ops::dequant::q3_k);
     one::<BlockQ4K>(c, "q4_k", GgmlDType::Q4K, ops::dequant::q4_k);
     one::<BlockQ5K>(c, "q5_k", GgmlDType::Q5K, ops::dequant::q5_k);
     one::<BlockQ6K>(c, "q6_k", GgmlDType::Q6K, ops::dequant::q6_k);

@@ -1,10 +1,10 @@
 //! llama.cpp blocks decoded to f32: the tiles a frozen weight kept in blocks
-//! (`--lm-dtype q4_0|q4_k|q6_k|q8_0|keep`) is multiplied through. candle's decoders are scalar
-//! loops that index the output per value, built for baseline x86-64; in a LLaMA-7B Q4_0 step they
-//! took a fifth of the time of the products they feed. These read the block bytes in fixed-size
-//! chunks the compiler vectorises, compiled a second time for AVX2 + F16C and picked at run time
-//! where the CPU has them. The arithmetic is candle's, in candle's order, so every value equals
-//! candle's bit for bit (tests below).
+//! (`--lm-dtype q4_0|q4_k|q6_k|q8_0|keep`; Q4_0 to Q8_0 and Q2_K to Q6_K) is multiplied
+//! through. candle's decoders are scalar loops that index the output per value, built for
+//! baseline x86-64; in a LLaMA-7B Q4_0 step they took a fifth of the time of the products they
+//! feed. These read the block bytes in fixed-size chunks the compiler vectorises, compiled a
+//! second time for AVX2 + F16C and picked at run time where the CPU has them. The arithmetic is
+//! candle's, in candle's order, so every value equals candle's bit for bit (tests below).
 
 use candle_core::{Result, bail};
 use half::f16;
@@ -15,6 +15,8 @@ const Q4_1: (usize, usize) = (20, 32);
 const Q5_0: (usize, usize) = (22, 32);
 const Q5_1: (usize, usize) = (24, 32);
 const Q8_0: (usize, usize) = (34, 32);
+const Q2K: (usize, usize) = (84, 256);
+const Q3K: (usize, usize) = (110, 256);
 const Q4K: (usize, usize) = (144, 256);
 const Q5K: (usize, usize) = (176, 256);
 const Q6K: (usize, usize) = (210, 256);
@@ -82,6 +84,78 @@ fn q8_0_block(b: &[u8; Q8_0.0], y: &mut [f32; Q8_0.1]) {
     let d = scale(b, 0);
     for j in 0..32 {
         y[j] = b[2 + j] as i8 as f32 * d;
+    }
+}
+
+/// Q2_K: 16 bytes of 4-bit scale / min pairs (one per 16 values), 64 bytes of 2-bit values,
+/// `d`, `dmin` (f16). Each half of 128 values reads 32 bytes four times, at shifts 0, 2, 4, 6;
+/// value `d·(sc & 15)·q - dmin·(sc >> 4)`.
+#[inline(always)]
+fn q2_k_block(b: &[u8; Q2K.0], y: &mut [f32; Q2K.1]) {
+    let (d, min) = (scale(b, 80), scale(b, 82));
+    let (ys, _) = y.as_chunks_mut::<16>();
+    for (g, y) in ys.iter_mut().enumerate() {
+        // Group g of 16 values: half g / 8, shift 2·(g / 2 % 4), bytes 16·(g % 2).. of the half.
+        let (half, shift, at) = (g / 8, 2 * (g / 2 % 4), 16 * (g % 2));
+        let q: &[u8; 16] = b[16 + 32 * half + at..16 + 32 * half + at + 16].try_into().expect("16 bytes");
+        let sc = b[g];
+        let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
+        let mut two_bits = [0u8; 16];
+        crumbs(q, shift, &mut two_bits);
+        for i in 0..16 {
+            y[i] = dl * two_bits[i] as f32 - ml;
+        }
+    }
+}
+
+/// `(q >> shift) & 3` for 16 bytes, with the shift a constant in each arm: x86 has no byte
+/// shift by a variable amount, and with one the compiler leaves the loop scalar.
+#[inline(always)]
+fn crumbs(q: &[u8; 16], shift: usize, out: &mut [u8; 16]) {
+    #[inline(always)]
+    fn at<const S: u32>(q: &[u8; 16], out: &mut [u8; 16]) {
+        for i in 0..16 {
+            out[i] = (q[i] >> S) & 3;
+        }
+    }
+    match shift {
+        0 => at::<0>(q, out),
+        2 => at::<2>(q, out),
+        4 => at::<4>(q, out),
+        _ => at::<6>(q, out),
+    }
+}
+
+/// Q3_K: 32 bytes of high bits `hmask`, 64 bytes of 2-bit values, 12 bytes of 6-bit scales (one
+/// per 16 values, stored minus 32), `d` (f16). Group `g` of 16 values reads its 2-bit values as
+/// Q2_K does and its high bit from `hmask` bit `g / 2`; value `d·(sc - 32)·(q - 4·(1 - h))`.
+#[inline(always)]
+fn q3_k_block(b: &[u8; Q3K.0], y: &mut [f32; Q3K.1]) {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let d = scale(b, 108);
+    let word = |i: usize| u32::from_le_bytes([b[96 + 4 * i], b[97 + 4 * i], b[98 + 4 * i], b[99 + 4 * i]]);
+    let (a0, a1, tmp) = (word(0), word(1), word(2));
+    let aux = [
+        (a0 & KMASK2) | ((tmp & KMASK1) << 4),
+        (a1 & KMASK2) | (((tmp >> 2) & KMASK1) << 4),
+        ((a0 >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4),
+        ((a1 >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4),
+    ];
+    let hmask: &[u8; 32] = b[..32].try_into().expect("32 bytes");
+    let (ys, _) = y.as_chunks_mut::<16>();
+    for (g, y) in ys.iter_mut().enumerate() {
+        let (half, shift, at) = (g / 8, 2 * (g / 2 % 4), 16 * (g % 2));
+        let q: &[u8; 16] = b[32 + 32 * half + at..32 + 32 * half + at + 16].try_into().expect("16 bytes");
+        let h: &[u8; 16] = hmask[at..at + 16].try_into().expect("16 bytes");
+        let m = 1u8 << (g / 2);
+        let sc = aux[g / 4].to_le_bytes()[g % 4] as i8;
+        let dl = d * (sc as f32 - 32.0);
+        let mut two_bits = [0u8; 16];
+        crumbs(q, shift, &mut two_bits);
+        for i in 0..16 {
+            y[i] = dl * (two_bits[i] as i8 - if h[i] & m == 0 { 4 } else { 0 }) as f32;
+        }
     }
 }
 
@@ -223,6 +297,10 @@ decoders! {
     q5_1, q5_1_all, q5_1_avx2, q5_1_block, Q5_1;
     /// Whole Q8_0 blocks (`bytes`) decoded into `out` (32 values per 34-byte block).
     q8_0, q8_0_all, q8_0_avx2, q8_0_block, Q8_0;
+    /// Whole Q2_K blocks (`bytes`) decoded into `out` (256 values per 84-byte block).
+    q2_k, q2_k_all, q2_k_avx2, q2_k_block, Q2K;
+    /// Whole Q3_K blocks (`bytes`) decoded into `out` (256 values per 110-byte block).
+    q3_k, q3_k_all, q3_k_avx2, q3_k_block, Q3K;
     /// Whole Q4_K blocks (`bytes`) decoded into `out` (256 values per 144-byte block).
     q4_k, q4_k_all, q4_k_avx2, q4_k_block, Q4K;
     /// Whole Q5_K blocks (`bytes`) decoded into `out` (256 values per 176-byte block).
@@ -290,12 +368,14 @@ mod tests {
     /// Every format memvp decodes itself: candle's type, `(bytes, values)` per block, where its
     /// f16 scales sit, the public decoder and the portable loop.
     #[allow(clippy::type_complexity)]
-    const FORMATS: [(GgmlDType, (usize, usize), &[usize], Decoder, fn(&[u8], &mut [f32])); 8] = [
+    const FORMATS: [(GgmlDType, (usize, usize), &[usize], Decoder, fn(&[u8], &mut [f32])); 10] = [
         (GgmlDType::Q4_0, Q4_0, &[0], q4_0, q4_0_all),
         (GgmlDType::Q4_1, Q4_1, &[0, 2], q4_1, q4_1_all),
         (GgmlDType::Q5_0, Q5_0, &[0], q5_0, q5_0_all),
         (GgmlDType::Q5_1, Q5_1, &[0, 2], q5_1, q5_1_all),
         (GgmlDType::Q8_0, Q8_0, &[0], q8_0, q8_0_all),
+        (GgmlDType::Q2K, Q2K, &[80, 82], q2_k, q2_k_all),
+        (GgmlDType::Q3K, Q3K, &[108], q3_k, q3_k_all),
         (GgmlDType::Q4K, Q4K, &[0, 2], q4_k, q4_k_all),
         (GgmlDType::Q5K, Q5K, &[0, 2], q5_k, q5_k_all),
         (GgmlDType::Q6K, Q6K, &[208], q6_k, q6_k_all),
