@@ -127,7 +127,7 @@ fn crumbs(q: &[u8; 16], shift: usize, out: &mut [u8; 16]) {
 }
 
 /// Q3_K: 32 bytes of high bits `hmask`, 64 bytes of 2-bit values, 12 bytes of 6-bit scales (one
-/// per 16 values, stored minus 32), `d` (f16). Group `g` of 16 values reads its 2-bit values as
+/// per 16 values, offset by 32), `d` (f16). Group `g` of 16 values reads its 2-bit values as
 /// Q2_K does and its high bit from `hmask` bit `g / 2`; value `d·(sc - 32)·(q - 4·(1 - h))`.
 #[inline(always)]
 fn q3_k_block(b: &[u8; Q3K.0], y: &mut [f32; Q3K.1]) {
@@ -170,14 +170,15 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Q4_K: `d`, `dmin` (f16), 12 bytes of 6-bit sub-block scales and mins, 128 bytes of nibbles.
-/// Each 64 values share 32 bytes: low nibbles for the first 32 (sub-block `2i`), high nibbles for
-/// the next (`2i + 1`); value `d·sc·q - dmin·m`.
+/// Q4_K and Q5_K: `d`, `dmin` (f16), 12 bytes of 6-bit sub-block scales and mins, then the
+/// nibbles `qs` (128 bytes). Each 64 values share 32 bytes: low nibbles for the first 32
+/// (sub-block `2i`), high nibbles for the next (`2i + 1`); value `d·sc·q - dmin·m`. `fifth(i, j)`
+/// gives the fifth bits (as 16 or 0) of byte `j`'s two values in group `i`.
 #[inline(always)]
-fn q4_k_block(b: &[u8; Q4K.0], y: &mut [f32; Q4K.1]) {
+fn k_nibbles(b: &[u8], qs: &[u8], y: &mut [f32; 256], fifth: impl Fn(usize, usize) -> (u8, u8)) {
     let (d, min) = (scale(b, 0), scale(b, 2));
     let scales = &b[4..16];
-    let (qs, _) = b[16..].as_chunks::<32>();
+    let (qs, _) = qs.as_chunks::<32>();
     let (ys, _) = y.as_chunks_mut::<64>();
     for (i, (y, q)) in ys.iter_mut().zip(qs).enumerate() {
         let (sc, m) = scale_min_k4(2 * i, scales);
@@ -186,34 +187,26 @@ fn q4_k_block(b: &[u8; Q4K.0], y: &mut [f32; Q4K.1]) {
         let (d2, m2) = (d * sc as f32, min * m as f32);
         let (lo, hi) = y.split_at_mut(32);
         for j in 0..32 {
-            lo[j] = d1 * (q[j] & 0xF) as f32 - m1;
-            hi[j] = d2 * (q[j] >> 4) as f32 - m2;
-        }
-    }
-}
-
-/// Q5_K: as Q4_K with a fifth bit per value in 32 bytes `qh` (bit `2i` of byte `j` for the low
-/// nibbles of group `i`, bit `2i + 1` for its high ones).
-#[inline(always)]
-fn q5_k_block(b: &[u8; Q5K.0], y: &mut [f32; Q5K.1]) {
-    let (d, min) = (scale(b, 0), scale(b, 2));
-    let scales = &b[4..16];
-    let qh: &[u8; 32] = b[16..48].try_into().expect("32 bytes");
-    let (qs, _) = b[48..].as_chunks::<32>();
-    let (ys, _) = y.as_chunks_mut::<64>();
-    for (i, (y, q)) in ys.iter_mut().zip(qs).enumerate() {
-        let (sc, m) = scale_min_k4(2 * i, scales);
-        let (d1, m1) = (d * sc as f32, min * m as f32);
-        let (sc, m) = scale_min_k4(2 * i + 1, scales);
-        let (d2, m2) = (d * sc as f32, min * m as f32);
-        let (lo, hi) = y.split_at_mut(32);
-        let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
-        for j in 0..32 {
-            let (h1, h2) = (if qh[j] & u1 != 0 { 16 } else { 0 }, if qh[j] & u2 != 0 { 16 } else { 0 });
+            let (h1, h2) = fifth(i, j);
             lo[j] = d1 * ((q[j] & 0xF) | h1) as f32 - m1;
             hi[j] = d2 * ((q[j] >> 4) | h2) as f32 - m2;
         }
     }
+}
+
+/// Q4_K: the nibbles follow the scales.
+#[inline(always)]
+fn q4_k_block(b: &[u8; Q4K.0], y: &mut [f32; Q4K.1]) {
+    k_nibbles(b, &b[16..], y, |_, _| (0, 0));
+}
+
+/// Q5_K: 32 bytes `qh` between the scales and the nibbles hold each value's fifth bit (bit `2i`
+/// of byte `j` for the low nibbles of group `i`, bit `2i + 1` for its high ones).
+#[inline(always)]
+fn q5_k_block(b: &[u8; Q5K.0], y: &mut [f32; Q5K.1]) {
+    let qh: &[u8; 32] = b[16..48].try_into().expect("32 bytes");
+    let bit = |j: usize, at: usize| if qh[j] & (1 << at) != 0 { 16 } else { 0 };
+    k_nibbles(b, &b[48..], y, |i, j| (bit(j, 2 * i), bit(j, 2 * i + 1)));
 }
 
 /// Q6_K: 128 bytes of low nibbles `ql`, 64 bytes of high 2-bit pairs `qh`, 16 signed scales (one
