@@ -157,7 +157,7 @@ fn memory_branch(c: &mut Criterion) {
 }
 
 /// Decoding a tile of llama.cpp blocks to f32 into a buffer, as a frozen-linear product against
-/// a Q4_0 / Q4_1 / Q8_0 weight does per tile of 2^20 values: candle's decoder against memvp's.
+/// a weight kept in blocks does per tile of 2^20 values: candle's decoder against memvp's.
 fn dequant(c: &mut Criterion) {
     use candle_core::quantized::k_quants::{
         BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,

@@ -95,34 +95,36 @@ fn q2_k_block(b: &[u8; Q2K.0], y: &mut [f32; Q2K.1]) {
     let (d, min) = (scale(b, 80), scale(b, 82));
     let (ys, _) = y.as_chunks_mut::<16>();
     for (g, y) in ys.iter_mut().enumerate() {
-        // Group g of 16 values: half g / 8, shift 2·(g / 2 % 4), bytes 16·(g % 2).. of the half.
-        let (half, shift, at) = (g / 8, 2 * (g / 2 % 4), 16 * (g % 2));
-        let q: &[u8; 16] = b[16 + 32 * half + at..16 + 32 * half + at + 16].try_into().expect("16 bytes");
+        let q = crumbs(&b[16..80], g);
         let sc = b[g];
         let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
-        let mut two_bits = [0u8; 16];
-        crumbs(q, shift, &mut two_bits);
         for i in 0..16 {
-            y[i] = dl * two_bits[i] as f32 - ml;
+            y[i] = dl * q[i] as f32 - ml;
         }
     }
 }
 
-/// `(q >> shift) & 3` for 16 bytes, with the shift a constant in each arm: x86 has no byte
-/// shift by a variable amount, and with one the compiler leaves the loop scalar.
+/// The 2-bit values of group `g` (16 values) of a Q2_K / Q3_K block, whose 64 bytes of them are
+/// `qs`: half `g / 8` of the block reads its 32 bytes four times, at shifts 0, 2, 4, 6, 16 bytes
+/// (`g % 2`) per group. The shift is a constant in each arm: x86 has no byte shift by a variable
+/// amount, and with one the compiler leaves the loop scalar.
 #[inline(always)]
-fn crumbs(q: &[u8; 16], shift: usize, out: &mut [u8; 16]) {
+fn crumbs(qs: &[u8], g: usize) -> [u8; 16] {
     #[inline(always)]
-    fn at<const S: u32>(q: &[u8; 16], out: &mut [u8; 16]) {
+    fn at<const S: u32>(q: &[u8; 16]) -> [u8; 16] {
+        let mut out = [0u8; 16];
         for i in 0..16 {
             out[i] = (q[i] >> S) & 3;
         }
+        out
     }
-    match shift {
-        0 => at::<0>(q, out),
-        2 => at::<2>(q, out),
-        4 => at::<4>(q, out),
-        _ => at::<6>(q, out),
+    let from = 32 * (g / 8) + 16 * (g % 2);
+    let q: &[u8; 16] = qs[from..from + 16].try_into().expect("16 bytes");
+    match g / 2 % 4 {
+        0 => at::<0>(q),
+        1 => at::<2>(q),
+        2 => at::<4>(q),
+        _ => at::<6>(q),
     }
 }
 
@@ -145,16 +147,13 @@ fn q3_k_block(b: &[u8; Q3K.0], y: &mut [f32; Q3K.1]) {
     let hmask: &[u8; 32] = b[..32].try_into().expect("32 bytes");
     let (ys, _) = y.as_chunks_mut::<16>();
     for (g, y) in ys.iter_mut().enumerate() {
-        let (half, shift, at) = (g / 8, 2 * (g / 2 % 4), 16 * (g % 2));
-        let q: &[u8; 16] = b[32 + 32 * half + at..32 + 32 * half + at + 16].try_into().expect("16 bytes");
-        let h: &[u8; 16] = hmask[at..at + 16].try_into().expect("16 bytes");
+        let q = crumbs(&b[32..96], g);
+        let h: &[u8; 16] = hmask[16 * (g % 2)..16 * (g % 2) + 16].try_into().expect("16 bytes");
         let m = 1u8 << (g / 2);
         let sc = aux[g / 4].to_le_bytes()[g % 4] as i8;
         let dl = d * (sc as f32 - 32.0);
-        let mut two_bits = [0u8; 16];
-        crumbs(q, shift, &mut two_bits);
         for i in 0..16 {
-            y[i] = dl * (two_bits[i] as i8 - if h[i] & m == 0 { 4 } else { 0 }) as f32;
+            y[i] = dl * (q[i] as i8 - if h[i] & m == 0 { 4 } else { 0 }) as f32;
         }
     }
 }
