@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate text from a prompt with a language model (Hugging Face directory or .gguf).
+    /// Generate text from a prompt with a language model (Hugging Face directory, .gguf or Meta's
+    /// LLaMA directory).
     Generate(cli::GenerateArgs),
     /// Fine-tune (MemVP by default) on a data set; writes a run directory.
     Train(Box<cli::TrainArgs>),

@@ -25,7 +25,8 @@ use std::time::Instant;
 
 #[derive(clap::Args, Clone, Debug, Serialize)]
 pub struct BenchArgs {
-    /// A real LM (GGUF or Hugging Face directory); default: random weights shaped like SmolLM2-135M.
+    /// A real LM (GGUF file, Hugging Face directory or Meta's LLaMA directory); default: random
+    /// weights shaped like SmolLM2-135M.
     #[arg(long)]
     pub lm: Option<PathBuf>,
     /// Vision tower (default: a small random ViT giving 256 visual tokens).

@@ -40,7 +40,8 @@ impl PrecisionArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GenerateArgs {
-    /// Hugging Face model directory or GGUF file (optional with --run: the adapter's own LM).
+    /// Hugging Face model directory, GGUF file or Meta's LLaMA directory (optional with --run: the
+    /// adapter's own LM).
     #[arg(long)]
     pub lm: Option<PathBuf>,
     #[arg(long)]
@@ -367,9 +368,11 @@ pub struct EvalArgs {
     /// Evaluate only the first N samples.
     #[arg(long)]
     pub max_samples: Option<usize>,
-    /// Use another copy of the base models (their content must match the adapter's).
+    /// Use another copy of the vision tower (its content must match the adapter's).
     #[arg(long)]
     pub vision: Option<String>,
+    /// Use another copy of the LM (its content must match the adapter's): Hugging Face directory,
+    /// GGUF file or Meta's LLaMA directory.
     #[arg(long)]
     pub lm: Option<PathBuf>,
     #[arg(long)]

@@ -26,7 +26,8 @@ pub struct ImportArgs {
     /// The CLIP ViT the checkpoint was trained with (a CLIP directory).
     #[arg(long)]
     pub vision: String,
-    /// The LLaMA it was trained with (Hugging Face directory or .gguf).
+    /// The LLaMA it was trained with (Hugging Face directory, .gguf, or Meta's original directory:
+    /// params.json, consolidated.NN.pth, tokenizer.model).
     #[arg(long)]
     pub lm: PathBuf,
     /// The run directory to write.

@@ -24,7 +24,12 @@ pub const COMMON_FLAGS: &[Flag] = &[
         kind: Kind::Str,
         help: "CLIP checkpoint directory or random:<preset>[@seed] (presets: tiny, mini, small, bench, vit-b16, vit-l14)",
     },
-    Flag { name: "lm", keys: &["model.lm"], kind: Kind::Str, help: "LM directory (Hugging Face) or .gguf file" },
+    Flag {
+        name: "lm",
+        keys: &["model.lm"],
+        kind: Kind::Str,
+        help: "LM: Hugging Face directory, .gguf file or Meta's LLaMA directory (params.json + consolidated.NN.pth)",
+    },
     Flag {
         name: "lm-dtype",
         keys: &["model.lm_dtype"],
