@@ -29,6 +29,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -113,12 +114,21 @@ def main():
     ap.add_argument("--freq", type=int, default=299)
     ap.add_argument("bench", nargs="*", help="bench arguments (after --); default: bench_torch.sh's step")
     a = ap.parse_args()
+    if shutil.which("perf") is None:
+        sys.exit("perf not found: install it (Debian: apt-get install linux-perf)")
+    if not os.access(a.bin, os.X_OK):
+        sys.exit(f"{a.bin}: no memvp binary there (cargo build --release, or pass --bin)")
     os.makedirs(a.out, exist_ok=True)
     data = os.path.join(a.out, "perf.data")
     args = a.bench or BENCH
+    if "--json" not in args:
+        args = [*args, "--json"]  # the report reads the bench's JSON
     with open(os.path.join(a.out, "bench.json"), "w") as f:
-        subprocess.run(["perf", "record", "-q", "-F", str(a.freq), "-g", "--call-graph", "dwarf,16384", "-o", data,
-                        a.bin, *args], stdout=f, check=True)
+        rec = subprocess.run(["perf", "record", "-q", "-F", str(a.freq), "-g", "--call-graph", "dwarf,16384", "-o",
+                              data, a.bin, *args], stdout=f)
+    if rec.returncode != 0:
+        sys.exit(f"perf record of `{a.bin} {' '.join(args)}` failed (exit {rec.returncode}); if perf says the "
+                 "events are not permitted, lower /proc/sys/kernel/perf_event_paranoid or run as root")
     text = subprocess.run(["perf", "script", "-i", data, "-F", "tid,time,ip,sym"], capture_output=True, text=True,
                           check=True).stdout
     os.remove(data)
