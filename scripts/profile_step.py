@@ -140,18 +140,19 @@ def main():
         i = bisect.bisect_right(starts, t) - 1
         return i >= 0 and t <= wins[i][1]
 
-    inside = [s for s in samples if in_step(s[1])]
+    # (thread, time, frames, category), each sample classified once.
+    inside = [(tid, t, fr, category(fr)) for tid, t, fr in samples if in_step(t)]
     n = len(inside)
     threads = collections.defaultdict(list)
     for s in inside:
         threads[s[0]].append(s)
     per_thread = {}
     for tid, ss in threads.items():
-        c = collections.Counter(category(fr) for _, _, fr in ss)
+        c = collections.Counter(cat for *_, cat in ss)
         per_thread[tid] = {k: c[k] / len(ss) for k in ORDER}
-    total = collections.Counter(category(fr) for _, _, fr in inside)
-    owners = collections.Counter((category(fr), owner(fr)) for _, _, fr in inside
-                                 if category(fr) not in ("gemm kernel", "gemm packing", "waiting"))
+    total = collections.Counter(cat for *_, cat in inside)
+    owners = collections.Counter((cat, owner(fr)) for _, _, fr, cat in inside
+                                 if cat not in ("gemm kernel", "gemm packing", "waiting"))
     # While one core waits: the other's nearest sample.
     alone, alone_owner, waited = collections.Counter(), collections.Counter(), 0
     tids = sorted(threads)
@@ -161,17 +162,17 @@ def main():
             break
         other = max(others, key=lambda t: len(threads[t]))
         times = [s[1] for s in threads[other]]
-        for _, t, fr in threads[tid]:
-            if category(fr) != "waiting":
+        for _, t, _, cat in threads[tid]:
+            if cat != "waiting":
                 continue
             i = bisect.bisect_left(times, t)
             j = min((j for j in (i - 1, i) if 0 <= j < len(times)), key=lambda j: abs(times[j] - t), default=None)
             if j is None or abs(times[j] - t) > 0.004:
                 continue
             waited += 1
-            ofr = threads[other][j][2]
-            alone[category(ofr)] += 1
-            if category(ofr) not in ("gemm kernel", "gemm packing"):
+            _, _, ofr, ocat = threads[other][j]
+            alone[ocat] += 1
+            if ocat not in ("gemm kernel", "gemm packing"):
                 alone_owner[owner(ofr)] += 1
     bench = json.load(open(os.path.join(a.out, "bench.json")))
     m = bench.get("memvp", {})
